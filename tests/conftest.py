@@ -1,0 +1,35 @@
+"""Test-wide settings. TRITON_INTERPRET must be set before any Triton kernel is decorated, so it comes first."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Keep every test's state out of the developer's var/ (and Prefect's home with it).
+_TEST_HOME = Path(tempfile.mkdtemp(prefix="recsys-tests-"))
+os.environ["RECSYS_HOME"] = str(_TEST_HOME)
+os.environ["PREFECT_HOME"] = str(_TEST_HOME / "prefect")
+
+import core  # noqa: E402,F401  (applies the telemetry-off defaults)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    """The real MovieLens-100K files (never committed): ../shared/data/ml-100k, or RECSYS_ML100K_DIR."""
+    path = Path(os.environ.get("RECSYS_ML100K_DIR", REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
+    if not (path / "u.data").exists():
+        pytest.fail(f"MovieLens-100K files not found at {path}; set RECSYS_ML100K_DIR")
+    return path
+
+
+@pytest.fixture
+def warehouse_path(tmp_path: Path) -> Path:
+    return tmp_path / "warehouse.duckdb"
