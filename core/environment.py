@@ -20,7 +20,7 @@ TELEMETRY_OFF: dict[str, str] = {
 
 
 def state_dir() -> Path:
-    """Where the platform keeps its local state (warehouse, artefacts, Prefect home); ``RECSYS_HOME`` overrides."""
+    """Root of the platform's local state (warehouse, artefacts, Prefect home); ``RECSYS_HOME`` moves it."""
     return Path(os.environ.get("RECSYS_HOME", PROJECT_ROOT / "var")).resolve()
 
 

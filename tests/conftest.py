@@ -1,4 +1,4 @@
-"""Test-wide settings. TRITON_INTERPRET must be set before any Triton kernel is decorated, so it comes first."""
+"""Test-wide settings. TRITON_INTERPRET must be set before any Triton kernel is decorated: it comes first."""
 
 from __future__ import annotations
 

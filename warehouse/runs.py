@@ -97,10 +97,19 @@ class RunLog:
         run_id = f"{kind}-{name}-{uuid.uuid4().hex[:12]}"
         with Warehouse(self.path) as wh:
             wh.con.execute(
-                "INSERT INTO runs (run_id, kind, name, status, config, data_version, protocol, seed, hardware,"
-                " started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-                [run_id, kind, name, json.dumps(_canonical(config), default=str), data_version, protocol, seed,
-                 hardware_description(), _now()],
+                "INSERT INTO runs (run_id, kind, name, status, config, data_version, protocol, seed,"
+                " hardware, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    kind,
+                    name,
+                    json.dumps(_canonical(config), default=str),
+                    data_version,
+                    protocol,
+                    seed,
+                    hardware_description(),
+                    _now(),
+                ],
             )
         return run_id
 

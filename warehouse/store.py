@@ -111,7 +111,7 @@ class Warehouse:
         row = self.con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
             [schema, table],
-        ).fetchone()
+        ).fetchall()[0]
         return bool(row and row[0])
 
     def sql(self, query: str, params: list[Any] | None = None) -> pl.DataFrame:
@@ -133,13 +133,14 @@ class Warehouse:
         The lineage row of the currently published version of ``name`` (None if never published)."""
         if not self.has_table("lineage"):
             return None
-        row = self.con.execute(
+        rows = self.con.execute(
             "SELECT table_name, version, input_key, inputs, params, row_count, created_at FROM lineage "
             "WHERE table_name = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
             [name],
-        ).fetchone()
-        if row is None:
+        ).fetchall()
+        if not rows:
             return None
+        row = rows[0]
         return TableVersion(
             table_name=row[0],
             version=row[1],
@@ -168,7 +169,9 @@ class Warehouse:
         _check_name(name)
         schema = con.execute(f"DESCRIBE {name}").fetchall()
         # Sum of per-row hashes (as HUGEINT, no overflow) is independent of row order and parallel in DuckDB.
-        total, count = con.execute(f"SELECT coalesce(sum(hash(t)::HUGEINT), 0), count(*) FROM {name} t").fetchone()
+        total, count = con.execute(
+            f"SELECT coalesce(sum(hash(t)::HUGEINT), 0), count(*) FROM {name} t"
+        ).fetchall()[0]
         return stable_hash([(c[0], c[1]) for c in schema], str(total), int(count)), int(count)
 
     def publish(
@@ -205,6 +208,14 @@ class Warehouse:
             created = datetime.now(UTC).replace(tzinfo=None)
             con.execute(
                 "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [name, version, input_key, json.dumps(inputs), json.dumps(params, default=str), count, created],
+                [
+                    name,
+                    version,
+                    input_key,
+                    json.dumps(inputs),
+                    json.dumps(params, default=str),
+                    count,
+                    created,
+                ],
             )
         return TableVersion(name, version, input_key, inputs, params, count, created)
