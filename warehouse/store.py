@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -186,36 +186,57 @@ class Warehouse:
 
         The new content and its lineage row are committed in one transaction.
         """
-        _check_name(name)
+        return self.publish_many({name: source}, inputs=inputs, params=params)[name]
+
+    def publish_many(
+        self,
+        sources: Mapping[str, str | pl.DataFrame | pa.Table],
+        *,
+        inputs: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        drop: Iterable[str] = (),
+    ) -> dict[str, TableVersion]:
+        """Replace every table of ``sources`` (in order) and drop those in ``drop``, all in one transaction.
+
+        Every table gets its own content-hash version and a lineage row with the same ``input_key``; a SQL
+        source may read a table published earlier in the same call. Any exception rolls every table back.
+        """
         if self.read_only:
             raise WarehouseError("this warehouse handle is read-only")
         inputs = dict(inputs or {})
         params = dict(params or {})
         input_key = stable_hash(inputs, params)
-        schema, _ = _split(name)
+        drop = list(drop)
+        out: dict[str, TableVersion] = {}
         with self.transaction() as con:
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            if isinstance(source, str):
-                con.execute(f"CREATE OR REPLACE TABLE {name} AS {source}")
-            else:
-                frame = source.to_arrow() if isinstance(source, pl.DataFrame) else source
-                con.register("__publish_source", frame)
-                try:
-                    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM __publish_source")
-                finally:
-                    con.unregister("__publish_source")
-            version, count = self.content_hash(name, con)
-            created = datetime.now(UTC).replace(tzinfo=None)
-            con.execute(
-                "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    name,
-                    version,
-                    input_key,
-                    json.dumps(inputs),
-                    json.dumps(params, default=str),
-                    count,
-                    created,
-                ],
-            )
-        return TableVersion(name, version, input_key, inputs, params, count, created)
+            for schema in sorted({_split(n)[0] for n in [*sources, *drop]}):
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            for name in drop:
+                con.execute(f"DROP TABLE IF EXISTS {_check_name(name)}")
+            for name, source in sources.items():
+                _check_name(name)
+                if isinstance(source, str):
+                    con.execute(f"CREATE OR REPLACE TABLE {name} AS {source}")
+                else:
+                    frame = source.to_arrow() if isinstance(source, pl.DataFrame) else source
+                    con.register("__publish_source", frame)
+                    try:
+                        con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM __publish_source")
+                    finally:
+                        con.unregister("__publish_source")
+                version, count = self.content_hash(name, con)
+                created = datetime.now(UTC).replace(tzinfo=None)
+                con.execute(
+                    "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        name,
+                        version,
+                        input_key,
+                        json.dumps(inputs),
+                        json.dumps(params, default=str),
+                        count,
+                        created,
+                    ],
+                )
+                out[name] = TableVersion(name, version, input_key, inputs, params, count, created)
+        return out

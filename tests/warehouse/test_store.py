@@ -70,3 +70,15 @@ def test_bad_names_and_missing_tables_are_clear_errors(warehouse_path: Path) -> 
 def test_read_only_handle_needs_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(WarehouseError, match="does not exist"):
         Warehouse(tmp_path / "missing.duckdb", read_only=True)
+
+
+def test_publish_many_commits_all_or_nothing(warehouse_path: Path) -> None:
+    with Warehouse(warehouse_path) as wh:
+        wh.publish_many({"ds.a": "SELECT 1 AS x", "ds.b": "SELECT x + 1 AS y FROM ds.a"}, inputs={"s": "1"})
+        assert wh.table("ds.b")["y"].to_list() == [2]
+        assert wh.latest("ds.a").input_key == wh.latest("ds.b").input_key
+        with pytest.raises(Exception, match="missing"):
+            wh.publish_many({"ds.a": "SELECT 5 AS x", "ds.b": "SELECT * FROM missing"})
+        assert wh.table("ds.a")["x"].to_list() == [1]
+        wh.publish_many({"ds.c": "SELECT 1 AS z"}, drop=["ds.b"])
+        assert not wh.has_table("ds.b")
