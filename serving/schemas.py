@@ -1,0 +1,130 @@
+"""Request and response models of the recommendation service (pydantic; BentoML turns a validation error
+into HTTP 400 whose ``detail[].loc`` names the field).
+
+Ids and timestamps are strict 64-bit integers: a string, a float (NaN included), a bool or an id outside
+int64 is rejected, never coerced. The static ``max_length`` caps here only bound what is parsed; the
+configurable limits (``ServingConfig.max_history``, ``max_candidates``, ``max_k``) are checked by the
+service, which answers 400 naming the field as well.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Timestamp = Annotated[StrictInt, Field(ge=0, le=2**63 - 1, description="Unix seconds (UTC).")]
+
+# Parse-time caps, far above any sensible configured limit: they only stop absurd payloads early.
+HARD_MAX_LIST = 100_000
+HARD_MAX_K = 10_000
+
+ColdStart = Literal["unknown_user", "empty_history"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistoryEvent(_Strict):
+    item_id: Int64
+    ts: Timestamp
+
+
+class _UserRequest(_Strict):
+    user_id: Int64 | None = Field(
+        None, description="A known user's stored history is used when no history is sent."
+    )
+    history: list[HistoryEvent] | None = Field(
+        None,
+        max_length=HARD_MAX_LIST,
+        description="Explicit recent history (any order; sorted by ts); overrides the stored one. [] = cold.",
+    )
+    ts: Timestamp | None = Field(None, description="Request time; the server's clock when omitted.")
+
+    @model_validator(mode="after")
+    def _someone(self) -> _UserRequest:
+        if self.user_id is None and self.history is None:
+            raise ValueError("give user_id or history (or both)")
+        return self
+
+
+class RecommendOptions(_Strict):
+    exclude_seen: StrictBool = Field(True, description="Never return an item of the user's history.")
+    categories: list[str] | None = Field(
+        None, min_length=1, max_length=1000, description="Only items whose category is one of these."
+    )
+    exclude_items: list[Int64] | None = Field(None, max_length=HARD_MAX_LIST)
+
+
+class RecommendRequest(_UserRequest):
+    k: StrictInt = Field(10, ge=1, le=HARD_MAX_K, description="How many items to return.")
+    options: RecommendOptions = RecommendOptions()
+
+
+class RankRequest(_UserRequest):
+    candidates: list[Int64] = Field(min_length=1, max_length=HARD_MAX_LIST)
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float
+    position: int
+    propensity: float
+
+
+class ModelVersions(BaseModel):
+    retriever: str
+    ranker: str | None
+
+
+class RecommendResponse(BaseModel):
+    request_id: int
+    items: list[ScoredItem]
+    source: Literal["ranker", "retrieval", "popularity"] = Field(
+        description="What produced the scores: the ranker, the retrieval model, or the popularity fallback."
+    )
+    cold_start: ColdStart | None
+    unknown_history_items: list[int] = Field(
+        description="History item ids the model does not know (ignored)."
+    )
+    models: ModelVersions
+
+
+class RankResponse(BaseModel):
+    request_id: int
+    scores: dict[str, list[float]] = Field(description="Per task, one score per candidate, in request order.")
+    ranking: list[int] = Field(description="The candidates in served order (the serving policy's draw).")
+    propensities: list[float] = Field(description="Propensity of each item of ``ranking`` at its position.")
+    source: Literal["ranker", "retrieval", "popularity"]
+    cold_start: ColdStart | None
+    unknown_items: list[int] = Field(description="Candidates the model does not know (popularity prior).")
+    unknown_history_items: list[int]
+    models: ModelVersions
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    ready: bool
+
+
+class ModelInfo(BaseModel):
+    tag: str
+    architecture: str
+    task: str
+    data_version: str
+    metrics: dict[str, float]
+    registered_at: str
+    num_items: int
+    known_users: int
+
+
+class MetadataResponse(BaseModel):
+    service: str
+    retriever: ModelInfo
+    ranker: ModelInfo | None
+    build_time: str | None = Field(description="When the bento was built (None when served from source).")
+    started_at: str
+    limits: dict[str, int]
+    policy: dict[str, float | str]
