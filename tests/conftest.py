@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import atexit  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -15,6 +18,7 @@ import pytest  # noqa: E402
 _TEST_HOME = Path(tempfile.mkdtemp(prefix="recsys-tests-"))
 os.environ["RECSYS_HOME"] = str(_TEST_HOME)
 os.environ["PREFECT_HOME"] = str(_TEST_HOME / "prefect")
+atexit.register(shutil.rmtree, _TEST_HOME, ignore_errors=True)
 
 import core  # noqa: E402,F401  (applies the telemetry-off defaults)
 
@@ -33,3 +37,9 @@ def ml100k_dir() -> Path:
 @pytest.fixture
 def warehouse_path(tmp_path: Path) -> Path:
     return tmp_path / "warehouse.duckdb"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Prefect stops its ephemeral server at interpreter exit and logs that to a stream pytest has already
+    # closed; the resulting "Logging error" traceback is noise, not a failure.
+    logging.raiseExceptions = False
