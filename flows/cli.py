@@ -17,20 +17,60 @@ from rich.table import Table
 import core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from core.config import PathsConfig
 from experiments.retrieval import app as retrieval_app
+from flows.build_features import app as features_app
+from serving.build import app as serving_app
 
 app = typer.Typer(
     help="End-to-end recommender platform: data -> features -> models -> serving -> A/B readout.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(features_app, name="features", help="Ingest a dataset and build its features and exports.")
 app.add_typer(retrieval_app, name="retrieval", help="Sequential retrieval: SASRec, HSTU, popularity.")
+app.add_typer(serving_app, name="serving", help="Model registry, bento build, impressions log.")
 
 console = Console()
 
 
+@app.command("pipeline")
+def pipeline_command(
+    profile: Annotated[
+        str, typer.Option(help="quick (minutes on 2 cores) or full (3 seeds, long budgets).")
+    ] = "quick",
+    dataset: Annotated[
+        str, typer.Option(help="synthetic (default, with ground truth), movielens or events.")
+    ] = ("synthetic"),
+    movielens_dir: Annotated[
+        Path | None, typer.Option(help="dataset=movielens: unzipped ml-100k folder (default: download).")
+    ] = None,
+    events: Annotated[Path | None, typer.Option(help="dataset=events: your events CSV/Parquet.")] = None,
+    name: Annotated[str | None, typer.Option(help="dataset=events: a name for it in the warehouse.")] = None,
+) -> None:
+    """Run the whole loop that exists today: data -> features -> retrieval models, with a readout."""
+    from pydantic import ValidationError
+
+    from flows.build_features import DatasetSpec
+    from flows.pipeline import PipelineConfig, describe, pipeline_flow
+
+    if profile not in ("quick", "full"):
+        raise typer.BadParameter(f"profile must be 'quick' or 'full', got {profile!r}")
+    kinds = {"synthetic": "synthetic", "movielens": "movielens", "ml100k": "movielens", "events": "events"}
+    if dataset not in kinds:
+        raise typer.BadParameter(f"dataset must be one of {sorted(kinds)}, got {dataset!r}")
+    try:
+        spec = DatasetSpec(kind=kinds[dataset], movielens_dir=movielens_dir, events_path=events, name=name)
+        config = PipelineConfig.for_profile(profile, spec)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = pipeline_flow(config)
+    console.print(describe(result))
+
+
 @app.command("runs")
 def runs_command(
-    kind: Annotated[str | None, typer.Option(help="Only runs of this kind (train, eval, benchmark...).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only runs of this kind (train, eval, benchmark...).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Show the most recent N runs.")] = 30,
 ) -> None:
     """List the runs recorded in the warehouse (what the dashboard shows)."""
@@ -49,8 +89,14 @@ def runs_command(
         short = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, int | float))
         wall = f"{row['wall_time_s']:.1f}" if row["wall_time_s"] is not None else ""
         table.add_row(
-            row["run_id"], row["kind"], row["name"], row["status"], str(row["seed"]),
-            str(row["data_version"]), wall, short,
+            row["run_id"],
+            row["kind"],
+            row["name"],
+            row["status"],
+            str(row["seed"]),
+            str(row["data_version"]),
+            wall,
+            short,
         )
     console.print(table)
 

@@ -1,0 +1,1 @@
+"""Evaluation protocols and metrics: retrieval (leave-one-out, full ranking) and significance tests."""
