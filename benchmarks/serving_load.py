@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep-state", action="store_true", help="Keep the server log and bench state.")
     parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="Record the figures as a 'benchmark' run in this warehouse (the dashboard's Serving page).",
+    )
+    parser.add_argument(
         "--ml100k",
         type=Path,
         default=Path(os.environ.get("RECSYS_ML100K_DIR", Path(__file__).parents[2] / "shared/data/ml-100k")),
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'scenario':>10} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
             f"{'p99 ms':>8}   ({args.concurrency} clients, {args.duration:g} s)"
         )
+        figures: dict[str, float] = {}
         for scenario in args.scenarios.split(","):
             outcome = asyncio.run(
                 run_load(
@@ -315,6 +322,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"{label:>10} {int(s['requests']):>9} {int(s['errors']):>7} {s['rps']:>8.1f} "
                 f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f}"
             )
+            figures |= {f"{scenario}/{key}": float(s[key]) for key in ("p50_ms", "p95_ms", "p99_ms", "rps")}
+            figures[f"{scenario}/errors"] = float(s["errors"])
+        if args.record is not None:
+            from warehouse.runs import RunLog
+
+            log = RunLog(args.record)
+            config = {k: str(v) for k, v in vars(args).items() if k != "api_key"}
+            run_id = log.start("benchmark", "serving_load", config=config, data_version=None)
+            log.finish(run_id, metrics=figures)
+            print(f"recorded as run {run_id} in {args.record}")
     finally:
         if process is not None:
             _stop(process)
