@@ -14,10 +14,11 @@ History length per model (the comparison is about long histories): the short mod
 RankMixer) read the ``short_len`` most recent events (default 100; DeepFM and RankMixer mean-pool them), the
 long models (LONGER, LONGER+RankMixer, HyFormer) read up to ``long_len`` (default 1,000).
 
-Model configs: the defaults of each model's config class, plus the few fields in ``RANKING_MODELS`` (LONGER:
-token merge K = 8, the paper's best; HyFormer: the LONGER-style sequence encoder, the only one of the three
-whose cost does not grow with L x D^2 per layer at L = 1,000, and width D = 60 instead of 96, which puts its
-parameters next to LONGER+RankMixer's as in the paper's comparison), plus ``model_overrides``.
+Model configs: each config class's defaults, plus the presets of the ranking entries in
+``models/registry.py`` (LONGER: token merge K = 8, the paper's best; HyFormer: the LONGER-style sequence
+encoder, the only one of the three whose cost does not grow with L x D^2 per layer at L = 1,000, and width
+D = 60 instead of 96, which puts its parameters next to LONGER+RankMixer's as in the paper's comparison),
+plus ``model_overrides``.
 OPEN choices picked for the CPU budget are the experiment config's fields, recorded with every run.
 
 CLI: ``app`` (typer); ``python -m experiments.ranking run --help``.
@@ -34,7 +35,6 @@ from typing import Annotated, Any
 import torch
 import typer
 from pydantic import Field, model_validator
-from torch import nn
 
 from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
@@ -43,11 +43,7 @@ from evaluation.significance import PairedTest, paired_t_over_seeds, summarize
 from features.config import FeatureConfig
 from features.point_in_time import build_examples
 from ingest.movielens import ingest_movielens
-from models.deepfm import DeepFM, DeepFMConfig
-from models.din import DIN, DINConfig
-from models.hyformer import HyFormer, HyFormerConfig
-from models.longer import Longer, LongerConfig, LongerRankMixerConfig
-from models.rankmixer import RankMixer, RankMixerConfig
+from models.registry import REGISTRY, ModelEntry
 from synthetic.config import SyntheticConfig
 from synthetic.generator import generate, read_manifest
 from synthetic.warehouse_load import load_into_warehouse
@@ -64,40 +60,9 @@ from training.ranking import (
 from warehouse import Warehouse
 from warehouse.runs import RunLog, hardware_description
 
-
-@dataclass(frozen=True)
-class RankingModelChoice:
-    model_cls: type[nn.Module]
-    config_cls: type[FrozenModel]
-    preset: dict[str, Any]
-    long: bool  # reads long_len history steps (else short_len)
-    description: str
-
-
-#: The explicit mapping from a model's name to its class, config and the fields set here.
-RANKING_MODELS: dict[str, RankingModelChoice] = {
-    "deepfm": RankingModelChoice(DeepFM, DeepFMConfig, {}, False, "DeepFM: FM + MLP, history mean-pooled"),
-    "din": RankingModelChoice(DIN, DINConfig, {}, False, "DIN: target attention over the history"),
-    "rankmixer": RankingModelChoice(
-        RankMixer, RankMixerConfig, {}, False, "RankMixer: 8 tokens, 2 blocks, history mean-pooled"
-    ),
-    "longer": RankingModelChoice(
-        Longer, LongerConfig, {"merge_k": 8}, True, "LONGER: merge K=8 (InnerTrans), 2 layers"
-    ),
-    "longer-rankmixer": RankingModelChoice(
-        Longer,
-        LongerConfig,
-        {"merge_k": 8, "rankmixer": LongerRankMixerConfig()},
-        True,
-        "LONGER + RankMixer blocks over [features; global tokens]",
-    ),
-    "hyformer": RankingModelChoice(
-        HyFormer,
-        HyFormerConfig,
-        {"sequence_encoder": "longer", "model_dim": 60},
-        True,
-        "HyFormer: query decoding + boosting, LONGER-style sequence encoder, D=60",
-    ),
+#: The ranking models of the registry (name -> class, config class, preset, long/short history).
+RANKING_MODELS: dict[str, ModelEntry] = {
+    k: e for k, e in REGISTRY.items() if e.task == "ranking" and k != "dlrm"
 }
 DEFAULT_MODELS = tuple(RANKING_MODELS)
 #: Neighbours in the ordering the papers lead one to expect:
@@ -161,7 +126,7 @@ class RankingExperimentConfig(FrozenModel):
         return self
 
     def max_len(self, model: str) -> int:
-        return self.long_len if RANKING_MODELS[model].long else self.short_len
+        return self.long_len if RANKING_MODELS[model].long_sequence else self.short_len
 
 
 @dataclass

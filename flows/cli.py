@@ -16,6 +16,7 @@ from rich.table import Table
 
 import core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from core.config import PathsConfig
+from experiments.ranking import app as ranking_app
 from experiments.retrieval import app as retrieval_app
 from flows.build_features import app as features_app
 from serving.build import app as serving_app
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(features_app, name="features", help="Ingest a dataset and build its features and exports.")
 app.add_typer(retrieval_app, name="retrieval", help="Sequential retrieval: SASRec, HSTU, popularity.")
+app.add_typer(ranking_app, name="ranking", help="Ranking/CTR: DeepFM, DIN, RankMixer, LONGER, HyFormer.")
 app.add_typer(serving_app, name="serving", help="Model registry, bento build, impressions log.")
 
 console = Console()

@@ -14,8 +14,13 @@ from typing import Any, Literal
 from torch import nn
 
 from core.config import FrozenModel
+from models.deepfm import DeepFM, DeepFMConfig
+from models.din import DIN, DINConfig
 from models.hstu import HSTU, HSTU_LARGE, HSTUConfig
+from models.hyformer import HyFormer, HyFormerConfig
+from models.longer import Longer, LongerConfig, LongerRankMixerConfig
 from models.popularity import Popularity, PopularityConfig
+from models.rankmixer import RankMixer, RankMixerConfig
 from models.sasrec import SASRec, SASRecConfig
 
 
@@ -26,6 +31,9 @@ class ModelEntry:
     task: Literal["retrieval", "ranking"]
     preset: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    long_sequence: bool = (
+        False  # ranking: built to read the long history (LONGER, HyFormer), else a short one
+    )
 
 
 REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
@@ -35,6 +43,49 @@ REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
         "hstu": ModelEntry(HSTU, HSTUConfig, "retrieval", description="HSTU base, 2 blocks, 1 head, d=50"),
         "hstu-large": ModelEntry(
             HSTU, HSTUConfig, "retrieval", preset=HSTU_LARGE, description="HSTU large, 8 blocks, 2 heads, 25"
+        ),
+        # Ranking models are built from a FeatureSpec, passed as the config field ``features``.
+        "deepfm": ModelEntry(
+            DeepFM, DeepFMConfig, "ranking", description="DeepFM: FM + MLP, history mean-pooled"
+        ),
+        "dlrm": ModelEntry(
+            DeepFM,
+            DeepFMConfig,
+            "ranking",
+            preset={"interaction": "dot"},
+            description="DLRM-style dot interaction",
+        ),
+        "din": ModelEntry(DIN, DINConfig, "ranking", description="DIN: target attention over the history"),
+        "rankmixer": ModelEntry(
+            RankMixer,
+            RankMixerConfig,
+            "ranking",
+            description="RankMixer: 8 tokens, 2 blocks, history mean-pooled",
+        ),
+        "longer": ModelEntry(
+            Longer,
+            LongerConfig,
+            "ranking",
+            preset={"merge_k": 8},
+            description="LONGER: merge K=8 (InnerTrans), 2 layers",
+            long_sequence=True,
+        ),
+        "longer-rankmixer": ModelEntry(
+            Longer,
+            LongerConfig,
+            "ranking",
+            preset={"merge_k": 8, "rankmixer": LongerRankMixerConfig()},
+            description="LONGER + RankMixer blocks over [features; global tokens]",
+            long_sequence=True,
+        ),
+        "hyformer": ModelEntry(
+            HyFormer,
+            HyFormerConfig,
+            "ranking",
+            # D=60 puts its parameters next to LONGER+RankMixer's, as in the paper's comparison.
+            preset={"sequence_encoder": "longer", "model_dim": 60},
+            description="HyFormer: query decoding + boosting, LONGER-style sequence encoder, D=60",
+            long_sequence=True,
         ),
     }
 )
