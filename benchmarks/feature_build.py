@@ -3,21 +3,25 @@
 Run: ``.venv/bin/python -m benchmarks.feature_build --events 10000000``
 
 It generates N events (``--source synthetic``: the platform's generator, ``SyntheticConfig.for_events(N)``,
-impressions off; ``--source numpy``: a much faster rating-log generator with Zipf-like user activity and item
-popularity, for 100M), loads them into a fresh warehouse in a temp dir, and times, on the same data:
+impressions off, ``--threads`` worker processes; ``--source numpy``: a much faster rating-log generator
+with Zipf-like user activity and item popularity, for 100M), loads them into a fresh warehouse in a temp
+dir, and times, on the same data:
 
 - the floor: a bare ``SELECT user_id, list(item_id ORDER BY ts) FROM events GROUP BY user_id``;
 - the build: indexes + ``<ds>.sequences`` + ``<ds>.examples`` (every event an example, as on MovieLens,
   with all point-in-time features), i.e. exactly what ``features`` does in the flow, publishing (content
-  hash + lineage) included.
+  hash + lineage) included, under ``BuildResources(chunk_events=--chunk-events, memory_limit=--memory-limit,
+  temp_directory=<the run's temp dir>)``. The floor runs under the same DuckDB memory_limit and threads.
 
-Peak memory is the process RSS sampled every 50 ms in a thread (DuckDB allocates outside Python's heap).
+Peak memory is the RSS of the process tree (generator workers included) sampled every 50 ms in a thread
+(DuckDB allocates outside Python's heap).
 Targets (README): build within 1.5x of the floor; peak < 8 GB at 100M events on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -32,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.config import FeatureConfig
-from features.point_in_time import build_examples
+from features.point_in_time import BuildResources, build_examples
 from features.sequences import build_sequences
 from warehouse import Warehouse
 
@@ -49,9 +53,17 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _rss(self) -> int:
+        """RSS of this process and all its children (generator workers), summed."""
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # exited between listing and reading
+                total += child.memory_info().rss
+        return total
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._peak = max(self._peak, self._rss())
             self._stop.wait(self._interval)
 
     def __enter__(self) -> PeakRSS:
@@ -63,11 +75,11 @@ class PeakRSS:
         self._thread.join()
 
     def reset(self) -> None:
-        self._peak = self._proc.memory_info().rss
+        self._peak = self._rss()
 
     @property
     def peak(self) -> int:
-        return max(self._peak, self._proc.memory_info().rss)
+        return max(self._peak, self._rss())
 
 
 def generate_events(path: Path, n_events: int, *, seed: int = 0, chunk: int = 5_000_000) -> int:
@@ -117,7 +129,9 @@ def timed(name: str, fn: Callable[[], object], rss: PeakRSS) -> Phase:
     rss.reset()
     start = time.perf_counter()
     fn()
-    return Phase(name, time.perf_counter() - start, rss.peak)
+    phase = Phase(name, time.perf_counter() - start, rss.peak)
+    print(f"  done: {name}: {phase.wall_s:.2f} s, peak {phase.peak_rss / 1e9:.2f} GB", flush=True)
+    return phase
 
 
 def configure(wh: Warehouse, memory_limit: str, threads: int, tmp: Path) -> None:
@@ -128,7 +142,7 @@ def configure(wh: Warehouse, memory_limit: str, threads: int, tmp: Path) -> None
     wh.con.execute("SET preserve_insertion_order = false")
 
 
-def load_source(wh: Warehouse, source: str, n_events: int, root: Path, seed: int) -> None:
+def load_source(wh: Warehouse, source: str, n_events: int, root: Path, seed: int, workers: int = 2) -> None:
     """Generate ``n_events`` and publish them as ``bench.events`` (+ users/items for ``synthetic``)."""
     t = time.perf_counter()
     if source == "synthetic":
@@ -136,13 +150,14 @@ def load_source(wh: Warehouse, source: str, n_events: int, root: Path, seed: int
         from synthetic.generator import generate
         from synthetic.warehouse_load import load_into_warehouse
 
-        manifest = generate(SyntheticConfig.for_events(n_events, seed), root / "synthetic")
-        print(f"generated {manifest.counts} in {time.perf_counter() - t:.1f} s")
+        cfg = SyntheticConfig.for_events(n_events, seed, log_impressions=False)
+        manifest = generate(cfg, root / "synthetic", workers=workers)
+        print(f"generated {manifest.counts} in {time.perf_counter() - t:.1f} s", flush=True)
         load_into_warehouse(wh, manifest, "bench")
     else:
         path = root / "events.parquet"
         generate_events(path, n_events, seed=seed)
-        print(f"generated {n_events:,} events in {time.perf_counter() - t:.1f} s")
+        print(f"generated {n_events:,} events in {time.perf_counter() - t:.1f} s", flush=True)
         wh.publish(
             "bench.events",
             f"SELECT user_id, item_id, ts, 'rating' AS event, value, src_row FROM read_parquet('{path}')",
@@ -150,7 +165,14 @@ def load_source(wh: Warehouse, source: str, n_events: int, root: Path, seed: int
 
 
 def run(
-    n_events: int, *, source: str, memory_limit: str, threads: int, workdir: Path | None, seed: int
+    n_events: int,
+    *,
+    source: str,
+    memory_limit: str,
+    threads: int,
+    workdir: Path | None,
+    seed: int,
+    chunk_events: int = 2_000_000,
 ) -> list[Phase]:
     root = Path(tempfile.mkdtemp(prefix="feature-bench-", dir=workdir))
     try:
@@ -160,12 +182,14 @@ def run(
             phases.append(
                 timed(
                     "generate + load events (not counted)",
-                    lambda: load_source(wh, source, n_events, root, seed),
+                    lambda: load_source(wh, source, n_events, root, seed, workers=threads),
                     rss,
                 )
             )
             # Events as examples (as on MovieLens): the synthetic value is the dwell time.
             cfg = FeatureConfig(examples="events", label_threshold=30.0)
+            # temp_directory: the connection's (set above; DuckDB cannot switch it once it has spilled).
+            res = BuildResources(chunk_events=chunk_events, memory_limit=memory_limit)
             phases.append(
                 timed(
                     "floor: list(item_id ORDER BY ts) GROUP BY user_id",
@@ -178,7 +202,7 @@ def run(
             )
             wh.con.execute("DROP TABLE floor")
             phases.append(timed("indexes + sequences", lambda: build_sequences(wh, "bench"), rss))
-            phases.append(timed("point-in-time examples", lambda: build_examples(wh, "bench", cfg), rss))
+            phases.append(timed("point-in-time examples", lambda: build_examples(wh, "bench", cfg, res), rss))
         return phases
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -208,7 +232,10 @@ def report(n_events: int, phases: list[Phase], threads: int, memory_limit: str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000, help="number of events to generate")
-    parser.add_argument("--memory-limit", default="6GB", help="DuckDB memory_limit")
+    parser.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit")
+    parser.add_argument(
+        "--chunk-events", type=int, default=2_000_000, help="events per user chunk of the examples build"
+    )
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temp warehouse goes")
     parser.add_argument("--seed", type=int, default=0)
@@ -228,6 +255,7 @@ def main() -> None:
         threads=args.threads,
         workdir=args.workdir,
         seed=args.seed,
+        chunk_events=args.chunk_events,
     )
     print(report(args.events, phases, args.threads, args.memory_limit, args.source))
 

@@ -44,20 +44,34 @@ OPEN choices and what was picked:
   overflows or cancels, at any time span.
 - Sums (values, decays) are np.cumsum over chunks of <= 65,536 elements restarted at user / block / item
   boundaries, so rounding is relative to a chunk's own sums (about 1e-11), not to the whole table's.
-- Memory: the sorted event and example arrays are held in memory (roughly 100 bytes per example at the
-  peak); the tables themselves are written by DuckDB, which spills under its ``memory_limit``.
+- Memory (``BuildResources``): the user-side features run per chunk of consecutive users (about
+  ``chunk_events`` events + examples), each chunk written as a Parquet part to a temp dir; the item-side
+  pass sorts every event once by ``(item, ts)``, narrow (int32 item, int64 key, float64 value: ~40 bytes
+  per event at its peak) and computes in slices cut at item boundaries, keeping ~16 bytes per example
+  (count int32, mean float64, first ts uint32) for the user chunks. ``<ds>.examples`` is published from
+  the parts in one transaction; DuckDB runs under ``memory_limit`` and spills to ``temp_directory``.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
 
+from core.config import FrozenModel
 from core.hashing import stable_hash
 from features.config import FeatureConfig
 from features.sequences import (
@@ -66,6 +80,7 @@ from features.sequences import (
     check_dataset,
     columns,
     optional_versions,
+    parts_root,
     publish_if_stale,
     require_table,
 )
@@ -96,6 +111,10 @@ _CHUNK = 1 << 16
 _KEY_SHIFT = 32
 
 PIPELINE_VERSION = "pit-numpy/1"
+
+# Temp parts are written once and read once, locally: encoding them costs more than the bytes saved
+# (measured: 4x faster to write than snappy + dictionaries, and faster for DuckDB to read).
+PARQUET_PART = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
 @dataclass(frozen=True)
@@ -158,9 +177,11 @@ def _flat(column: pa.ChunkedArray, dtype: type, null: float | int = 0) -> np.nda
     return np.asarray(values.to_numpy(), dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
 
 
-def _load_events(wh: Warehouse, dataset: str) -> _Events:
+def _load_events(wh: Warehouse, dataset: str, lo: int, hi: int) -> _Events:
+    """The events of users ``lo..hi`` (user_idx, inclusive), in sequence order."""
     tab = wh.con.sql(
-        f"SELECT user_idx, item_idx, ts, value FROM {dataset}.sequences ORDER BY user_idx"
+        f"SELECT user_idx, item_idx, ts, value FROM {dataset}.sequences"
+        f" WHERE user_idx BETWEEN {int(lo)} AND {int(hi)} ORDER BY user_idx"
     ).to_arrow_table()
     lengths = np.asarray(pc.list_value_length(tab["item_idx"]).to_numpy(), dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
@@ -298,28 +319,234 @@ def _user_features(
 
 
 def _item_features(
-    ev: _Events, x_item: np.ndarray, x_ts: np.ndarray, t0: int, *, examples_are_events: bool
-) -> dict[str, np.ndarray]:
-    order = _sorted_order(_keys(ev.item, ev.ts, t0))
-    item_sorted = ev.item[order]
-    keys = _keys(item_sorted, ev.ts[order], t0)
-    # Sorted queries keep the binary searches cache-friendly; events as examples are sorted already.
-    x_order = order if examples_are_events else _sorted_order(_keys(x_item, x_ts, t0))
-    x_keys = keys if examples_are_events else _keys(x_item[x_order], x_ts[x_order], t0)
-    q = np.empty(len(x_item), dtype=np.int64)
-    start = np.empty(len(x_item), dtype=np.int64)
-    if examples_are_events:  # searchsorted of the keys in themselves = start of each run
-        q[x_order], start[x_order] = _run_start(keys), _run_start(item_sorted)
+    keys: np.ndarray,
+    value: np.ndarray,
+    x_keys: np.ndarray | None,
+    slice_events: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item-side features of the examples, from every event sorted by ``keys = (item, ts)``.
+
+    ``x_keys`` are the examples' sorted keys, or None when the examples are the events themselves. The
+    sorted arrays are processed in slices of about ``slice_events`` events cut at item boundaries (an
+    item's prefix sums never cross a slice), so the temporaries are bounded by the slice, not the data.
+    Returns, in ``x_keys`` order: the item's earlier events (int32), their mean value (float64, NaN = none)
+    and the first earlier event's ``ts - t0`` (uint32, meaningful where the count is > 0).
+    """
+    n = len(keys)
+    nx = n if x_keys is None else len(x_keys)
+    cnt = np.zeros(nx, dtype=np.int32)
+    mean = np.full(nx, np.nan)
+    first = np.zeros(nx, dtype=np.uint32)
+    if n == 0 or nx == 0:
+        return cnt, mean, first
+    # Slice bounds: the first key of the item found every slice_events events (plus both ends).
+    items_at = (keys[:: max(int(slice_events), 1)] >> _KEY_SHIFT)[1:]
+    bounds = np.unique(items_at << _KEY_SHIFT)
+    ev_cut = np.concatenate([[0], np.searchsorted(keys, bounds, side="left"), [n]])
+    x_cut = ev_cut if x_keys is None else np.concatenate([[0], np.searchsorted(x_keys, bounds), [nx]])
+    ts_mask = np.int64((1 << _KEY_SHIFT) - 1)
+    for a, b, xa, xb in zip(ev_cut[:-1], ev_cut[1:], x_cut[:-1], x_cut[1:], strict=True):
+        if xb == xa:
+            continue
+        k = keys[a:b]
+        item = k >> _KEY_SHIFT
+        if x_keys is None:  # searchsorted of the keys in themselves = start of each run
+            q, start = _run_start(k), _run_start(item)
+        else:
+            xk = x_keys[xa:xb]
+            q = np.searchsorted(k, xk, side="left")
+            start = np.searchsorted(k, (xk >> _KEY_SHIFT) << _KEY_SHIFT, side="left")
+        before = q - start
+        cnt[xa:xb] = before
+        mean[xa:xb] = _mean_before(value[a:b], _starts(item), start, q)
+        first[xa:xb] = np.where(before > 0, _take(k, start) & ts_mask, 0)
+    return cnt, mean, first
+
+
+class BuildResources(FrozenModel):
+    """How much the examples build may hold at once; never changes the results (not in the cache key).
+
+    Peak memory is about ``chunk_events`` x ~150 bytes (the user-side pass) plus ~40 bytes per event for
+    the item-side pass (one narrow sort of every event) plus DuckDB's ``memory_limit``.
+    """
+
+    chunk_events: int = Field(
+        2_000_000, ge=1, description="Events (+ examples) per user chunk and per item-side slice."
+    )
+    memory_limit: str | None = Field(
+        "4GB", description="DuckDB memory_limit during the build (None: leave the connection's setting)."
+    )
+    temp_directory: Path | None = Field(
+        None,
+        description="Where DuckDB spills and the Parquet parts go (None: DuckDB's default and the system"
+        " temp dir).",
+    )
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _limit(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]i?B\s*", v, flags=re.IGNORECASE):
+            raise ValueError(f"memory_limit must look like '4GB' or '512MiB', got {v!r}")
+        return v
+
+
+def _setting(wh: Warehouse, name: str) -> str:
+    return str(wh.con.execute(f"SELECT current_setting('{name}')").fetchall()[0][0])
+
+
+def _set(wh: Warehouse, name: str, value: str) -> None:
+    wh.con.execute(f"SET {name} = '{value.replace(chr(39), chr(39) * 2)}'")
+
+
+@contextmanager
+def _duckdb_limits(wh: Warehouse, resources: BuildResources) -> Iterator[None]:
+    """Apply ``memory_limit`` / ``temp_directory`` for the build, then restore the connection's values.
+
+    DuckDB cannot switch its temp directory once it has spilled there: a connection that already did gets a
+    clear error (when asked for another one), and keeps the build's directory if it spilled during the build.
+    """
+    wanted = {"memory_limit": resources.memory_limit, "temp_directory": resources.temp_directory}
+    old: dict[str, str] = {}
+    try:
+        for name, value in wanted.items():
+            if value is None or _setting(wh, name) == str(value):
+                continue
+            current = _setting(wh, name)
+            try:
+                _set(wh, name, str(value))
+            except duckdb.NotImplementedException as exc:
+                raise WarehouseError(
+                    f"temp_directory: this connection already spilled to {current!r} and DuckDB cannot switch"
+                    f" to {str(value)!r}; use a new connection or leave BuildResources.temp_directory None"
+                ) from exc
+            old[name] = current
+        yield
+    finally:
+        for name, value in old.items():
+            with suppress(duckdb.NotImplementedException):  # spilled during the build: stays there
+                _set(wh, name, value)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    lo: int  # user_idx range, inclusive
+    hi: int
+    x_lo: int  # the chunk's examples in the global example order
+    x_hi: int
+
+
+def _user_counts(wh: Warehouse, dataset: str, src: ExampleSource) -> pl.DataFrame:
+    """Per user_idx (ascending): events and examples (users with either)."""
+    seq = f"{dataset}.sequences"
+    if src.kind == "events":
+        return wh.sql(
+            f"SELECT user_idx, len(item_idx)::BIGINT AS n_ev,"
+            f" len(list_filter(value, lambda v: v IS NOT NULL))::BIGINT AS n_x FROM {seq} ORDER BY user_idx"
+        )
+    return wh.sql(
+        f"""SELECT coalesce(s.user_idx, x.user_idx) AS user_idx, coalesce(len(s.item_idx), 0)::BIGINT AS n_ev,
+                   coalesce(x.n, 0)::BIGINT AS n_x
+            FROM {seq} s FULL JOIN (
+                SELECT ui.user_idx, count(*) AS n FROM ({src.sql}) m
+                JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
+                GROUP BY ui.user_idx) x ON x.user_idx = s.user_idx
+            ORDER BY 1"""
+    )
+
+
+def _chunks(counts: pl.DataFrame, chunk_events: int) -> list[_Chunk]:
+    """Consecutive user ranges of about ``chunk_events`` events + examples each (at least one user)."""
+    users = counts["user_idx"].to_numpy()
+    if len(users) == 0:
+        return [_Chunk(1, 0, 0, 0)]
+    size = np.cumsum(counts["n_ev"].to_numpy() + counts["n_x"].to_numpy())
+    x_end = np.cumsum(counts["n_x"].to_numpy())
+    out, i = [], 0
+    while i < len(users):
+        base = size[i - 1] if i else 0
+        j = max(int(np.searchsorted(size, base + chunk_events, side="right")) - 1, i)
+        out.append(_Chunk(int(users[i]), int(users[j]), int(x_end[i - 1]) if i else 0, int(x_end[j])))
+        i = j + 1
+    return out
+
+
+def _impression_examples(wh: Warehouse, dataset: str, src: ExampleSource, where: str = "") -> pa.Table:
+    cols = ", ".join(f'm."{c}"' for c in src.keep)
+    return wh.con.sql(
+        f"""SELECT ui.user_idx, ii.item_idx, m.ts, {cols}
+            FROM ({src.sql}) m
+            JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
+            {where}
+            ORDER BY ui.user_idx, m.ts, m.request_id, m.position"""
+    ).to_arrow_table()
+
+
+def _item_pass(
+    wh: Warehouse, dataset: str, src: ExampleSource, chunks: list[_Chunk], n_ev: int, res: BuildResources
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """t0 and the item-side features of every example, in the global example order (module doc)."""
+    item = np.empty(n_ev, dtype=np.int32)
+    ts = np.empty(n_ev, dtype=np.int64)
+    value = np.empty(n_ev, dtype=np.float64)
+    at = 0
+    for c in chunks:  # narrow: three columns, no per-event user / pos arrays
+        ev = _load_events(wh, dataset, c.lo, c.hi)
+        m = len(ev.ts)
+        item[at : at + m], ts[at : at + m], value[at : at + m] = ev.item, ev.ts, ev.value
+        at += m
+        del ev
+    if src.kind == "events":
+        keep = ~np.isnan(value)
+        all_events = bool(keep.all())
+        x_item, x_ts = (None, None) if all_events else (item[keep], ts[keep])
+        del keep
     else:
-        q[x_order] = np.searchsorted(keys, x_keys, side="left")
-        start[x_order] = np.searchsorted(keys, x_item[x_order].astype(np.int64) << _KEY_SHIFT, side="left")
-    before = q - start
-    first_ts = _take(ev.ts[order], start)  # the item's first event (where before > 0)
-    return {
-        "i_cnt": before.astype(np.int64),
-        "i_value_mean": _mean_before(ev.value[order], _starts(item_sorted), start, q),
-        "i_secs_since_first": np.where(before > 0, x_ts - first_ts, _NULL_INT),
-    }
+        tab = wh.con.sql(
+            f"""SELECT ii.item_idx, m.ts FROM ({src.sql}) m
+                JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
+                ORDER BY ui.user_idx, m.ts, m.request_id, m.position"""
+        ).to_arrow_table()
+        x_item = np.asarray(tab["item_idx"].to_numpy(), dtype=np.int32)
+        x_ts = np.asarray(tab["ts"].to_numpy(), dtype=np.int64)
+        del tab
+    lows = [int(a.min()) for a in (ts, x_ts) if a is not None and len(a)]
+    highs = [int(a.max()) for a in (ts, x_ts) if a is not None and len(a)]
+    t0 = min(lows) if lows else 0
+    if lows and max(highs) - t0 >= 1 << _KEY_SHIFT:
+        raise ValueError(
+            f"timestamps of {dataset} span more than 2**32 seconds (136 years): check the ts unit"
+        )
+    keys = _keys(item, ts, t0)
+    del item, ts
+    order = _sorted_order(keys)  # stable: float sums over ties are reproducible
+    keys = keys[order]
+    value = value[order]
+    if x_item is None:  # the examples are the events: features come out in item order, scatter them back
+        cnt, mean, first = _item_features(keys, value, None, res.chunk_events)
+        del keys, value
+        out_cnt = np.empty_like(cnt)
+        out_cnt[order] = cnt
+        del cnt
+        out_mean = np.empty_like(mean)
+        out_mean[order] = mean
+        del mean
+        out_first = np.empty_like(first)
+        out_first[order] = first
+        return t0, out_cnt, out_mean, out_first
+    del order
+    x_keys = _keys(x_item, x_ts, t0)
+    del x_item, x_ts
+    x_order = _sorted_order(x_keys)
+    x_keys = x_keys[x_order]
+    cnt, mean, first = _item_features(keys, value, x_keys, res.chunk_events)
+    del keys, value, x_keys
+    out_cnt = np.empty_like(cnt)
+    out_cnt[x_order] = cnt
+    out_mean = np.empty_like(mean)
+    out_mean[x_order] = mean
+    out_first = np.empty_like(first)
+    out_first[x_order] = first
+    return t0, out_cnt, out_mean, out_first
 
 
 def _column(values: np.ndarray) -> pa.Array:
@@ -331,9 +558,17 @@ def _column(values: np.ndarray) -> pa.Array:
     return pa.array(values)
 
 
-def compute_features(wh: Warehouse, dataset: str, config: FeatureConfig, src: ExampleSource) -> pa.Table:
-    """The examples (ids, kept columns) with their behavioural features, as an Arrow table."""
-    ev = _load_events(wh, dataset)
+def _chunk_table(
+    wh: Warehouse,
+    dataset: str,
+    config: FeatureConfig,
+    src: ExampleSource,
+    chunk: _Chunk,
+    t0: int,
+    item_side: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> pa.Table:
+    """The examples of one user chunk (ids, kept columns) with all their behavioural features."""
+    ev = _load_events(wh, dataset, chunk.lo, chunk.hi)
     if src.kind == "events":
         keep = ~np.isnan(ev.value)
         if keep.all():  # no copies: the examples are the event arrays themselves
@@ -351,31 +586,48 @@ def compute_features(wh: Warehouse, dataset: str, config: FeatureConfig, src: Ex
             "item_idx": pa.array(x_item),
             "ts": pa.array(x_ts),
             "pos": pa.array(pos),
-            "value": pa.array(value),
-            "label": pa.array(value >= config.label_threshold),
+            "value": pa.array(value),  # label = value >= threshold is derived when the parts are read
         }
     else:
-        cols = ", ".join(f'm."{c}"' for c in src.keep)
-        tab = wh.con.sql(
-            f"""SELECT ui.user_idx, ii.item_idx, m.ts, {cols}
-                FROM ({src.sql}) m
-                JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
-                ORDER BY ui.user_idx, m.ts, m.request_id, m.position"""
-        ).to_arrow_table()
+        tab = _impression_examples(
+            wh, dataset, src, f"WHERE ui.user_idx BETWEEN {int(chunk.lo)} AND {int(chunk.hi)}"
+        )
         x_user = tab["user_idx"].to_numpy().astype(np.int32)
-        x_item = tab["item_idx"].to_numpy().astype(np.int32)
         x_ts = tab["ts"].to_numpy().astype(np.int64)
         base = {c: tab[c] for c in tab.column_names}
-    both = np.concatenate([ev.ts, x_ts])
-    t0 = int(both.min()) if len(both) else 0
-    if len(both) and int(both.max()) - t0 >= 1 << _KEY_SHIFT:
-        raise ValueError(
-            f"timestamps of {dataset} span more than 2**32 seconds (136 years): check the ts unit"
-        )
-    same = x_item is ev.item
+    if len(x_ts) != chunk.x_hi - chunk.x_lo:
+        raise WarehouseError(f"{dataset}: the examples changed while the features were being built")
     feats = _user_features(ev, x_user, x_ts, t0, config)
-    feats |= _item_features(ev, x_item, x_ts, t0, examples_are_events=same)
+    del feats["u_cnt"]  # = seq_offset, derived when the parts are read
+    cnt, mean, first = (a[chunk.x_lo : chunk.x_hi] for a in item_side)
+    feats["i_cnt"] = cnt.astype(np.int64)
+    feats["i_value_mean"] = mean
+    feats["i_secs_since_first"] = np.where(cnt > 0, x_ts - t0 - first.astype(np.int64), _NULL_INT)
     return pa.table(base | {name: _column(values) for name, values in feats.items()})
+
+
+def write_feature_parts(
+    wh: Warehouse, dataset: str, config: FeatureConfig, src: ExampleSource, out_dir: Path, res: BuildResources
+) -> list[Path]:
+    """The examples with their behavioural features, as Parquet part files (one per user chunk) in
+    ``out_dir``, less the columns that are cheaper to derive when they are read (``u_cnt`` = ``seq_offset``,
+    and for event examples ``label`` = ``value >= label_threshold``: see ``build_examples``).
+
+    Peak memory is set by ``res.chunk_events`` and the narrow item-side pass (module doc).
+    """
+    chunks = _chunks(_user_counts(wh, dataset, src), res.chunk_events)
+    n_ev = int(
+        wh.con.execute(f"SELECT coalesce(sum(len(item_idx)), 0) FROM {dataset}.sequences").fetchall()[0][0]
+    )
+    t0, *item_side = _item_pass(wh, dataset, src, chunks, n_ev, res)
+    paths = []
+    for i, chunk in enumerate(chunks):
+        table = _chunk_table(wh, dataset, config, src, chunk, t0, tuple(item_side))
+        path = out_dir / f"part-{i:06d}.parquet"
+        pq.write_table(table, path, **PARQUET_PART)
+        paths.append(path)
+        del table
+    return paths
 
 
 def examples_sql(
@@ -449,35 +701,48 @@ def feature_columns(wh: Warehouse, dataset: str) -> dict[str, list[str]]:
     }
 
 
-def build_examples(wh: Warehouse, dataset: str, config: FeatureConfig) -> TableVersion:
-    """``<ds>.examples``: labelled ranking examples with point-in-time features and the ``split`` column."""
+def build_examples(
+    wh: Warehouse, dataset: str, config: FeatureConfig, resources: BuildResources | None = None
+) -> TableVersion:
+    """``<ds>.examples``: labelled ranking examples with point-in-time features and the ``split`` column.
+
+    ``resources`` bounds memory (chunk size, DuckDB memory_limit / temp_directory); it never changes the
+    table. The features are written as Parquet parts (one per user chunk) to a temp dir, then published
+    from them in one transaction, and the parts are removed.
+    """
     check_dataset(dataset)
-    seq = build_sequences(wh, dataset)
-    src = example_source(wh, dataset, config)
-    cut = temporal_cut(wh, src.sql, config)
-    inputs = {f"{dataset}.events": require_table(wh, f"{dataset}.events", EVENT_COLUMNS)}
-    inputs |= optional_versions(wh, dataset, ("impressions", "user_index", "item_index"))
-    inputs[seq.table_name] = seq.version
-    params = {
-        "step": "examples",
-        "pipeline": PIPELINE_VERSION,
-        "source": src.kind,
-        "label_threshold": config.label_threshold if src.kind == "events" else None,
-        "decay_half_lives_s": list(config.decay_half_lives_s),
-        "block_half_lives": BLOCK_HALF_LIVES,
-        "split": cut.params(),
-    }
-    name = f"{dataset}.examples"
-    if wh.is_fresh(name, stable_hash(inputs, params)):  # skip the numpy pass too, not only the publish
-        latest = wh.latest(name)
-        assert latest is not None
-        return latest
-    table = compute_features(wh, dataset, config, src)
-    view = "__examples_features"
-    wh.con.register(view, table)
-    try:
-        return publish_if_stale(
-            wh, name, examples_sql(dataset, config, src, cut, view), inputs=inputs, params=params
-        )
-    finally:
-        wh.con.unregister(view)
+    res = resources or BuildResources()
+    with _duckdb_limits(wh, res):
+        seq = build_sequences(wh, dataset)
+        src = example_source(wh, dataset, config)
+        cut = temporal_cut(wh, src.sql, config)
+        inputs = {f"{dataset}.events": require_table(wh, f"{dataset}.events", EVENT_COLUMNS)}
+        inputs |= optional_versions(wh, dataset, ("impressions", "user_index", "item_index"))
+        inputs[seq.table_name] = seq.version
+        params = {
+            "step": "examples",
+            "pipeline": PIPELINE_VERSION,
+            "source": src.kind,
+            "label_threshold": config.label_threshold if src.kind == "events" else None,
+            "decay_half_lives_s": list(config.decay_half_lives_s),
+            "block_half_lives": BLOCK_HALF_LIVES,
+            "split": cut.params(),
+        }
+        name = f"{dataset}.examples"
+        if wh.is_fresh(name, stable_hash(inputs, params)):  # skip the numpy pass too, not only the publish
+            latest = wh.latest(name)
+            assert latest is not None
+            return latest
+        parts_dir = Path(tempfile.mkdtemp(prefix=f"{dataset}-examples-", dir=parts_root(wh)))
+        try:
+            parts = write_feature_parts(wh, dataset, config, src, parts_dir, res)
+            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            label = (
+                f", value >= '{config.label_threshold!r}'::DOUBLE AS label" if src.kind == "events" else ""
+            )
+            features = f"(SELECT *, seq_offset::BIGINT AS u_cnt{label} FROM read_parquet([{files}]))"
+            return publish_if_stale(
+                wh, name, examples_sql(dataset, config, src, cut, features), inputs=inputs, params=params
+            )
+        finally:
+            shutil.rmtree(parts_dir, ignore_errors=True)
