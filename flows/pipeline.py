@@ -37,7 +37,7 @@ class PipelineConfig(FrozenModel):
     features: FeatureConfig = FeatureConfig()
     retrieval_models: tuple[str, ...] = ("popularity", "sasrec", "hstu")
     seeds: tuple[int, ...] = (0,)
-    retrieval_loop: LoopConfig = LoopConfig(max_epochs=30, patience=5, progress=False)
+    retrieval_loop: LoopConfig = LoopConfig(max_epochs=10, patience=3, progress=False)
 
     @classmethod
     def for_profile(
