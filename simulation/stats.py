@@ -477,7 +477,7 @@ def running_welch_p_values(treatment: Moments, control: Moments, *, burn_in: int
     """
     nt, nc = np.asarray(treatment.n, dtype=np.float64), np.asarray(control.n, dtype=np.float64)
     ok = (nt >= max(burn_in, 2)) & (nc >= max(burn_in, 2))
-    # Skipped looks get dummy moments (n = 2, mean 0, var 1) so the vectorised test runs.
+    # Skipped looks get stand-in moments (n = 2, mean 0, var 1) so the vectorised test runs.
     t = Moments(np.where(ok, nt, 2.0), np.where(ok, treatment.mean, 0.0), np.where(ok, treatment.var, 1.0))
     c = Moments(np.where(ok, nc, 2.0), np.where(ok, control.mean, 0.0), np.where(ok, control.var, 1.0))
     p = np.asarray(welch_from_moments(t, c).p_value)

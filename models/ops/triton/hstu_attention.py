@@ -654,7 +654,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
         ctx.normalizer, ctx.block_m, ctx.block_n = normalizer, block_m, block_n
         if out.numel() == 0:
             return out.zero_()
-        placeholder = lengths  # any valid pointer for the tensors a constexpr flag switches off
+        unused_ptr = lengths  # any valid pointer for the tensors a constexpr flag switches off
         grid = (triton.cdiv(n, block_m), batch * heads)
         _hstu_fwd_kernel[grid](
             q,
@@ -662,12 +662,12 @@ class _HstuAttentionFunction(torch.autograd.Function):
             v,
             out,
             lengths,
-            num_candidates if num_candidates is not None else placeholder,
-            pos_weight if pos_weight is not None else placeholder,
-            ts_weight if ts_weight is not None else placeholder,
-            query_ts if query_ts is not None else placeholder,
-            key_ts if key_ts is not None else placeholder,
-            thresholds if thresholds is not None else placeholder,
+            num_candidates if num_candidates is not None else unused_ptr,
+            pos_weight if pos_weight is not None else unused_ptr,
+            ts_weight if ts_weight is not None else unused_ptr,
+            query_ts if query_ts is not None else unused_ptr,
+            key_ts if key_ts is not None else unused_ptr,
+            thresholds if thresholds is not None else unused_ptr,
             *q.stride(),
             *k.stride(),
             *v.stride(),
@@ -723,15 +723,15 @@ class _HstuAttentionFunction(torch.autograd.Function):
                     grad.zero_()
             return _grads(dq, dk, dv, dpos, dts, pos_weight, ts_weight, need_k, need_v)
 
-        placeholder = lengths
+        unused_ptr = lengths
         common = (
             lengths,
-            num_candidates if num_candidates is not None else placeholder,
-            pos_weight if pos_weight is not None else placeholder,
-            ts_weight if ts_weight is not None else placeholder,
-            query_ts if query_ts is not None else placeholder,
-            key_ts if key_ts is not None else placeholder,
-            thresholds if thresholds is not None else placeholder,
+            num_candidates if num_candidates is not None else unused_ptr,
+            pos_weight if pos_weight is not None else unused_ptr,
+            ts_weight if ts_weight is not None else unused_ptr,
+            query_ts if query_ts is not None else unused_ptr,
+            key_ts if key_ts is not None else unused_ptr,
+            thresholds if thresholds is not None else unused_ptr,
         )
         flags = {
             "HAS_POS": pos_weight is not None,
@@ -772,8 +772,8 @@ class _HstuAttentionFunction(torch.autograd.Function):
                 v,
                 grad_out,
                 dq if dq is not None else q,
-                dpos if dpos is not None else placeholder,
-                dts if dts is not None else placeholder,
+                dpos if dpos is not None else unused_ptr,
+                dts if dts is not None else unused_ptr,
                 *common,
                 *q.stride(),
                 *k.stride(),
