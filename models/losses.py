@@ -73,3 +73,78 @@ def sampled_softmax_loss(
     neg_logits = neg_logits.masked_fill(negatives == positives.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logits, neg_logits], dim=1).float() / config.temperature  # [P, 1 + K]
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+def soft_bce_with_logits(student: torch.Tensor, target_prob: torch.Tensor) -> torch.Tensor:
+    """Elementwise BCE(target_prob, sigmoid(student)), numerically stable in logit space."""
+    return F.binary_cross_entropy_with_logits(student, target_prob, reduction="none")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    weight: float = 0.5,
+    labelled: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Teacher -> student loss of the spec, averaged over the batch.
+
+    loss = mean_labelled BCE(y, s(z_s)) + weight * tau^2 * mean_all BCE(s(z_t / tau), s(z_s / tau)), s = sigmoid
+
+    ``labelled`` (bool, same shape) marks the examples that have a label: the hard term averages over those,
+    the soft term over every example, so teacher scores on unlabelled candidates still teach.
+    tau = 1 keeps the student calibrated; the tau^2 factor keeps the soft term's gradient scale independent of tau.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    if student_logits.shape != teacher_logits.shape or student_logits.shape != labels.shape:
+        raise ValueError(
+            f"student_logits, teacher_logits and labels must share a shape; got "
+            f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, {tuple(labels.shape)}"
+        )
+    z_s = student_logits.float()
+    teacher_prob = torch.sigmoid(teacher_logits.detach().float() / temperature)
+    soft = soft_bce_with_logits(z_s / temperature, teacher_prob).mean()
+    hard_all = soft_bce_with_logits(z_s, labels.float())
+    if labelled is None:
+        hard = hard_all.mean()
+    else:
+        mask = labelled.to(torch.bool)
+        hard = hard_all[mask].mean() if bool(mask.any()) else z_s.sum() * 0.0
+    return hard + weight * temperature**2 * soft
+
+
+def self_distillation_loss(
+    student_logits: torch.Tensor,
+    privileged_logits: torch.Tensor,
+    teacher_privileged_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    kl_weight: float = 0.0,
+) -> torch.Tensor:
+    """SDFT-style loss (spec: Distillation) for one network trained with and without privileged context.
+
+    loss = BCE(y, p_theta(x)) + beta * BCE(y, p_theta(x, x*)) + kl_weight * KL(p_phi(x, x*) || p_theta(x))
+
+    ``student_logits`` = the network on the served inputs x; ``privileged_logits`` = the same network with the
+    privileged context x*; ``teacher_privileged_logits`` = the EMA teacher phi with x* (no gradient).
+    The KL is the forward KL between Bernoulli distributions, averaged over the batch.
+    """
+    if beta < 0 or kl_weight < 0:
+        raise ValueError(f"beta and kl_weight must be >= 0, got beta={beta}, kl_weight={kl_weight}")
+    y = labels.float()
+    loss = soft_bce_with_logits(student_logits.float(), y).mean()
+    if beta > 0:
+        loss = loss + beta * soft_bce_with_logits(privileged_logits.float(), y).mean()
+    if kl_weight > 0:
+        p = torch.sigmoid(teacher_privileged_logits.detach().float())
+        # KL(Bern(p) || Bern(q)) = BCE(p, q) - H(p): H(p) has no gradient but keeps the value exact.
+        entropy = soft_bce_with_logits(teacher_privileged_logits.detach().float(), p)
+        kl = soft_bce_with_logits(student_logits.float(), p) - entropy
+        loss = loss + kl_weight * kl.mean()
+    return loss

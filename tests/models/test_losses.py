@@ -53,3 +53,75 @@ def test_shape_mismatch_is_reported() -> None:
             torch.zeros(5, 3),
             SampledSoftmaxConfig(),
         )
+
+
+# --- distillation losses (spec: Distillation) -------------------------------------------------------------
+def _bce(p: float, q: float) -> float:
+    """BCE(target p, prediction q) by hand."""
+    import math
+
+    return -(p * math.log(q) + (1 - p) * math.log(1 - q))
+
+
+def test_distillation_loss_equals_formula_on_fixed_inputs() -> None:
+    import math
+
+    from models.losses import distillation_loss
+
+    z_s = torch.tensor([0.5, -1.0, 2.0])
+    z_t = torch.tensor([1.0, -0.5, 0.0])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    tau, lam = 2.0, 0.7
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    hard = sum(_bce(float(y[i]), sig(float(z_s[i]))) for i in range(3)) / 3
+    soft = sum(_bce(sig(float(z_t[i]) / tau), sig(float(z_s[i]) / tau)) for i in range(3)) / 3
+    expected = hard + lam * tau**2 * soft
+    got = distillation_loss(z_s, z_t, y, temperature=tau, weight=lam)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+    # Unlabelled candidates: only the soft term sees them.
+    labelled = torch.tensor([True, False, True])
+    hard_l = (_bce(1.0, sig(0.5)) + _bce(1.0, sig(2.0))) / 2
+    got_l = distillation_loss(z_s, z_t, y, temperature=tau, weight=lam, labelled=labelled)
+    assert float(got_l) == pytest.approx(hard_l + lam * tau**2 * soft, rel=1e-6)
+
+
+def test_distillation_loss_gradient_does_not_reach_teacher_and_rejects_bad_input() -> None:
+    from models.losses import distillation_loss
+
+    z_s = torch.zeros(4, requires_grad=True)
+    z_t = torch.ones(4, requires_grad=True)
+    distillation_loss(z_s, z_t, torch.ones(4)).backward()
+    assert z_t.grad is None and z_s.grad is not None
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(z_s, z_t, torch.ones(4), temperature=0.0)
+    with pytest.raises(ValueError, match="share a shape"):
+        distillation_loss(z_s, z_t[:3], torch.ones(4))
+
+
+def test_self_distillation_loss_equals_formula_with_forward_kl() -> None:
+    import math
+
+    from models.losses import self_distillation_loss
+
+    z, z_priv, z_teacher = torch.tensor([0.3, -2.0]), torch.tensor([1.0, -1.0]), torch.tensor([0.8, -0.2])
+    y = torch.tensor([1.0, 0.0])
+    beta, lam = 0.5, 0.3
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    def kl(p: float, q: float) -> float:
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    expected = 0.0
+    for i in range(2):
+        expected += _bce(float(y[i]), sig(float(z[i])))
+        expected += beta * _bce(float(y[i]), sig(float(z_priv[i])))
+        expected += lam * kl(sig(float(z_teacher[i])), sig(float(z[i])))
+    expected /= 2
+    got = self_distillation_loss(z, z_priv, z_teacher, y, beta=beta, kl_weight=lam)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
