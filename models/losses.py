@@ -91,11 +91,11 @@ def distillation_loss(
 ) -> torch.Tensor:
     """Teacher -> student loss of the spec, averaged over the batch.
 
-    loss = mean_labelled BCE(y, s(z_s)) + weight * tau^2 * mean_all BCE(s(z_t / tau), s(z_s / tau)), s = sigmoid
+    loss = mean_labelled BCE(y, s(z_s)) + weight * tau^2 * mean_all BCE(s(z_t/tau), s(z_s/tau))
 
     ``labelled`` (bool, same shape) marks the examples that have a label: the hard term averages over those,
     the soft term over every example, so teacher scores on unlabelled candidates still teach.
-    tau = 1 keeps the student calibrated; the tau^2 factor keeps the soft term's gradient scale independent of tau.
+    tau = 1 keeps the student calibrated; tau^2 keeps the soft gradient's scale independent of tau.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
