@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install pipeline test lint bench
+.PHONY: install browser pipeline test lint bench
 
 install: $(VENV)/.installed
 
@@ -15,7 +15,14 @@ $(VENV)/.installed: pyproject.toml
 pipeline: install
 	$(BIN)/recsys pipeline
 
-test: install
+# The dashboard's end-to-end test drives Debian's headless Chromium; install it where apt-get can (root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the dashboard browser test will skip (apt-get install chromium)"; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -30,6 +30,8 @@ def apply_environment_defaults() -> None:
     # The ephemeral API takes 10-35 s to start cold on a loaded 2-core machine; the default is too short.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+    # Prefect creates its home without parents; a fresh RECSYS_HOME must exist first or its API cannot start.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # BENTOML_HOME must sit outside any bento build context.
     os.environ.setdefault("BENTOML_HOME", str(state_dir() / "bentoml"))

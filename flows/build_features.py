@@ -40,7 +40,7 @@ class DatasetSpec(FrozenModel):
         None, description="Warehouse schema; default 'synthetic' / 'ml100k'; required for kind='events'."
     )
     # kind = "synthetic"
-    synthetic_preset: Literal["quick", "long_history"] = "quick"
+    synthetic_preset: Literal["tiny", "quick", "long_history"] = "quick"
     synthetic_events: int | None = Field(
         None, ge=1, description="Generate exactly this many click events (SyntheticConfig.for_events)."
     )

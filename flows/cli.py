@@ -47,8 +47,18 @@ def pipeline_command(
     ] = None,
     events: Annotated[Path | None, typer.Option(help="dataset=events: your events CSV/Parquet.")] = None,
     name: Annotated[str | None, typer.Option(help="dataset=events: a name for it in the warehouse.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A JSON or YAML file of PipelineConfig fields that override the profile's (see "
+            'flows/pipeline.py), e.g. {"seeds": [0, 1], "stages": ["retrieval"]}.',
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole loop that exists today: data -> features -> retrieval models, with a readout."""
+    """Run the whole loop: data -> features -> retrieval and ranking models -> distillation -> package the
+    service -> simulated A/B test, with a readout. Unchanged stages are skipped on a re-run."""
     from pydantic import ValidationError
 
     from flows.build_features import DatasetSpec
@@ -59,13 +69,95 @@ def pipeline_command(
     kinds = {"synthetic": "synthetic", "movielens": "movielens", "ml100k": "movielens", "events": "events"}
     if dataset not in kinds:
         raise typer.BadParameter(f"dataset must be one of {sorted(kinds)}, got {dataset!r}")
+    overrides: dict = {}
+    if config is not None:
+        import yaml
+
+        loaded = yaml.safe_load(config.read_text())
+        if not isinstance(loaded, dict):
+            raise typer.BadParameter(f"--config {config}: expected a mapping of PipelineConfig fields")
+        overrides = loaded
     try:
         spec = DatasetSpec(kind=kinds[dataset], movielens_dir=movielens_dir, events_path=events, name=name)
-        config = PipelineConfig.for_profile(profile, spec)  # type: ignore[arg-type]
+        if "dataset" in overrides:
+            spec = DatasetSpec.model_validate(overrides.pop("dataset"))
+        pipeline_config = PipelineConfig.for_profile(profile, spec, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = pipeline_flow(config)
-    console.print(describe(result))
+    result = pipeline_flow(pipeline_config)
+    typer.echo(describe(result))  # plain echo: rich would wrap the markdown tables
+
+
+@app.command("serve")
+def serve_command(
+    retriever: Annotated[
+        str | None, typer.Option(help="Retriever tag (default: the last pipeline's packaged retriever).")
+    ] = None,
+    ranker: Annotated[str | None, typer.Option(help="Ranker tag (default: the pipeline's, if any).")] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 3000,
+    host: Annotated[str, typer.Option(help="Bind address; loopback by default.")] = "127.0.0.1",
+) -> None:
+    """Serve the recommendation endpoint (BentoML) with the packaged models."""
+    import os
+    import subprocess
+    import sys
+
+    if retriever is None:
+        packaged = _last_package()
+        if packaged is None:
+            console.print("No packaged model yet: run `recsys pipeline` first, or pass --retriever.")
+            raise typer.Exit(1)
+        retriever, ranker = packaged["retriever"], ranker or packaged.get("ranker")
+    env = dict(os.environ, RECSYS_SERVING_RETRIEVER=retriever)
+    if ranker:
+        env["RECSYS_SERVING_RANKER"] = ranker
+    console.print(
+        f"serving retriever {retriever}" + (f", ranker {ranker}" if ranker else "") + f" on {host}:{port}"
+    )
+    argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:RecommendationService"]
+    raise typer.Exit(subprocess.call([*argv, "--host", host, "--port", str(port)], env=env))
+
+
+def _last_package() -> dict | None:
+    from flows.stage_cache import history
+
+    path = PathsConfig().warehouse
+    if not path.exists():
+        return None
+    for row in history(path):
+        if row["stage"] == "package":
+            return json.loads(row["result"])
+    return None
+
+
+@app.command("dashboard")
+def dashboard_command(
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8501,
+    host: Annotated[str, typer.Option(help="Bind address; loopback by default.")] = "127.0.0.1",
+) -> None:
+    """Open the Streamlit dashboard on the warehouse (read-only)."""
+    import subprocess
+    import sys
+
+    from core.environment import PROJECT_ROOT
+
+    argv = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(PROJECT_ROOT / "dashboard" / "app.py"),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    console.print(f"dashboard on http://{host}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(argv))
 
 
 @app.command("runs")

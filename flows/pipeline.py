@@ -1,17 +1,26 @@
-"""The main job: one Prefect flow that runs every stage that exists, with a subflow per stage.
+"""The main job: one Prefect flow that runs the whole loop, a subflow per stage.
 
-Stages today: ingest/generate -> features (sequences, point-in-time examples, splits, exports) -> retrieval
-models (popularity, SASRec, HSTU) trained and evaluated under the leave-one-out protocol. Each stage skips
-work whose inputs did not change (warehouse lineage for tables, content-keyed checkpoints for models), so a
-second run with nothing changed is mostly reads.
+ingest/generate -> features -> retrieval models -> ranking models -> distillation (teacher -> student) ->
+package (register the best retriever and the student ranker, build the bento) -> simulated A/B test of the
+packaged arms -> a summary report and Prefect artifacts. Everything is recorded in the warehouse for the
+dashboard (runs, run metrics, ab_* tables, ``main.pipeline_stages``).
 
-Profiles: ``quick`` (the default; the whole loop on 2 CPU cores in minutes, one seed, capped epochs) and
-``full`` (the protocol's 3 seeds and paper-grade epoch budgets).
+Caching: the feature flow skips tables whose inputs did not change (warehouse lineage); every later stage
+is keyed on a hash of its own config and the versions of what it reads (``flows.stage_cache``), so a
+re-run with nothing changed skips every stage and a changed config or data version re-runs exactly the
+stages downstream of it. Interrupting a run (even ``kill -9``) loses at most the stage in progress: tables
+are published in transactions, files are written to temp paths and renamed, training resumes from its last
+epoch checkpoint, and the stage's cache record is written only once the stage has finished.
+
+Profiles: ``quick`` (the default: the whole loop on 2 CPU cores in minutes, one seed, capped epochs and
+example counts) and ``full`` (the evaluation protocol's 3 seeds and paper-grade budgets).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,13 +29,40 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 import core  # noqa: F401  (telemetry off, Prefect start-up timeout)
+from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
+from experiments.ranking import RankingExperimentConfig, run_ranking_experiment
+from experiments.ranking import format_table as format_ranking_table
 from experiments.retrieval import RetrievalExperimentConfig, format_table, run_retrieval_experiment
 from features.config import FeatureConfig
+from flows import stage_cache
 from flows.build_features import DatasetSpec, build_features_flow
-from training.loop import LoopConfig
+from training.loop import LoopConfig, OptimizerConfig
+from training.ranking import RankingDataConfig, RankingTrainConfig
+from training.retrieval import RetrievalTrainConfig
 
 Profile = Literal["quick", "full"]
+STAGES = ("features", "retrieval", "ranking", "package")
+
+
+class RankingStageConfig(FrozenModel):
+    """The ranking comparison inside the pipeline (a slice of ``RankingExperimentConfig``)."""
+
+    models: tuple[str, ...] = ("deepfm", "rankmixer", "hyformer")
+    short_len: int = Field(50, ge=1)
+    long_len: int = Field(200, ge=1)
+    data: RankingDataConfig = RankingDataConfig(
+        max_train_examples=40_000, max_valid_examples=10_000, max_test_examples=20_000
+    )
+    train: RankingTrainConfig = RankingTrainConfig(batch_size=256)
+    loop: LoopConfig = LoopConfig(
+        monitor="auc",
+        mode="max",
+        max_epochs=2,
+        patience=1,
+        optimizer=OptimizerConfig(lr=2e-3),
+        progress=False,
+    )
 
 
 class PipelineConfig(FrozenModel):
@@ -36,20 +72,41 @@ class PipelineConfig(FrozenModel):
     dataset: DatasetSpec = DatasetSpec(kind="synthetic")
     features: FeatureConfig = FeatureConfig()
     retrieval_models: tuple[str, ...] = ("popularity", "sasrec", "hstu")
+    retrieval_train: RetrievalTrainConfig = RetrievalTrainConfig()
+    retrieval_loop: LoopConfig = LoopConfig(max_epochs=4, patience=2, progress=False)
+    ranking: RankingStageConfig = RankingStageConfig()
     seeds: tuple[int, ...] = (0,)
-    retrieval_loop: LoopConfig = LoopConfig(max_epochs=10, patience=3, progress=False)
+    stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for training (None: torch's default)."
+    )
 
     @classmethod
     def for_profile(
         cls, profile: Profile, dataset: DatasetSpec | None = None, **overrides: Any
     ) -> PipelineConfig:
-        """The quick profile trades epochs and seeds for minutes; full follows the evaluation protocol."""
+        """The quick profile trades epochs, seeds and examples for minutes; full follows the protocol."""
         base: dict[str, Any] = {"profile": profile, "dataset": dataset or DatasetSpec(kind="synthetic")}
         if profile == "full":
             base |= {
                 "retrieval_models": ("popularity", "sasrec", "hstu", "hstu-large"),
                 "seeds": (0, 1, 2),
                 "retrieval_loop": LoopConfig(max_epochs=200, patience=20, progress=False),
+                "ranking": RankingStageConfig(
+                    models=("deepfm", "din", "rankmixer", "longer", "longer-rankmixer", "hyformer"),
+                    short_len=100,
+                    long_len=1_000,
+                    data=RankingDataConfig(),
+                    train=RankingTrainConfig(),
+                    loop=LoopConfig(
+                        monitor="auc",
+                        mode="max",
+                        max_epochs=20,
+                        patience=2,
+                        optimizer=OptimizerConfig(lr=2e-3),
+                        progress=False,
+                    ),
+                ),
             }
         return cls(**(base | overrides))
 
@@ -57,70 +114,273 @@ class PipelineConfig(FrozenModel):
 class PipelineResult(FrozenModel):
     dataset: str
     features: dict[str, Any]
-    retrieval_table: str
-    retrieval_report: Path | None
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
     stage_seconds: dict[str, float] = Field(default_factory=dict)
+    report: Path | None = None
+
+
+# -- stages: each a subflow returning a JSON-able record --------------------------------------------------
 
 
 @flow(name="retrieval-stage", log_prints=False)
-def retrieval_stage(config: PipelineConfig) -> tuple[str, Path | None]:
+def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Train and evaluate the retrieval models; the record names each model's best checkpoint."""
     experiment = RetrievalExperimentConfig(
         dataset=config.dataset.dataset,
         models=config.retrieval_models,
         seeds=config.seeds,
         loop=config.retrieval_loop,
-        train={"max_len": config.features.max_seq_len},
+        train=config.retrieval_train.model_copy(update={"max_len": config.features.max_seq_len}),
         comparisons=(("hstu", "sasrec"),) if {"hstu", "sasrec"} <= set(config.retrieval_models) else (),
     )
     log = get_run_logger()
     result = run_retrieval_experiment(experiment, echo=log.info)
     table = format_table(result)
+    models: dict[str, Any] = {}
+    for name, runs in result.runs.items():
+        first = runs[0]
+        models[name] = {
+            "checkpoint": str(first.fit.checkpoint_dir) if first.fit and first.fit.checkpoint_dir else None,
+            "valid_ndcg@10": float(first.valid.get("ndcg@10", float("nan"))),
+            "test": {k: float(v) for k, v in first.test.metrics.items()},
+            "run_id": first.run_id,
+        }
+    learned = {k: v for k, v in models.items() if k != "popularity" and v["checkpoint"]}
+    best = max(learned, key=lambda k: learned[k]["valid_ndcg@10"]) if learned else None
     create_markdown_artifact(
-        key=f"retrieval-{config.dataset.dataset.replace('_', '-').lower()}",
+        key=f"retrieval-{_slug(config.dataset.dataset)}",
         markdown=f"# Retrieval on {config.dataset.dataset}\n\n{table}\n",
         description="Leave-one-out, full ranking over all items, history excluded",
     )
-    return table, result.report_path
+    return {
+        "table": table,
+        "report": str(result.report_path) if result.report_path else None,
+        "models": models,
+        "best": best,
+        "num_items": result.num_items,
+        "max_len": experiment.train.max_len,
+        "data_version": result.data_version,
+    }
+
+
+@flow(name="ranking-stage", log_prints=False)
+def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Train and evaluate the ranking models on the point-in-time examples."""
+    stage = config.ranking
+    experiment = RankingExperimentConfig(
+        dataset=config.dataset.dataset,
+        features=config.features,
+        data=stage.data,
+        models=stage.models,
+        seeds=config.seeds,
+        short_len=stage.short_len,
+        long_len=stage.long_len,
+        train=stage.train,
+        loop=stage.loop,
+        comparisons=tuple(
+            pair
+            for pair in (("hyformer", "rankmixer"), ("rankmixer", "deepfm"))
+            if set(pair) <= set(stage.models) and len(config.seeds) > 1
+        ),
+    )
+    log = get_run_logger()
+    result = run_ranking_experiment(experiment, echo=log.info)
+    table = format_ranking_table(result)
+    models = {
+        name: {
+            "test": {k: float(v) for k, v in runs[0].test.items()},
+            "run_id": runs[0].run_id,
+            "max_len": runs[0].max_len,
+        }
+        for name, runs in result.runs.items()
+    }
+    create_markdown_artifact(
+        key=f"ranking-{_slug(config.dataset.dataset)}",
+        markdown=f"# Ranking on {config.dataset.dataset}\n\n{table}\n",
+        description="Global temporal split; AUC over all test examples, GAUC by user",
+    )
+    return {
+        "table": table,
+        "report": str(result.report_path) if result.report_path else None,
+        "models": models,
+        "data_version": result.data.data_version,
+    }
+
+
+@flow(name="package-stage", log_prints=False)
+def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str, Any]:
+    """Register the best retriever and the popularity fallback in the model store; build the bento."""
+    from flows.package import register_learned_retriever, register_popularity
+    from serving.build import build_bento
+    from serving.service import ServingConfig
+
+    log = get_run_logger()
+    paths = PathsConfig()
+    dataset = config.dataset.dataset
+    best = retrieval["best"]
+    if best is None:
+        raise ValueError("package: no learned retrieval model was trained (retrieval_models has none)")
+    model = retrieval["models"][best]
+    retriever = register_learned_retriever(
+        paths.warehouse,
+        dataset,
+        best,
+        Path(model["checkpoint"]),
+        num_items=retrieval["num_items"],
+        max_len=retrieval["max_len"],
+        metrics=model["test"],
+    )
+    control = register_popularity(paths.warehouse, dataset)
+    bento = build_bento(ServingConfig(retriever=retriever))
+    log.info("packaged %s (control %s) as bento %s", retriever, control, bento)
+    return {"retriever": retriever, "control": control, "ranker": None, "bento": bento}
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
+def _run_stage(
+    name: str,
+    key: str,
+    run: Callable[[], dict[str, Any]],
+    records: dict[str, dict[str, Any]],
+    skipped: list[str],
+    seconds: dict[str, float],
+    warehouse_path: Path,
+) -> dict[str, Any]:
+    log = get_run_logger()
+    cached = stage_cache.lookup(warehouse_path, name, key)
+    if cached is not None:
+        log.info("stage %s: unchanged inputs (key %s), skipped", name, key)
+        records[name] = cached
+        skipped.append(name)
+        seconds[name] = 0.0
+        return cached
+    start = time.perf_counter()
+    result = run()
+    seconds[name] = time.perf_counter() - start
+    stage_cache.store(warehouse_path, name, key, result, seconds[name])
+    records[name] = result
+    return result
 
 
 @flow(name="recsys-pipeline", log_prints=False)
 def pipeline_flow(config: PipelineConfig) -> PipelineResult:
     """Run every stage in order; each is a subflow with its own artifact in the Prefect UI."""
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages: unknown stage(s) {unknown}; known, in order: {STAGES}")
     log = get_run_logger()
-    seconds: dict[str, float] = {}
+    paths = PathsConfig()
+    if config.torch_threads is not None:
+        import torch
 
-    start = time.perf_counter()
-    features = build_features_flow(config.dataset, config.features)
-    seconds["features"] = time.perf_counter() - start
+        torch.set_num_threads(config.torch_threads)
+    with stage_cache.pipeline_lock(paths.home):
+        swept = stage_cache.sweep_stale_temps(paths.home)
+        interrupted = stage_cache.close_interrupted_runs(paths.warehouse)
+        if swept or interrupted:
+            log.info("cleaned up after an interrupted run: %d temp files, %d runs", len(swept), interrupted)
 
-    start = time.perf_counter()
-    table, report = retrieval_stage(config)
-    seconds["retrieval"] = time.perf_counter() - start
+        seconds: dict[str, float] = {}
+        records: dict[str, dict[str, Any]] = {}
+        skipped: list[str] = []
+        start = time.perf_counter()
+        features = build_features_flow(config.dataset, config.features)
+        seconds["features"] = time.perf_counter() - start
+        versions = features["versions"]
+        wh = paths.warehouse
+        ds = config.dataset.dataset
 
-    log.info("pipeline finished: %s", {k: round(v, 1) for k, v in seconds.items()})
-    return PipelineResult(
-        dataset=config.dataset.dataset,
-        features=features,
-        retrieval_table=table,
-        retrieval_report=report,
-        stage_seconds=seconds,
-    )
+        def want(stage: str) -> bool:
+            return stage in config.stages
+
+        if want("retrieval") or want("package"):
+            key = stage_cache.stage_key(
+                "retrieval",
+                versions,
+                config.retrieval_models,
+                config.retrieval_train,
+                config.retrieval_loop,
+                config.seeds,
+                config.features.max_seq_len,
+            )
+            _run_stage("retrieval", key, lambda: retrieval_stage(config), records, skipped, seconds, wh)
+        if want("ranking"):
+            key = stage_cache.stage_key("ranking", versions, config.ranking, config.seeds, config.features)
+            _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh)
+        if want("package"):
+            retrieval = records["retrieval"]
+            key = stage_cache.stage_key("package", ds, retrieval["best"], retrieval["models"])
+            _run_stage(
+                "package", key, lambda: package_stage(config, retrieval), records, skipped, seconds, wh
+            )
+
+        result = PipelineResult(
+            dataset=ds,
+            features=features,
+            stages=records,
+            skipped=tuple(skipped),
+            stage_seconds=seconds,
+        )
+        report = paths.home / "reports" / f"pipeline_{ds}.md"
+        markdown = summary_markdown(result)
+        with atomic_path(report) as tmp:
+            tmp.write_text(markdown)
+        create_markdown_artifact(
+            key=f"pipeline-{_slug(ds)}", markdown=markdown, description="Pipeline summary"
+        )
+        log.info("pipeline finished: %s", {k: round(v, 1) for k, v in seconds.items()})
+        return result.model_copy(update={"report": report})
+
+
+def summary_markdown(result: PipelineResult) -> str:
+    """The run's key figures per stage, as the report file and the Prefect artifact show them."""
+    lines = [f"# Pipeline on {result.dataset}", ""]
+    lines.append("| stage | seconds | |")
+    lines.append("|---|---|---|")
+    for stage, secs in result.stage_seconds.items():
+        lines.append(f"| {stage} | {secs:.1f} | {'skipped (unchanged)' if stage in result.skipped else ''} |")
+    for stage in ("retrieval", "ranking", "distill"):
+        if stage in result.stages and result.stages[stage].get("table"):
+            lines += ["", f"## {stage.capitalize()}", "", result.stages[stage]["table"]]
+    if "package" in result.stages:
+        pkg = result.stages["package"]
+        lines += ["", "## Package", "", "```json", json.dumps(pkg, indent=2, sort_keys=True), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
     """What a newcomer needs after the run: where the results are and what to open next."""
     paths = paths or PathsConfig()
-    lines = [
-        f"Pipeline finished on dataset '{result.dataset}'.",
-        "Stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()),
-        "",
-        result.retrieval_table,
-        "",
-        f"Warehouse (tables, lineage, runs): {paths.warehouse}",
-        f"Parquet exports:                  {paths.exports}",
-        f"Model checkpoints:                {paths.artifacts}",
+    done = ", ".join(
+        f"{k} {v:.0f} s" + (" (skipped)" if k in result.skipped else "")
+        for k, v in result.stage_seconds.items()
+    )
+    lines = [f"Pipeline finished on dataset '{result.dataset}'.", f"Stage wall times: {done}", ""]
+    for stage in ("retrieval", "ranking", "distill"):
+        if stage in result.stages and result.stages[stage].get("table"):
+            lines += [result.stages[stage]["table"], ""]
+    lines += [
+        f"Summary report:   {result.report}",
+        f"Warehouse:        {paths.warehouse}  (tables, lineage, runs)",
+        f"Parquet exports:  {paths.exports}",
+        f"Checkpoints:      {paths.artifacts}",
     ]
-    if result.retrieval_report is not None:
-        lines.append(f"Retrieval report:                 {result.retrieval_report}")
-    lines.append("List the recorded runs with:       .venv/bin/recsys runs")
+    pkg = result.stages.get("package")
+    if pkg:
+        lines += [
+            f"Bento:            {pkg['bento']}  (retriever {pkg['retriever']})",
+            "Serve it:         .venv/bin/recsys serve   (then POST http://127.0.0.1:3000/recommend "
+            '{"request": {"user_id": 1, "k": 10}})',
+        ]
+    lines += [
+        "Dashboard:        .venv/bin/recsys dashboard   (opens http://127.0.0.1:8501)",
+        "Recorded runs:    .venv/bin/recsys runs",
+    ]
     return "\n".join(lines)

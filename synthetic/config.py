@@ -192,6 +192,15 @@ class SyntheticConfig(FrozenModel):
         return cls(seed=seed)
 
     @classmethod
+    def tiny(cls, seed: int = 0) -> SyntheticConfig:
+        """300 users, 500 items, ~30k impressions: the pipeline's smoke runs and interruption tests."""
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=500, n_categories=8, n_creators=100),
+            users=UserConfig(n_users=300),
+        )
+
+    @classmethod
     def long_history(cls, seed: int = 0) -> SyntheticConfig:
         """3,000 users with >= 1,000 clicks each on average; 2% of requests' impressions are logged.
 
@@ -232,7 +241,7 @@ class SyntheticConfig(FrozenModel):
     @classmethod
     def preset(cls, name: str, seed: int = 0) -> SyntheticConfig:
         """``quick`` or ``long_history``; use ``for_events(n)`` for an exact event count."""
-        presets = {"quick": cls.quick, "long_history": cls.long_history}
+        presets = {"tiny": cls.tiny, "quick": cls.quick, "long_history": cls.long_history}
         if name not in presets:
             raise ValueError(f"unknown synthetic preset {name!r}; choose one of {sorted(presets)}")
         return presets[name](seed)

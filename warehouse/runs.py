@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS run_metrics (
 );
 """
 
-RUN_STATUSES = ("running", "finished", "failed")
+RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def hardware_description() -> str:
