@@ -2,12 +2,17 @@
 
     python -m benchmarks.hstu_attention                      # N = 256 .. 8192, B=2, H=2, dqk=dv=64
     python -m benchmarks.hstu_attention --batch 8 --heads 4 --seq-lens 512,1024 --ragged --dtype bf16
+    python -m benchmarks.hstu_attention --model-step hstu,hstu-large --batch 128 --seq-lens 200 --threads 1
 
 On a GPU both backends run (bf16 by default) and the speedup of the kernel is printed. On a CPU only the
 PyTorch reference runs (fp32): the Triton kernels need a GPU, and the Triton interpreter is a test tool,
 100-1000x slower than eager. CPU sizes whose extrapolated time or memory exceeds the budget are skipped, with
 the reason printed. FLOPs count the useful work only (the causal pairs within each row's length):
 forward 2 * H * pairs * (dqk + dv), backward twice that, no recomputation counted.
+
+``--model-step`` times whole training steps of registry models instead (HSTU's forward, the sampled-softmax
+loss over every position, backward and an AdamW step, timestamps a day apart on average): the cost of the
+attention inside the model, bias and mask included, on the shapes training sees.
 """
 
 from __future__ import annotations
@@ -161,6 +166,76 @@ def measure(step: Callable[[], None], device: torch.device, reps: int) -> Result
     return Result(ms=sorted(times)[len(times) // 2], peak_mb=peak)
 
 
+def model_step(args: argparse.Namespace, name: str, n: int, device: torch.device) -> Callable[[], None]:
+    """One training step of registry model ``name`` on a random [B, n] batch (next item at every position)."""
+    from models.losses import SampledSoftmaxConfig, sample_uniform_negatives, sampled_softmax_loss
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, num_items=args.num_items, max_len=n).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(n)
+    lengths = make_lengths(args, n)
+    items = torch.randint(1, args.num_items + 1, (args.batch, n + 1), generator=gen)
+    items = items * (torch.arange(n + 1)[None, :] <= lengths[:, None])  # right padding
+    times = torch.cumsum(torch.randint(0, 2 * 86_400, (args.batch, n + 1), generator=gen), dim=1)
+    inputs, targets = items[:, :-1].to(device), items[:, 1:].to(device)
+    ts, query_ts = times[:, :-1].contiguous().to(device), times[:, 1:].contiguous().to(device)
+    lengths = lengths.to(device)
+    supervised = targets != 0
+    loss_config = SampledSoftmaxConfig()
+
+    def step() -> None:
+        users = model(inputs, ts, query_ts, lengths)  # [B, n, D]
+        positives = targets[supervised]
+        negatives = sample_uniform_negatives(
+            args.num_items, (positives.shape[0], loss_config.num_negatives), device=device
+        )
+        user = users[supervised]  # [P, D]
+        loss = sampled_softmax_loss(user, positives, negatives, model.item_vectors(), loss_config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run_model_steps(args: argparse.Namespace, device: torch.device, where: str) -> None:
+    names = [x.strip() for x in args.model_step.split(",") if x.strip()]
+    print(
+        f"Training step (forward, sampled softmax, backward, AdamW) on {where}: B={args.batch} "
+        f"num_items={args.num_items} lengths={'ragged [N/2, N]' if args.ragged else 'all N'} "
+        f"reps={args.reps} after one warm-up"
+    )
+    if device.type != "cuda":
+        print(
+            "cpu ms = process CPU time per step: with one thread, the figure a busy shared machine distorts least"
+        )
+    header = f"{'model':>12} {'N':>6} {'median ms':>10} {'min ms':>10} {'cpu ms':>10} {'peak MB':>10}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        for n in (int(x) for x in args.seq_lens.split(",")):
+            step = model_step(args, name, n, device)
+            cpu = "-"
+            if device.type == "cuda":
+                result = measure(step, device, args.reps)
+                fastest = result.ms
+            else:
+                with PeakRss() as rss:
+                    step()
+                times, cpu_times = [], []
+                for _ in range(args.reps):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    cpu_times.append((time.process_time() - c0) * 1e3)
+                result = Result(ms=sorted(times)[len(times) // 2], peak_mb=(rss.peak - rss.base) / 2**20)
+                fastest = min(times)
+                cpu = f"{sorted(cpu_times)[len(cpu_times) // 2]:.1f}"
+            print(f"{name:>12} {n:>6} {result.ms:>10.1f} {fastest:>10.1f} {cpu:>10} {result.peak_mb:>10.0f}")
+
+
 def reference_bytes(args: argparse.Namespace, n: int, elem: int) -> float:
     """Rough working set of the reference: ~12 live [B, H, N, N] tensors (scores, bias, SiLU, mask, grads)."""
     return 12.0 * args.batch * args.heads * n * n * elem
@@ -181,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ragged", action="store_true", help="lengths uniform in [N/2, N] instead of all N")
     parser.add_argument("--no-bias", action="store_true", help="leave out the position and time tables")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--model-step",
+        default=None,
+        help="Comma-separated registry models (e.g. hstu,hstu-large): time training steps instead of the op",
+    )
+    parser.add_argument("--num-items", type=int, default=1682, help="Catalogue size for --model-step")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--cpu-max-gb", type=float, default=6.0, help="skip CPU sizes needing more memory")
     parser.add_argument(
@@ -197,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     backends = ["pytorch", "triton"] if cuda else ["pytorch"]
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if args.model_step:
+        run_model_steps(args, device, where)
+        return
     print(
         f"HSTU attention fwd+bwd on {where}: B={args.batch} H={args.heads} dqk={args.dqk} dv={args.dv} "
         f"{str(dtype).removeprefix('torch.')} bias={'off' if args.no_bias else 'pos+time'} "

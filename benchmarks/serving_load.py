@@ -3,12 +3,15 @@
     python -m benchmarks.serving_load               # starts a server on a bench model, 32 clients, 60 s
     python -m benchmarks.serving_load --duration 20 --concurrency 16 --rank-candidates 500
     python -m benchmarks.serving_load --url http://127.0.0.1:3000 --api-key KEY   # an already running server
+    python -m benchmarks.serving_load --ranker rankmixer   # + a feature ranker (MovieLens-100K features)
 
 Scenarios, one after the other: ``recommend`` (k = 10, a random known user) and ``rank`` (1,000 random
 catalogue items for a random known user). Each runs ``--concurrency`` clients that send requests back to
 back for ``--duration`` seconds or until ``--max-requests`` have been sent (whichever comes first), after a
-``--warmup``; it prints p50/p95/p99 latency, requests/s and the error count (non-200 answers and transport
-errors). Request bodies are serialised before the clock starts, so the client spends its time on HTTP only.
+``--warmup``; it prints p50/p95/p99 latency, requests/s, the error count (non-200 answers and transport
+errors) and, for a server started here, the CPU milliseconds per request of the server's processes and of
+this client (what a request costs, which other jobs on a shared machine move far less than latency).
+Request bodies are serialised before the clock starts, so the client spends its time on HTTP only.
 
 Without ``--url`` the script starts ``bentoml serve`` itself, on a free port of 127.0.0.1, in a temporary
 state directory, with a bench model registered there: HSTU base (2 blocks, d = 50, max_len 200, random
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,6 +50,8 @@ class Outcome:
     latencies_ms: list[float]
     errors: int
     wall_s: float
+    server_cpu_s: float = float("nan")  # CPU seconds of the server's processes over the measured part
+    client_cpu_s: float = float("nan")  # CPU seconds of this (client) process over the measured part
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies_ms)
@@ -62,6 +68,9 @@ class Outcome:
             "p95_ms": pct(95),
             "p99_ms": pct(99),
             "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+            # CPU per answered request: unlike latency, barely moved by other jobs on a shared machine.
+            "server_cpu_ms": self.server_cpu_s / len(lat) * 1e3 if lat else float("nan"),
+            "client_cpu_ms": self.client_cpu_s / len(lat) * 1e3 if lat else float("nan"),
         }
 
 
@@ -75,6 +84,7 @@ async def run_load(
     max_requests: int,
     warmup_s: float,
     headers: dict[str, str],
+    server_cpu: Callable[[], float] | None = None,
 ) -> Outcome:
     import httpx
 
@@ -104,10 +114,27 @@ async def run_load(
                 else:
                     errors += 1
 
+        cpu0 = server_cpu() if server_cpu else float("nan")
+        client0 = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return Outcome(latencies, errors, wall)
+        client_cpu = time.process_time() - client0
+        server = server_cpu() - cpu0 if server_cpu else float("nan")
+    return Outcome(latencies, errors, wall, server, client_cpu)
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (the server and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 # -- a server of our own ----------------------------------------------------------------------------------
@@ -161,6 +188,33 @@ def _register_bench_model(ml100k: Path) -> tuple[str, list[int], list[int]]:
         histories=histories,
     )
     return tag, histories["user_id"].to_list(), item_ids.tolist()
+
+
+def _register_bench_ranker(ml100k: Path, architecture: str, max_len: int) -> str:
+    """A feature-based ranker (random weights) on MovieLens-100K: ingest, point-in-time examples, the ranking
+    data, then ``register_ranker`` (the featurizer is built from the same warehouse). Needs the files."""
+    import torch
+
+    from core.config import PathsConfig
+    from experiments.ranking import build_model as build_ranker
+    from features.config import FeatureConfig
+    from features.point_in_time import build_examples
+    from ingest.movielens import ingest_movielens
+    from serving.registry import register_ranker
+    from training.ranking import load_ranking_data
+    from warehouse import Warehouse
+
+    if not (ml100k / "u.data").exists():
+        raise SystemExit(f"--ranker needs the MovieLens-100K files (not found in {ml100k})")
+    with Warehouse(PathsConfig().warehouse) as wh:
+        ingest_movielens(wh, ml100k, dataset="ml100k")
+        build_examples(wh, "ml100k", FeatureConfig())
+        data = load_ranking_data(wh, "ml100k")
+        torch.manual_seed(0)
+        model, _ = build_ranker(architecture, data, max_len)
+        return register_ranker(
+            f"bench-{architecture}", architecture=architecture, model=model, wh=wh, data=data
+        )
 
 
 def _start_server(tag: str, env_extra: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -229,6 +283,13 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="Intra-op threads of a server started here (0: torch default).",
     )
+    parser.add_argument(
+        "--ranker",
+        default=None,
+        help="A server started here also serves a feature-based ranker of this architecture (rankmixer, "
+        "deepfm, din, ...; random weights) built on MovieLens-100K with register_ranker.",
+    )
+    parser.add_argument("--ranker-max-len", type=int, default=100, help="History steps of --ranker.")
     parser.add_argument("--keep-state", action="store_true", help="Keep the server log and bench state.")
     parser.add_argument(
         "--record",
@@ -266,12 +327,17 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 tag, users, items = _register_bench_model(args.ml100k)
             env = {"RECSYS_SERVING_HSTU_HEAD": args.hstu_head, "RECSYS_SERVING_MAX_CANDIDATES": "5000"}
-            if args.torch_threads > 0:
-                env["RECSYS_SERVING_TORCH_THREADS"] = str(args.torch_threads)
+            if args.ranker:
+                env["RECSYS_SERVING_RANKER"] = _register_bench_ranker(
+                    args.ml100k, args.ranker, args.ranker_max_len
+                )
+            env["RECSYS_SERVING_TORCH_THREADS"] = str(args.torch_threads)
             if args.api_key:
                 env["RECSYS_SERVING_API_KEY"] = args.api_key
             process, url = _start_server(tag, env, scratch / "server.log")
-            print(f"server {url} serving {tag}")
+            print(
+                f"server {url} serving {tag}" + (f" + {env['RECSYS_SERVING_RANKER']}" if args.ranker else "")
+            )
         import httpx
 
         headers = {
@@ -300,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(
             f"{'scenario':>10} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-            f"{'p99 ms':>8}   ({args.concurrency} clients, {args.duration:g} s)"
+            f"{'p99 ms':>8} {'srv cpu':>9} {'cli cpu':>9}   ({args.concurrency} clients, "
+            f"{args.duration:g} s; cpu = ms of CPU per request)"
         )
         figures: dict[str, float] = {}
         for scenario in args.scenarios.split(","):
@@ -314,15 +381,18 @@ def main(argv: list[str] | None = None) -> None:
                     max_requests=args.max_requests,
                     warmup_s=args.warmup,
                     headers=headers,
+                    server_cpu=(lambda: _process_tree_cpu(process.pid)) if process is not None else None,
                 )
             )
             s = outcome.summary()
             label = f"rank@{args.rank_candidates}" if scenario == "rank" else f"rec@k={args.k}"
             print(
                 f"{label:>10} {int(s['requests']):>9} {int(s['errors']):>7} {s['rps']:>8.1f} "
-                f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f}"
+                f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f} "
+                f"{s['server_cpu_ms']:>9.2f} {s['client_cpu_ms']:>9.2f}"
             )
-            figures |= {f"{scenario}/{key}": float(s[key]) for key in ("p50_ms", "p95_ms", "p99_ms", "rps")}
+            keys = ("p50_ms", "p95_ms", "p99_ms", "rps", "server_cpu_ms", "client_cpu_ms")
+            figures |= {f"{scenario}/{key}": float(s[key]) for key in keys}
             figures[f"{scenario}/errors"] = float(s["errors"])
         if args.record is not None:
             from warehouse.runs import RunLog

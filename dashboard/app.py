@@ -39,6 +39,7 @@ pages = st.navigation(
         st.Page("views/runs.py", title="Runs", icon=":material/list_alt:", default=True),
         st.Page("views/offline.py", title="Offline comparison", icon=":material/bar_chart:"),
         st.Page("views/ab_results.py", title="A/B results", icon=":material/science:"),
+        st.Page("views/continual.py", title="Continual training", icon=":material/update:"),
         st.Page("views/serving.py", title="Serving", icon=":material/speed:"),
     ]
 )
@@ -46,3 +47,5 @@ try:
     pages.run()
 except data.WarehouseBusy as exc:
     st.warning(str(exc))
+except data.ContractError as exc:
+    st.error(str(exc))

@@ -11,6 +11,7 @@ import altair as alt
 import polars as pl
 
 _WIDTH = "container"
+STAT_ORDER = ("p50", "p90", "p95", "p99", "p99.9", "mean", "max")
 
 
 def _finite(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
@@ -29,7 +30,12 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
     """
     summary = _finite(summary, "mean", "lo", "hi")
     runs = _finite(runs, "value")
-    x = alt.X("name:N", title="model", sort=alt.EncodingSortField("mean", order="descending"))
+    x = alt.X(
+        "name:N",
+        title="model",
+        sort=alt.EncodingSortField("mean", order="descending"),
+        axis=alt.Axis(labelAngle=0, labelLimit=200),
+    )
     base = alt.Chart(summary).encode(x=x)
     bars = base.mark_bar(opacity=0.55).encode(
         y=alt.Y("mean:Q", title=f"{metric} (mean ± std over seeds)", scale=alt.Scale(zero=False)),
@@ -41,7 +47,7 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
             "n_seeds:Q",
         ],
     )
-    errors = base.mark_errorbar(ticks=True, thickness=1.5).encode(
+    errors = base.mark_errorbar(ticks=True, size=18, thickness=1.5).encode(
         y=alt.Y("lo:Q", title=""), y2="hi:Q", color=alt.value("black")
     )
     seeds = (
@@ -63,7 +69,7 @@ def training_curves(curves: pl.DataFrame, series: str) -> alt.Chart:
         alt.Chart(rows)
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q", title="epoch / step"),
+            x=alt.X("step:Q", title="epoch / step", axis=alt.Axis(tickMinStep=1, format="d")),
             y=alt.Y("value:Q", title=series, scale=alt.Scale(zero=False)),
             color=alt.Color("label:N", title="run"),
             tooltip=["label:N", "step:Q", alt.Tooltip("value:Q", format=".4f")],
@@ -79,7 +85,7 @@ def run_curves(curves: pl.DataFrame) -> alt.Chart:
         alt.Chart(rows)
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q", title="epoch / step"),
+            x=alt.X("step:Q", title="epoch / step", axis=alt.Axis(tickMinStep=1, format="d")),
             y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
             tooltip=["series:N", "step:Q", alt.Tooltip("value:Q", format=".4f")],
         )
@@ -207,7 +213,7 @@ def srm_counts(srm: pl.DataFrame) -> alt.Chart:
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            x=alt.X("arm:N", title="arm"),
+            x=alt.X("arm:N", title="arm", axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("count:N"),
             y=alt.Y("users:Q", title="users"),
             color=alt.Color("count:N", title=None),
@@ -260,10 +266,15 @@ def latency_percentiles(figures: pl.DataFrame) -> alt.Chart:
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            x=alt.X("stat:N", title="percentile", sort=["p50", "p90", "p95", "p99", "p99.9", "mean", "max"]),
+            x=alt.X(
+                "stat:N",
+                title="percentile",
+                sort=list(STAT_ORDER),
+                axis=alt.Axis(labelAngle=0),
+            ),
             xOffset=alt.XOffset("label:N"),
             y=alt.Y("value:Q", title="latency (ms)"),
-            color=alt.Color("label:N", title="run"),
+            color=alt.Color("label:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=400)),
             column=alt.Column("scenario:N", title="scenario"),
             tooltip=["label:N", "scenario:N", "stat:N", alt.Tooltip("value:Q", format=".2f"), "hardware:N"],
         )
@@ -272,17 +283,121 @@ def latency_percentiles(figures: pl.DataFrame) -> alt.Chart:
 
 
 def throughput(figures: pl.DataFrame) -> alt.Chart:
-    """Requests per second per scenario and run."""
+    """Requests per second per scenario, one horizontal bar per benchmark run."""
     rows = _finite(figures.filter(pl.col("measure") == "throughput"), "value")
+    bars = max(rows.height, 1)
     return (
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            x=alt.X("scenario:N", title="scenario"),
-            xOffset=alt.XOffset("label:N"),
-            y=alt.Y("value:Q", title="requests / s"),
-            color=alt.Color("label:N", title="run"),
+            y=alt.Y("scenario:N", title="scenario"),
+            yOffset=alt.YOffset("label:N"),
+            x=alt.X("value:Q", title="requests / s"),
+            color=alt.Color("label:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=400)),
             tooltip=["label:N", "scenario:N", alt.Tooltip("value:Q", format=".1f"), "hardware:N"],
         )
-        .properties(width=_WIDTH, height=240)
+        .properties(width=_WIDTH, height=min(60 + 28 * bars, 400))
+    )
+
+
+def slice_by_model(summary: pl.DataFrame, metric: str, dimension: str) -> alt.LayerChart:
+    """One group's slice summary (``data.summarise_slices``): per bucket, one bar per model (mean over seeds)
+    with a ± std whisker; buckets in ``bucket_order``."""
+    rows = _finite(summary, "mean", "lo", "hi")
+    order = rows.sort("bucket_order")["bucket"].unique(maintain_order=True).to_list()
+    base = alt.Chart(rows).encode(
+        x=alt.X("bucket:N", title=dimension, sort=order, axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("name:N"),
+    )
+    bars = base.mark_bar(opacity=0.7).encode(
+        y=alt.Y("mean:Q", title=f"{metric} (mean ± std over seeds)"),
+        color=alt.Color("name:N", title="model"),
+        tooltip=[
+            "bucket:N",
+            "name:N",
+            alt.Tooltip("mean:Q", format=".4f"),
+            alt.Tooltip("std:Q", format=".4f"),
+            "n_seeds:Q",
+            alt.Tooltip("n:Q", title="users / examples", format=",.0f"),
+        ],
+    )
+    errors = base.mark_errorbar(ticks=True, size=10, thickness=1.5).encode(
+        y=alt.Y("lo:Q", title=""), y2="hi:Q", color=alt.value("black")
+    )
+    return alt.layer(bars, errors).properties(width=_WIDTH, height=300)
+
+
+def forgetting_heatmaps(results: pl.DataFrame, metric: str) -> alt.FacetChart:
+    """The matrix R[step learned, period evaluated] of ``metric``, one heatmap per method on a shared colour
+    scale, each cell labelled with its value."""
+    rows = _finite(results.filter(pl.col(metric).is_not_null()), metric).select(
+        "method", "step", "eval_period", pl.col(metric).alias("value")
+    )
+    lo, hi = rows["value"].min(), rows["value"].max()
+    mid = (lo + hi) / 2 if lo is not None and hi is not None else 0.0
+    periods, steps = max(rows["eval_period"].n_unique(), 1), max(rows["step"].n_unique(), 1)
+    cell = 56
+    base = alt.Chart().encode(
+        x=alt.X("eval_period:O", title="period evaluated", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("step:O", title="after learning period"),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("value:Q", title=metric, scale=alt.Scale(scheme="viridis")),
+        tooltip=[
+            "method:N",
+            alt.Tooltip("step:O", title="learned"),
+            alt.Tooltip("eval_period:O", title="evaluated"),
+            alt.Tooltip("value:Q", title=metric, format=".4f"),
+        ],
+    )
+    text = base.mark_text(fontSize=11).encode(
+        text=alt.Text("value:Q", format=".3f"),
+        color=alt.condition(alt.datum.value > mid, alt.value("black"), alt.value("white")),
+    )
+    return (
+        alt.layer(cells, text, data=rows)
+        .properties(width=cell * periods, height=cell * steps)
+        .facet(facet=alt.Facet("method:N", title=None, header=alt.Header(labelFontSize=13)), columns=3)
+    )
+
+
+def final_by_period(results: pl.DataFrame, metric: str) -> alt.Chart:
+    """``metric`` of each method's final model (after its last step) on every period evaluated."""
+    last = results.group_by("method").agg(pl.col("step").max().alias("last"))
+    rows = _finite(
+        results.join(last, on="method").filter(
+            (pl.col("step") == pl.col("last")) & pl.col(metric).is_not_null()
+        ),
+        metric,
+    ).select("method", "eval_period", pl.col(metric).alias("value"), "n_examples")
+    return (
+        alt.Chart(rows)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("eval_period:O", title="period evaluated", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("value:Q", title=f"{metric} of the final model", scale=alt.Scale(zero=False)),
+            color=alt.Color("method:N", title="method"),
+            tooltip=[
+                "method:N",
+                "eval_period:O",
+                alt.Tooltip("value:Q", title=metric, format=".4f"),
+                alt.Tooltip("n_examples:Q", format=",.0f"),
+            ],
+        )
+        .properties(width=_WIDTH, height=280)
+    )
+
+
+def seen_average(curve: pl.DataFrame, metric: str) -> alt.Chart:
+    """``data.seen_average``: mean ``metric`` over the periods learned so far, per step and method."""
+    return (
+        alt.Chart(_finite(curve, "value"))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:O", title="after learning period", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("value:Q", title=f"mean {metric} over periods learned", scale=alt.Scale(zero=False)),
+            color=alt.Color("method:N", title="method"),
+            tooltip=["method:N", "step:O", "periods:Q", alt.Tooltip("value:Q", format=".4f")],
+        )
+        .properties(width=_WIDTH, height=280)
     )

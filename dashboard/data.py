@@ -14,6 +14,17 @@ OPEN choices and what was picked:
   run more than once, the most recent run of that seed counts, so a re-run does not weigh twice.
 - Final metrics are the numeric leaves of ``runs.metrics`` (nested objects flattened with ``/``; booleans and
   strings skipped). Curves are ``run_metrics`` rows, one series per ``split/name``.
+- Slices (metrics on a subset of users or targets) are metric keys
+  ``<split>/slice/<dimension>/<bucket>/<metric>`` in ``runs.metrics`` (equally the nested object
+  ``{"test": {"slice": {"user_activity": {"1-5": {...}}}}}``),
+  e.g. ``test/slice/user_activity/1-5/ndcg@10``, ``test/slice/item_popularity/tail/ndcg@10``,
+  ``test/slice/cold_start_items/cold/ndcg@10``; the leaf ``n`` is the number of users or examples in the
+  bucket. ``RunLog`` stores metrics with sorted keys, so the recorded order is lost: buckets are ordered by a
+  leading number (``1-5``, ``6-20``, ``21+``), then by the usual words (head, torso, tail; cold, warm; low,
+  mid, high), then alphabetically. Slice keys are kept out of the plain metric
+  list and get their own section.
+- Distillation runs (kind ``distill``) are their own kind; the offline page can put them beside the runs of
+  another kind in the same comparable group (their names marked ``(distilled)``).
 - Benchmarks (runs of kind ``benchmark``): latency figures are the metric keys whose last ``/`` part is
   ``p<q>``, ``mean`` or ``max``, optionally prefixed ``latency_`` and suffixed ``_ms`` (milliseconds, the
   default) or ``_s`` (seconds, converted); throughput keys are ``req_s``, ``rps``, ``qps`` or
@@ -91,7 +102,11 @@ class WarehouseBusy(RuntimeError):
     """Another process kept the warehouse locked for longer than the dashboard waits."""
 
 
-class ABContractError(ValueError):
+class ContractError(ValueError):
+    """A table the dashboard reads lacks a column its contract requires."""
+
+
+class ABContractError(ContractError):
     """An A/B table does not follow the contract in this module's docstring."""
 
 
@@ -341,10 +356,11 @@ def final_metrics(
 
 
 def metric_names(final: pl.DataFrame, kind: str | None = None) -> list[str]:
-    """The metric keys present (for one kind), the ``DEFAULT_METRICS`` that exist first, then the rest."""
+    """The metric keys present (for one kind), the ``DEFAULT_METRICS`` that exist first, then the rest; slice
+    keys (``.../slice/...``) are left out (see ``slice_metrics``)."""
     if kind is not None:
         final = final.filter(pl.col("kind") == kind)
-    present = set(final["metric"].unique().to_list())
+    present = {m for m in final["metric"].unique().to_list() if parse_slice_key(m) is None}
     first = [m for m in DEFAULT_METRICS if m in present]
     return first + sorted(present - set(first))
 
@@ -368,6 +384,156 @@ def summarise(final: pl.DataFrame, metric: str) -> pl.DataFrame:
         )
         .sort("kind", "group", "name")
     )
+
+
+SLICE_MARKERS = ("slice", "slices")
+SLICE_COUNT = "n"  # the slice leaf holding the bucket's number of users or examples
+
+SLICE_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
+    "group": pl.String(),
+    "name": pl.String(),
+    "bucket": pl.String(),
+    "bucket_order": pl.Int32(),
+    "n_seeds": pl.Int64(),
+    "mean": pl.Float64(),
+    "std": pl.Float64(),
+    "lo": pl.Float64(),
+    "hi": pl.Float64(),
+    "n": pl.Float64(),
+}
+
+
+def parse_slice_key(key: str) -> tuple[str, str, str, str] | None:
+    """``(split, dimension, bucket, metric)`` of ``<split>/slice/<dimension>/<bucket>/<metric>`` (the split
+    may be empty or hold ``/``), or None for any other key."""
+    parts = key.split("/")
+    if len(parts) < 4 or parts[-4] not in SLICE_MARKERS or not all(parts[-3:]):
+        return None
+    return "/".join(parts[:-4]), parts[-3], parts[-2], parts[-1]
+
+
+_BUCKET_WORDS = {
+    w: i
+    for group in (("head", "torso", "tail"), ("cold", "warm", "hot"), ("low", "mid", "medium", "high"))
+    for i, w in enumerate(group)
+}
+_LEADING_NUMBER = re.compile(r"^[<>=≤≥~]*\s*(-?\d+(?:\.\d+)?)")
+
+
+def bucket_sort_key(bucket: str) -> tuple[int, float, str]:
+    """Numbered buckets first, by their leading number (``<5`` < ``5-20`` < ``21+``), then the usual words
+    in their natural order, then the rest alphabetically."""
+    if m := _LEADING_NUMBER.match(bucket):
+        # "<5" sorts just before "5-20": a bound below a number comes before the number itself.
+        return 0, float(m[1]) - (0.5 if bucket.startswith(("<", "≤")) else 0.0), bucket
+    word = bucket.lower().split("_")[0].split("-")[0]
+    if word in _BUCKET_WORDS:
+        return 1, float(_BUCKET_WORDS[word]), bucket
+    return 2, 0.0, bucket
+
+
+def slice_metrics(final: pl.DataFrame) -> pl.DataFrame:
+    """The slice rows of a ``final_metrics`` frame, the key split into ``split``, ``dimension``, ``bucket``
+    and ``metric``, with ``bucket_order`` (the bucket's rank by ``bucket_sort_key`` within its dimension)."""
+    parsed = {k: parse_slice_key(k) for k in final["metric"].unique().to_list()}
+    keys = {k: v for k, v in parsed.items() if v is not None}
+    mapping = pl.DataFrame(
+        {
+            "key": list(keys),
+            "split": [v[0] for v in keys.values()],
+            "dimension": [v[1] for v in keys.values()],
+            "bucket": [v[2] for v in keys.values()],
+            "slice_metric": [v[3] for v in keys.values()],
+        },
+        schema={
+            "key": pl.String,
+            "split": pl.String,
+            "dimension": pl.String,
+            "bucket": pl.String,
+            "slice_metric": pl.String,
+        },
+    )
+    ranks = {
+        (dim, bucket): rank
+        for dim in {v[1] for v in keys.values()}
+        for rank, bucket in enumerate(
+            sorted({v[2] for v in keys.values() if v[1] == dim}, key=bucket_sort_key)
+        )
+    }
+    order = pl.DataFrame(
+        {
+            "dimension": [d for d, _ in ranks],
+            "bucket": [b for _, b in ranks],
+            "bucket_order": list(ranks.values()),
+        },
+        schema={"dimension": pl.String, "bucket": pl.String, "bucket_order": pl.Int32},
+    )
+    rows = (
+        final.rename({"metric": "key"})
+        .join(mapping, on="key", how="inner")
+        .drop("key")
+        .rename({"slice_metric": "metric"})
+    )
+    return rows.join(order, on=["dimension", "bucket"], how="left").sort(
+        "kind", "group", "split", "dimension", "bucket_order", "name", "seed"
+    )
+
+
+def slice_metric_names(slices: pl.DataFrame, split: str, dimension: str) -> list[str]:
+    """The metrics recorded on one slice dimension, the leaves of ``DEFAULT_METRICS`` first, bucket sizes
+    (``n``) left out."""
+    rows = slices.filter((pl.col("split") == split) & (pl.col("dimension") == dimension))
+    present = set(rows["metric"].unique().to_list()) - {SLICE_COUNT}
+    first = list(dict.fromkeys(m.split("/")[-1] for m in DEFAULT_METRICS if m.split("/")[-1] in present))
+    return first + sorted(present - set(first))
+
+
+def summarise_slices(slices: pl.DataFrame, split: str, dimension: str, metric: str) -> pl.DataFrame:
+    """Mean and standard deviation across seeds (as ``summarise``) of ``metric`` per group, model and bucket
+    of one slice dimension, with ``n`` = the mean bucket size where the runs recorded it (else null)."""
+    of_dim = slices.filter((pl.col("split") == split) & (pl.col("dimension") == dimension))
+    rows = of_dim.filter(pl.col("metric") == metric)
+    if rows.is_empty():
+        return _empty(SLICE_SUMMARY_SCHEMA)
+    sizes = (
+        of_dim.filter(pl.col("metric") == SLICE_COUNT)
+        .group_by("group", "name", "bucket")
+        .agg(pl.col("value").mean().alias("n"))
+    )
+    summary = (
+        rows.group_by("group", "name", "bucket")
+        .agg(
+            pl.col("bucket_order").min(),
+            pl.len().cast(pl.Int64).alias("n_seeds"),
+            pl.col("value").mean().alias("mean"),
+            pl.col("value").std(ddof=1).fill_null(0.0).alias("std"),
+        )
+        .with_columns(
+            (pl.col("mean") - pl.col("std")).alias("lo"), (pl.col("mean") + pl.col("std")).alias("hi")
+        )
+        .join(sizes, on=["group", "name", "bucket"], how="left")
+    )
+    return (
+        summary.select(list(SLICE_SUMMARY_SCHEMA))
+        .cast(SLICE_SUMMARY_SCHEMA)
+        .sort(  # type: ignore[arg-type]
+            "group", "bucket_order", "name"
+        )
+    )
+
+
+DISTILL_KIND = "distill"
+DISTILLED_SUFFIX = " (distilled)"
+
+
+def with_distilled(final: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """The rows of ``kind`` plus the distillation runs (kind ``distill``) of the same comparable groups, their
+    names marked ``(distilled)`` so a student sits beside the models trained without a teacher."""
+    own = final.filter(pl.col("kind") == kind)
+    distilled = final.filter(
+        (pl.col("kind") == DISTILL_KIND) & pl.col("group").is_in(own["group"].unique().to_list())
+    ).with_columns((pl.col("name") + DISTILLED_SUFFIX).alias("name"))
+    return pl.concat([own, distilled])
 
 
 def default_curve_series(series: Sequence[str], metric: str | None = None) -> str | None:
@@ -589,6 +755,7 @@ _POLARS_TYPES: dict[str, pl.DataType] = {
     "JSON": pl.String(),
     "DOUBLE": pl.Float64(),
     "BIGINT": pl.Int64(),
+    "INTEGER": pl.Int32(),
     "BOOLEAN": pl.Boolean(),
     "TIMESTAMP": pl.Datetime("us"),
     "VARCHAR[]": pl.List(pl.String()),
@@ -611,8 +778,16 @@ def ab_tables(path: str | Path) -> list[str]:
     return [t for t in AB_CONTRACT if t in status.tables]
 
 
-def _ab_table(path: str | Path, table: str, experiment_id: str | None, order: Sequence[str]) -> pl.DataFrame:
-    columns = AB_CONTRACT[table]
+def _read_contract(
+    path: str | Path,
+    table: str,
+    columns: Sequence[Column],
+    experiment_id: str | None,
+    order: Sequence[str],
+    error: type[ContractError] = ContractError,
+) -> pl.DataFrame:
+    """``table`` cast to its contract: missing optional columns read as nulls, a missing required column
+    raises ``error`` naming it; an absent table or file gives an empty frame."""
     schema = {c.name: _POLARS_TYPES[c.type] for c in columns}
     with _open(path) as wh:
         if wh is None or table not in _tables(wh):
@@ -620,9 +795,9 @@ def _ab_table(path: str | Path, table: str, experiment_id: str | None, order: Se
         present = [row[0] for row in wh.con.execute(f"DESCRIBE {table}").fetchall()]
         missing = [c.name for c in columns if c.required and c.name not in present]
         if missing:
-            raise ABContractError(
+            raise error(
                 f"table {table} is missing required column(s) {missing}; it has {present} "
-                "(see the A/B contract in dashboard/data.py)"
+                "(see the contracts in dashboard/data.py)"
             )
         casts = ", ".join(
             f'"{c.name}"::{c.type if c.type != "JSON" else "VARCHAR"} AS "{c.name}"'
@@ -636,6 +811,10 @@ def _ab_table(path: str | Path, table: str, experiment_id: str | None, order: Se
         order_by = ", ".join(f'"{c}"' for c in order)
         frame = wh.sql(f"SELECT {casts} FROM {table} {where} ORDER BY {order_by}", params)
     return frame.cast(schema)  # type: ignore[arg-type]
+
+
+def _ab_table(path: str | Path, table: str, experiment_id: str | None, order: Sequence[str]) -> pl.DataFrame:
+    return _read_contract(path, table, AB_CONTRACT[table], experiment_id, order, ABContractError)
 
 
 def ab_experiments(path: str | Path) -> pl.DataFrame:
@@ -677,3 +856,108 @@ def parse_design(value: str | dict[str, float] | None) -> dict[str, float]:
     if not isinstance(obj, dict):
         raise ABContractError(f"ab_experiments.design must be a JSON object {{arm: weight}}, got {value!r}")
     return {str(k): float(v) for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continual training
+# ----------------------------------------------------------------------------------------------------------
+
+CONTINUAL_TABLE = "continual_results"
+CONTINUAL_CONTRACT: tuple[Column, ...] = (
+    _EID,
+    _c("method", "VARCHAR", "the continual-training method (e.g. full retrain, incremental, replay)", True),
+    _c("step", "INTEGER", "the period the model has just learned (0-based)", True),
+    _c("eval_period", "INTEGER", "the period evaluated", True),
+    _c("auc", "DOUBLE", "AUC on the evaluated period", True),
+    _c("dataset", "VARCHAR", "the dataset"),
+    _c("gauc", "DOUBLE", "GAUC on the evaluated period"),
+    _c("n_examples", "BIGINT", "examples in the evaluated period"),
+    _c("train_seconds", "DOUBLE", "wall time of learning this step"),
+)
+CONTINUAL_METRICS = ("auc", "gauc")
+
+CONTINUAL_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
+    "method": pl.String(),
+    "final_step": pl.Int32(),
+    "periods": pl.Int64(),
+    "final_mean": pl.Float64(),
+    "avg_forgetting": pl.Float64(),
+    "bwt": pl.Float64(),
+    "train_seconds": pl.Float64(),
+}
+
+
+def continual_contract_markdown() -> str:
+    lines = [f"**`{CONTINUAL_TABLE}`**", "", "| column | type | required | meaning |", "|---|---|---|---|"]
+    lines += [
+        f"| {c.name} | {c.type} | {'yes' if c.required else ''} | {c.meaning} |" for c in CONTINUAL_CONTRACT
+    ]
+    return "\n".join(lines)
+
+
+def continual_results(path: str | Path, experiment_id: str | None = None) -> pl.DataFrame:
+    """``main.continual_results`` (one row per experiment, method, step just learned and period evaluated),
+    ordered by experiment, method, step and period; empty when the table is absent."""
+    return _read_contract(
+        path,
+        CONTINUAL_TABLE,
+        CONTINUAL_CONTRACT,
+        experiment_id,
+        ["experiment_id", "method", "step", "eval_period"],
+    )
+
+
+def continual_summary(results: pl.DataFrame, metric: str = "auc") -> pl.DataFrame:
+    """Per method of one experiment, from the matrix R[step, period] of ``metric``:
+
+    - ``final_mean``: mean of R[T, p] over the periods evaluated after the last step T;
+    - ``avg_forgetting`` (Chaudhry et al. 2018): mean over periods p < T of
+      max_{p <= t < T} R[t, p] - R[T, p], how much of its best score on an earlier period the final model
+      has lost (0 = none);
+    - ``bwt`` (backward transfer, Lopez-Paz & Ranzato 2017): mean over p < T of R[T, p] - R[p, p] (negative =
+      forgetting); null when no period was evaluated right after it was learned;
+    - ``train_seconds``: the sum over steps of ``train_seconds`` (recorded once per step, repeated per row).
+    """
+    if metric not in CONTINUAL_METRICS:
+        raise ValueError(f"metric must be one of {CONTINUAL_METRICS}, got {metric!r}")
+    records: list[dict[str, Any]] = []
+    for method in results["method"].unique(maintain_order=True).to_list():
+        rows = results.filter((pl.col("method") == method) & pl.col(metric).is_not_null())
+        if rows.is_empty():
+            continue
+        matrix = {(r["step"], r["eval_period"]): r[metric] for r in rows.iter_rows(named=True)}
+        last = max(step for step, _ in matrix)
+        final = {p: v for (t, p), v in matrix.items() if t == last}
+        forgetting, transfer = [], []
+        for p, final_value in final.items():
+            if p >= last:
+                continue
+            earlier = [v for (t, q), v in matrix.items() if q == p and p <= t < last]
+            if earlier:
+                forgetting.append(max(earlier) - final_value)
+            if (p, p) in matrix:
+                transfer.append(final_value - matrix[(p, p)])
+        per_step = rows.group_by("step").agg(pl.col("train_seconds").first())["train_seconds"]
+        records.append(
+            {
+                "method": method,
+                "final_step": last,
+                "periods": len(final),
+                "final_mean": sum(final.values()) / len(final),
+                "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else None,
+                "bwt": sum(transfer) / len(transfer) if transfer else None,
+                "train_seconds": per_step.sum() if per_step.null_count() < per_step.len() else None,
+            }
+        )
+    return pl.DataFrame(records, schema=CONTINUAL_SUMMARY_SCHEMA)
+
+
+def seen_average(results: pl.DataFrame, metric: str = "auc") -> pl.DataFrame:
+    """Per method and step t, the mean of R[t, p] over the periods already learned (p <= t): the usual
+    "average accuracy" curve of continual learning."""
+    return (
+        results.filter((pl.col("eval_period") <= pl.col("step")) & pl.col(metric).is_not_null())
+        .group_by("method", "step")
+        .agg(pl.col(metric).mean().alias("value"), pl.len().cast(pl.Int64).alias("periods"))
+        .sort("method", "step")
+    )

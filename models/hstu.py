@@ -16,6 +16,11 @@ Choices left open and what was picked:
 - Initialisation as the public code: W_uvqk ~ N(0, 0.02), bias weights ~ N(0, 0.02), output Linear
   Xavier-uniform weight; the input stage is ``models.sequential.SequenceInput``.
 - Padded rows of the output are zeroed (the public code leaves them unused but non-zero).
+
+The mask and the position/time-bucket indices of the relative bias depend on the batch only, so
+``HSTU.forward`` computes them once (``models.ops.hstu_attention.hstu_attention_index``) and every block
+reuses them with its own two tables; on the Triton backend the kernels build the bias per tile instead and
+no index is made.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from pydantic import Field
 from torch import nn
 
 from core.config import FrozenModel
-from models.ops.hstu_attention import hstu_attention
+from models.ops.hstu_attention import (
+    AttentionIndex,
+    hstu_attention,
+    hstu_attention_index,
+    resolve_backend,
+)
 from models.sequential import SequenceInput, l2_normalize, valid_mask
 
 NUM_TIME_BUCKETS = 128  # buckets 0..128 -> 129 weights, fixed by the op
@@ -69,8 +79,14 @@ class HSTUBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        ts: torch.Tensor,
+        query_ts: torch.Tensor,
+        index: AttentionIndex | None = None,
     ) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]. ``index``: ``HSTU.attention_index`` of this batch (None: built here)."""
         c = self.config
         b, n, d = x.shape
         x_n = F.layer_norm(x, (d,), eps=1e-6)  # [B, N, D]
@@ -85,6 +101,7 @@ class HSTUBlock(nn.Module):
             ts_weight=self.ts_weight,
             query_ts=query_ts if self.ts_weight is not None else None,
             key_ts=ts if self.ts_weight is not None else None,
+            index=index,
             backend=c.attention_backend,
         ).reshape(b, n, c.num_heads * c.dv)  # [B, N, H*dv]
         y = u * F.layer_norm(attn, (attn.shape[-1],), eps=1e-6)  # [B, N, H*dv]
@@ -105,9 +122,26 @@ class HSTU(nn.Module):
     ) -> torch.Tensor:
         mask = valid_mask(lengths, items.shape[1]).unsqueeze(-1)  # [B, N, 1]
         x = self.input(items, lengths)  # [B, N, D]
+        index = self.attention_index(lengths, ts, query_ts)
         for block in self.blocks:
-            x = block(x, lengths, ts, query_ts)
+            x = block(x, lengths, ts, query_ts, index)
         return l2_normalize(x) * mask.to(x.dtype)  # [B, N, D]
+
+    def attention_index(
+        self, lengths: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor
+    ) -> AttentionIndex | None:
+        """The mask and bias indices every block shares, or None when the Triton kernels will run."""
+        c = self.config
+        if resolve_backend(c.attention_backend, lengths.device) != "pytorch":
+            return None
+        return hstu_attention_index(
+            lengths,
+            ts.shape[1],
+            max_pos=c.max_len,
+            num_buckets=NUM_TIME_BUCKETS + 1 if c.use_time_bias else None,
+            query_ts=query_ts if c.use_time_bias else None,
+            key_ts=ts if c.use_time_bias else None,
+        )
 
     def item_vectors(self) -> torch.Tensor:
         return self.input.item_vectors()  # [num_items + 1, D]

@@ -107,6 +107,7 @@ class ImpressionLogger:
         self._rows = 0
         self._seq = 0
         self._stop = threading.Event()
+        self._full = threading.Event()  # set by log() when flush_rows are buffered: the thread writes them
         self._thread = threading.Thread(target=self._run, name="impression-spool", daemon=True)
         self._thread.start()
 
@@ -144,8 +145,8 @@ class ImpressionLogger:
             self._parts.append(part)
             self._rows += n
             full = self._rows >= self.flush_rows
-        if full:
-            self.flush()
+        if full:  # written by the spool thread: a request never waits for a Parquet write
+            self._full.set()
 
     def _table(self, parts: list[dict[str, Any]]) -> pa.Table:
         sizes = np.fromiter((len(p["item_id"]) for p in parts), dtype=np.int64, count=len(parts))
@@ -188,8 +189,11 @@ class ImpressionLogger:
             return target
 
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self.flush()
+        while not self._stop.is_set():
+            self._full.wait(self.flush_interval_s)
+            self._full.clear()
+            if not self._stop.is_set():
+                self.flush()
 
     def close(self) -> None:
         """Stop the background thread and write what is left."""

@@ -168,6 +168,8 @@ def encode_history(
         -(max_pos - 1), max_pos - 1
     )
     gap = request_ts.to(torch.int64)[:, None] - ts  # [B, N]
+    # The mask and bias indices depend on lengths and times only: built once, shared by every block.
+    index = model.attention_index(lengths, ts, query_ts)
     keys, values, hist_bias, self_bias = [], [], [], []
     for block in model.blocks:
         u, v, q, k = _uvqk(block, x)
@@ -181,6 +183,7 @@ def encode_history(
             ts_weight=block.ts_weight,
             query_ts=query_ts if block.ts_weight is not None else None,
             key_ts=ts if block.ts_weight is not None else None,
+            index=index,
             backend=c.attention_backend,
         )  # [B, N, H, dv]
         keys.append(k)

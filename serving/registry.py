@@ -10,7 +10,11 @@ A registered model is one BentoML model ``<name>:<version>`` (the store lives un
                           1..n), ``category`` (nullable, for request filters) and ``popularity`` (event count,
                           the cold-start prior);
 - ``histories.parquet``   optional: each known user's history (``user_id``, ``item_id`` list, ``ts`` list, in
-                          raw ids, oldest first), so that a request may name a user instead of sending events.
+                          raw ids, oldest first), so that a request may name a user instead of sending events;
+- ``features*.json/parquet`` feature-based rankers only: the ``serving.featurize.RankingFeaturizer`` (the
+                          vocabularies, dense standardisation, item attribute table, value buckets, stored
+                          histories and item event log the ranker's request-time features are built from);
+                          ``register_ranker`` builds it from the warehouse the ranker was trained from.
 
 The model's metadata records the sha256 of every file; ``load_model`` verifies all of them before reading
 anything and refuses a model whose files changed. The version is ``<data version>-<8 hex of the content
@@ -30,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import bentoml
 import numpy as np
@@ -44,7 +48,11 @@ import core  # noqa: F401  (BENTOML_HOME and telemetry defaults before BentoML r
 from core.config import FrozenModel
 from core.hashing import file_sha256, stable_hash
 from models.registry import REGISTRY, build_model, entry
+from serving.featurize import FEATURES_FILE, RankingFeaturizer
 from warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from training.ranking import RankingData
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -102,6 +110,7 @@ class LoadedModel:
     catalog: Catalog
     histories: dict[int, tuple[np.ndarray, np.ndarray]]  # user_id -> (item_ids, ts), oldest first
     created_at: str
+    featurizer: RankingFeaturizer | None = None  # feature-based rankers: request-time features
 
 
 # -- validation of what gets registered ---------------------------------------------------------------------
@@ -170,9 +179,11 @@ def register_model(
     histories: pl.DataFrame | None = None,
     temperature: float = 0.05,
     tasks: tuple[str, ...] = ("score",),
+    featurizer: RankingFeaturizer | None = None,
 ) -> str:
     """Store ``model`` (an instance of the registry's ``architecture`` class, with its ``config``) and return
-    its tag ``name:version``. Same content registered again returns the existing tag."""
+    its tag ``name:version``. Same content registered again returns the existing tag. A feature-based
+    ranker needs its ``featurizer`` (see ``register_ranker``), whose spec must be the model's."""
     if not _NAME.match(name):
         raise RegistryError(f"name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
     e = entry(architecture)
@@ -183,7 +194,15 @@ def register_model(
     config = getattr(model, "config", None)
     if not isinstance(config, e.config_cls):
         raise RegistryError(f"model.config must be a {e.config_cls.__name__}")
-    item_frame = _check_items(items, getattr(config, "num_items", None))
+    features = getattr(config, "features", None)
+    if features is not None and featurizer is None:
+        raise RegistryError(
+            f"{architecture} reads request-time features: register it with its featurizer (register_ranker)"
+        )
+    if featurizer is not None and featurizer.spec != features:
+        raise RegistryError("featurizer.spec must be the model's config.features (the spec it was built for)")
+    num_items = getattr(config, "num_items", None) or (features.n_items if features is not None else None)
+    item_frame = _check_items(items, num_items)
     card = ModelCard(
         name=name,
         architecture=architecture,
@@ -202,6 +221,8 @@ def register_model(
         item_frame.write_parquet(staging / ITEMS_FILE)
         if histories is not None:
             _check_histories(histories).write_parquet(staging / HISTORIES_FILE)
+        if featurizer is not None:
+            featurizer.save(staging)
         content = {f.name: file_sha256(f) for f in sorted(staging.iterdir())}
         # The created_at stamp is not part of the identity: the same content is the same version.
         digest = stable_hash(content, card.model_dump(mode="json", exclude={"created_at"}), length=64)
@@ -319,7 +340,46 @@ def load_model(tag: str, device: str | torch.device = "cpu") -> LoadedModel:
             frame["user_id"].to_list(), frame["item_id"].to_list(), frame["ts"].to_list(), strict=True
         ):
             histories[int(user)] = (np.asarray(its, dtype=np.int64), np.asarray(ts, dtype=np.int64))
-    return LoadedModel(concrete, card, module, _catalog(items), histories, card.created_at)
+    featurizer = RankingFeaturizer.load(root) if (root / FEATURES_FILE).exists() else None
+    if featurizer is not None and featurizer.spec != getattr(module.config, "features", None):
+        raise RegistryError(f"model {concrete!r}: its featurizer was built for another FeatureSpec")
+    return LoadedModel(concrete, card, module, _catalog(items), histories, card.created_at, featurizer)
+
+
+def register_ranker(
+    name: str,
+    *,
+    architecture: str,
+    model: nn.Module,
+    wh: Warehouse,
+    data: RankingData,
+    metrics: Mapping[str, float] | None = None,
+    length_multiple: int = 8,
+    serving_position: int = 0,
+) -> str:
+    """Register a feature-based ranker (DeepFM, DIN, RankMixer, LONGER, HyFormer, or a distilled student of
+    one of them) trained on ``data`` (``training.ranking.load_ranking_data`` of ``wh``), with the featurizer
+    its request-time features are built from, the dataset's catalogue and the tasks as score names."""
+    config = getattr(model, "config", None)
+    spec = getattr(config, "features", None)
+    if spec is None:
+        raise RegistryError(
+            f"{architecture}: model.config has no FeatureSpec 'features': not a feature ranker"
+        )
+    featurizer = RankingFeaturizer.from_warehouse(
+        wh, data, spec, length_multiple=length_multiple, serving_position=serving_position
+    )
+    return register_model(
+        name,
+        architecture=architecture,
+        task="ranking",
+        model=model,
+        items=catalog_from_warehouse(wh, data.dataset),
+        data_version=data.data_version,
+        metrics=metrics,
+        tasks=tuple(data.tasks),
+        featurizer=featurizer,
+    )
 
 
 # -- building the registered files from the warehouse -------------------------------------------------------

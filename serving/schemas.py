@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 Timestamp = Annotated[StrictInt, Field(ge=0, le=2**63 - 1, description="Unix seconds (UTC).")]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 # Parse-time caps, far above any sensible configured limit: they only stop absurd payloads early.
 HARD_MAX_LIST = 100_000
@@ -30,6 +31,9 @@ class _Strict(BaseModel):
 class HistoryEvent(_Strict):
     item_id: Int64
     ts: Timestamp
+    value: FiniteFloat | None = Field(
+        None, description="The event's value (rating, dwell seconds); feature-based rankers read it."
+    )
 
 
 class _UserRequest(_Strict):

@@ -22,8 +22,16 @@ OPEN choices, and what was picked:
   MovieLens-100K (HSTU, 15 epochs, test target among 100 random items): NDCG@10 0.348 for ``user`` against
   0.189 for ``target``: without a ranking head trained on candidate states, ``user`` ranks better.
 - Supported models: retrievers ``hstu``, ``hstu-large``, ``sasrec``, ``popularity``; rankers of the same
-  sequence family (e.g. ``hstu-large`` re-ranking a ``sasrec`` pool). Feature-based rankers (DeepFM, DIN,
-  RankMixer, LONGER, HyFormer) need request-time features and are refused at start with that reason.
+  sequence family (e.g. ``hstu-large`` re-ranking a ``sasrec`` pool), and the feature-based rankers (DeepFM,
+  DLRM, DIN, RankMixer, LONGER, HyFormer, and distilled students of them) registered with
+  ``serving.registry.register_ranker``, which packs their ``serving.featurize.RankingFeaturizer``. A feature
+  ranker registered without one is refused at start with that reason. A feature ranker scores (user,
+  candidate) rows built exactly as training's ``make_batch`` builds them (``serving.featurize``: same
+  vocabularies, point-in-time statistics from the history strictly before the request ts, item-side
+  statistics from the event log frozen at registration, candidates at slot position 0), ``ranker_rows``
+  rows per forward pass; its score is the task's logit (probability = sigmoid(score)), so the policy's
+  Plackett-Luce draw is a softmax over logits. It reads the history sent with the request (``value`` per
+  event optional) or, for a user id without one, its own stored history (with values), else the retriever's.
 - Cold start: a user without a usable history (unknown user id, empty history, or only unknown items) gets
   the popularity ranking, log(1 + event count), flagged ``cold_start`` with ``source = popularity``.
   In rank, a candidate the model does not know gets the popularity prior of an item never seen: below
@@ -35,8 +43,12 @@ OPEN choices, and what was picked:
   service runs a lone request at once (``batch_wait_ms`` = 0 adds no wait). Inside a batch, histories are
   grouped by padded length (powers of two), so a short history never pays for the longest one.
 - Threads: ``torch_threads`` (``RECSYS_SERVING_TORCH_THREADS``) sets the server process's intra-op threads
-  at start; unset, torch's default. On a busy CPU box 1 is much faster: measured here, one 199-item HSTU
-  encoding took ~10 ms with 1 thread and ~900 ms with 2 threads competing with other processes.
+  at start: 1 by default (0 = torch's default). On a busy CPU box 1 is much faster: measured here, one
+  199-item HSTU encoding took ~10 ms with 1 thread and ~900 ms with 2 threads competing with other
+  processes; the event loop, the batch worker thread and the impressions spool keep the other core busy.
+- Per-request overhead (profiled with py-spy under 32 clients): BentoML's OpenTelemetry span per request is
+  switched off (``OTEL_SDK_DISABLED``, see below), HSTU's attention masks and time buckets are built once per
+  batch instead of once per block, the impressions spool writes from its own thread only.
 """
 
 from __future__ import annotations
@@ -65,6 +77,7 @@ from models.hstu import HSTU
 from models.popularity import Popularity
 from models.sasrec import SASRec
 from models.sequential import last_valid, valid_mask
+from serving.featurize import RankingFeaturizer, UserFeatures
 from serving.impressions import ImpressionLogger, plackett_luce_order
 from serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_history, truncate_history
 from serving.registry import LoadedModel, load_model
@@ -79,6 +92,11 @@ from serving.schemas import (
     RecommendResponse,
     ScoredItem,
 )
+
+# BentoML records an OpenTelemetry span per request even with tracing off (sample rate 0: the spans only
+# feed the trace ids of the access log), ~10% of a rank request's CPU under load. Off unless the deployment
+# sets OTEL_SDK_DISABLED itself (e.g. to export traces with BentoML's tracing settings).
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 ENV_PREFIX = "RECSYS_SERVING_"
 API_KEY_HEADER = "x-api-key"
@@ -100,6 +118,9 @@ class ServingConfig(FrozenModel):
     policy_temperature: float = Field(1.0, ge=0.0, description="Plackett-Luce temperature; 0 = greedy.")
     hstu_head: Literal["user", "target"] = "user"
     micro_batch: int = Field(256, ge=1, description="M-FALCON candidates per micro-batch.")
+    ranker_rows: int = Field(
+        4096, ge=1, description="Feature rankers: most (user, candidate) rows per forward pass."
+    )
     max_batch_size: int = Field(32, ge=1, description="Most requests per model batch.")
     batch_wait_ms: float = Field(0.0, ge=0.0, description="Extra wait to fill a batch (0: none).")
     log_impressions: bool = True
@@ -110,11 +131,12 @@ class ServingConfig(FrozenModel):
         100, ge=1, description="Positions of a served list that are logged."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="Intra-op threads of the server process (torch.set_num_threads at start); None = torch's "
-        "default. 1 suits a busy or shared CPU box: requests already run in parallel batches.",
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Intra-op threads of the server process (torch.set_num_threads at start); 0 = torch's "
+        "default. 1 suits a busy or shared CPU box: the event loop, the batch worker and the impressions "
+        "spool already keep the cores busy, and intra-op threads only contend with them.",
     )
     build_time: str | None = Field(None, description="Set by serving.build in the bento's environment.")
 
@@ -160,13 +182,22 @@ class MappedHistory:
 class ModelRuntime:
     """A loaded model with its catalogue lookups and batched scoring functions (no grad, eval mode)."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, hstu_head: str, micro_batch: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        hstu_head: str,
+        micro_batch: int,
+        ranker_rows: int = 4096,
+    ) -> None:
         module = loaded.module
-        if not isinstance(module, (*SEQUENCE_ARCHITECTURES, Popularity)):
+        self.featurizer: RankingFeaturizer | None = loaded.featurizer
+        if not isinstance(module, (*SEQUENCE_ARCHITECTURES, Popularity)) and self.featurizer is None:
             raise ValueError(
-                f"{loaded.tag}: serving supports hstu, hstu-large, sasrec and popularity models; "
-                f"{loaded.card.architecture} needs request-time features that the service does not compute"
+                f"{loaded.tag}: {loaded.card.architecture} needs request-time features but was registered "
+                "without a featurizer; register it with serving.registry.register_ranker"
             )
+        self.ranker_rows = ranker_rows
         self.loaded = loaded
         self.tag = loaded.tag
         self.card = loaded.card
@@ -194,6 +225,8 @@ class ModelRuntime:
             if isinstance(module, HSTU):
                 head = TargetDotHead if hstu_head == "target" else UserDotHead
                 self.scorer = MFalconScorer(module, head(temperature=self.card.temperature), micro_batch)
+        elif self.featurizer is not None:
+            self.max_history = self.featurizer.max_len
         else:
             self.max_history = 0
 
@@ -308,6 +341,37 @@ class ModelRuntime:
         dots = torch.einsum("bd,bmd->bm", user, self.item_table[candidates]) / self.card.temperature
         return {task: dots for task in self.tasks}
 
+    @torch.inference_mode()
+    def score_features(
+        self, users: list[UserFeatures], candidates: list[np.ndarray]
+    ) -> list[dict[str, np.ndarray]]:
+        """Feature rankers: per user, {task: logit per candidate} (candidates: item_idx, 0 = unknown, whose
+        score is left 0). Rows of all users are scored together, ``ranker_rows`` per forward pass."""
+        f = self.featurizer
+        assert f is not None
+        out = [{t: np.zeros(len(c), dtype=np.float64) for t in self.tasks} for c in candidates]
+        pieces: list[tuple[int, np.ndarray]] = []  # (user row, positions of its known candidates)
+        for r, c in enumerate(candidates):
+            known = np.flatnonzero(c > 0)
+            pieces += [(r, known[a : a + self.ranker_rows]) for a in range(0, known.size, self.ranker_rows)]
+        group: list[tuple[int, np.ndarray]] = []
+        rows = 0
+        for piece in [*pieces, None]:
+            if piece is not None and rows + piece[1].size <= self.ranker_rows:
+                group.append(piece)
+                rows += piece[1].size
+                continue
+            if group:
+                batch = f.batch([users[r] for r, _ in group], [candidates[r][pos] for r, pos in group])
+                logits = self.module(batch.to(self.device)).logits
+                at = 0
+                for r, pos in group:
+                    for t in self.tasks:
+                        out[r][t][pos] = logits[t][at : at + pos.size].double().cpu().numpy()
+                    at += pos.size
+            group, rows = ([piece], piece[1].size) if piece is not None else ([], 0)
+        return out
+
     def info(self) -> ModelInfo:
         return ModelInfo(
             tag=self.tag,
@@ -317,7 +381,7 @@ class ModelRuntime:
             metrics=dict(self.card.metrics),
             registered_at=self.loaded.created_at,
             num_items=self.catalog.num_items,
-            known_users=len(self.loaded.histories),
+            known_users=self.featurizer.n_users if self.featurizer else len(self.loaded.histories),
         )
 
 
@@ -330,6 +394,8 @@ class UserContext:
     request_ts: int
     unknown_user: bool
     mapped: dict[str, MappedHistory] = field(default_factory=dict)  # model tag -> history in its index
+    history_values: np.ndarray | None = None  # event values (NaN: none) of a history sent with the request
+    explicit: bool = False  # the history came with the request (else: a stored one)
 
     def history_for(self, model: ModelRuntime) -> MappedHistory:
         if model.tag not in self.mapped:
@@ -340,6 +406,14 @@ class UserContext:
         if self.unknown_user:
             return "unknown_user"
         return "empty_history" if len(self.history_for(model).idx) == 0 else None
+
+    def features_for(self, featurizer: RankingFeaturizer) -> UserFeatures:
+        """The user at the request time as a feature ranker sees it: the sent history (with its values), or
+        the ranker's own stored history (with values) of a user it knows, else the retriever's stored one."""
+        if not self.explicit and featurizer.knows_user(self.user_id):
+            return featurizer.user_features(self.user_id, self.request_ts)
+        history = (self.history_ids, self.history_ts, self.history_values)
+        return featurizer.user_features(self.user_id, self.request_ts, history)
 
 
 @dataclass
@@ -451,8 +525,14 @@ class Recommender:
     ) -> None:
         device = _resolve_device(config.device)
         self.config = config
+        if retriever.featurizer is not None:
+            raise ValueError(f"{retriever.tag} is a feature-based ranker, not a retriever")
         self.retriever = ModelRuntime(retriever, device, config.hstu_head, config.micro_batch)
-        self.ranker = ModelRuntime(ranker, device, config.hstu_head, config.micro_batch) if ranker else None
+        self.ranker = (
+            ModelRuntime(ranker, device, config.hstu_head, config.micro_batch, config.ranker_rows)
+            if ranker
+            else None
+        )
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")
         if ranker is not None and ranker.card.task != "ranking":
@@ -483,9 +563,30 @@ class Recommender:
                 (e.item_id for e in request.history), dtype=np.int64, count=len(request.history)
             )
             ts = np.fromiter((e.ts for e in request.history), dtype=np.int64, count=len(request.history))
+            values = np.fromiter(
+                (np.nan if e.value is None else e.value for e in request.history),
+                dtype=np.float64,
+                count=len(request.history),
+            )
             order = np.argsort(ts, kind="stable")
-            return UserContext(request.user_id, ids[order], ts[order], request_ts, unknown_user=False)
+            return UserContext(
+                request.user_id,
+                ids[order],
+                ts[order],
+                request_ts,
+                unknown_user=False,
+                history_values=values[order],
+                explicit=True,
+            )
         stored = self.histories.get(int(request.user_id)) if request.user_id is not None else None
+        featurizer = self.ranker.featurizer if self.ranker is not None else None
+        if stored is None and featurizer is not None:  # a user only the ranker's data knows
+            ranker_history = featurizer.stored_history(request.user_id)
+            if ranker_history is not None:
+                ids, ts, values = ranker_history
+                return UserContext(
+                    request.user_id, ids, ts, request_ts, unknown_user=False, history_values=values
+                )
         if stored is None:
             empty = np.zeros(0, dtype=np.int64)
             return UserContext(request.user_id, empty, empty, request_ts, unknown_user=True)
@@ -519,10 +620,11 @@ class Recommender:
                 "candidates",
                 f"{n} items exceed the limit of {self.config.max_candidates} ({ENV_PREFIX}MAX_CANDIDATES)",
             )
-        candidates = np.asarray(request.candidates, dtype=np.int64)
-        unique, counts = np.unique(candidates, return_counts=True)
-        if len(unique) != n:
-            raise InvalidRequest("candidates", f"duplicate item ids {unique[counts > 1][:10].tolist()}")
+        candidates = np.fromiter(request.candidates, dtype=np.int64, count=n)
+        ordered = np.sort(candidates)
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if repeated.size:
+            raise InvalidRequest("candidates", f"duplicate item ids {np.unique(repeated)[:10].tolist()}")
         return RankJob(user=self.user_context(request), candidates=candidates)
 
     # -- batched scoring ------------------------------------------------------------------------------------
@@ -577,6 +679,13 @@ class Recommender:
         """Per user: {task: scores in candidate order} and the unknown candidate ids (warm users only)."""
         model = model or self.ranker or self.retriever
         idx = [model.map_items(c) for c in candidates]
+        if model.featurizer is not None:
+            f = model.featurizer
+            per_user = model.score_features([u.features_for(f) for u in users], idx)
+            return [
+                ({t: _with_prior(s, i > 0) for t, s in scores.items()}, [int(x) for x in c[i == 0]])
+                for scores, i, c in zip(per_user, idx, candidates, strict=True)
+            ]
         width = max(1, max(len(i) for i in idx))
         padded = np.zeros((len(idx), width), dtype=np.int64)
         for r, i in enumerate(idx):
@@ -729,7 +838,7 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.config = ServingConfig.from_env()
-        if self.config.torch_threads is not None:  # a deployment setting of this server process only
+        if self.config.torch_threads > 0:  # a deployment setting of this server process only
             torch.set_num_threads(self.config.torch_threads)
         logger = ImpressionLogger(self.config.impressions_dir) if self.config.log_impressions else None
         self.engine = Recommender.from_config(self.config, logger)

@@ -110,7 +110,8 @@ def main() -> None:
                 c: st.column_config.NumberColumn(format="percent")
                 for c in ("lift", "ci_low", "ci_high", "cuped_lift", "cuped_ci_low", "cuped_ci_high")
             }
-            | {"variance_reduction": st.column_config.NumberColumn("variance reduction", format="percent")},
+            | {"variance_reduction": st.column_config.NumberColumn("variance reduction", format="percent")}
+            | {c: st.column_config.NumberColumn(format="%.3g") for c in ("p_value", "cuped_p_value")},
         )
     if not arms.is_empty():
         with st.expander("Per-arm means"):

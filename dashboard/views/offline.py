@@ -1,5 +1,5 @@
 """Offline comparison: models side by side on any recorded metric (mean ± std over seeds, per group of
-comparable runs), and training curves from ``run_metrics``."""
+comparable runs), the same on slices of users and items, and training curves from ``run_metrics``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,47 @@ import polars as pl
 import streamlit as st
 
 from dashboard import charts, data
+
+
+def _slices(final: pl.DataFrame) -> None:
+    st.header("Slices")
+    slices = data.slice_metrics(final)
+    if slices.is_empty():
+        st.caption(
+            "No slice metrics recorded for these runs. An evaluation records them in the run's metrics as "
+            "`<split>/slice/<dimension>/<bucket>/<metric>`, e.g. `test/slice/user_activity/1-5/ndcg@10`, "
+            "`test/slice/item_popularity/tail/ndcg@10`, `test/slice/cold_start_items/cold/auc`, with the "
+            "bucket size under the leaf `n`."
+        )
+        return
+    cols = st.columns(3)
+    dimensions = slices["dimension"].unique(maintain_order=True).to_list()
+    dimension = cols[0].selectbox("Slice", dimensions, key="offline_slice_dimension")
+    of_dim = slices.filter(pl.col("dimension") == dimension)
+    splits = sorted(of_dim["split"].unique().to_list(), key=lambda s: (s != "test", s))
+    split = cols[1].selectbox("Slice split", splits, key=f"offline_slice_split_{dimension}")
+    names = data.slice_metric_names(slices, split, dimension)
+    if not names:
+        st.caption(f"The `{dimension}` slices record only bucket sizes.")
+        return
+    metric = cols[2].selectbox("Slice metric", names, key=f"offline_slice_metric_{dimension}_{split}")
+    summary = data.summarise_slices(slices, split, dimension, metric)
+    for group in summary["group"].unique(maintain_order=True).to_list():
+        rows = summary.filter(pl.col("group") == group)
+        st.markdown(f"**{group}**")
+        st.altair_chart(charts.slice_by_model(rows, metric, dimension))
+        with st.expander("Slice figures"):
+            st.dataframe(
+                rows.select(
+                    "bucket",
+                    "name",
+                    "n_seeds",
+                    pl.col("mean").round(5),
+                    pl.col("std").round(5),
+                    pl.col("n").round(1).alias("users / examples"),
+                ),
+                hide_index=True,
+            )
 
 
 def main() -> None:
@@ -25,12 +66,21 @@ def main() -> None:
 
     kinds = sorted(final["kind"].unique().to_list())
     preferred = next((k for k in ("retrieval", "ranking") if k in kinds), kinds[0])
-    top = st.columns([1, 2])
+    top = st.columns([1, 2, 1])
     kind = top[0].selectbox("Kind", kinds, index=kinds.index(preferred), key="offline_kind")
-    names = data.metric_names(final, kind)
+    of_kind = final.filter(pl.col("kind") == kind)
+    distilled = data.with_distilled(final, kind) if kind != data.DISTILL_KIND else of_kind
+    with_students = distilled.height > of_kind.height and top[2].checkbox(
+        "With distilled students",
+        value=True,
+        key=f"offline_distilled_{kind}",
+        help="Distillation runs (kind `distill`) of the same dataset, protocol and data version.",
+    )
+    if with_students:
+        of_kind = distilled
+    names = data.metric_names(of_kind)
     metric = top[1].selectbox("Metric", names, index=0, key=f"offline_metric_{kind}")
 
-    of_kind = final.filter(pl.col("kind") == kind)
     summary = data.summarise(of_kind, metric)
     st.caption(
         "Bars: mean over seeds; whiskers: ± one standard deviation (ddof = 1); dots: individual seeds. "
@@ -54,15 +104,22 @@ def main() -> None:
             hide_index=True,
         )
 
+    _slices(of_kind)
+
     st.header("Training curves")
-    runs = data.list_runs(path, kinds=[kind])
+    curve_kinds = [kind, data.DISTILL_KIND] if with_students else [kind]
+    runs = data.list_runs(path, kinds=curve_kinds)
     runs = runs.filter(pl.col("status") != "running") if runs.height > 1 else runs
-    labels = {
-        f"{r['name']} · seed {r['seed']} · {r['dataset']} · {r['run_id'][-6:]}": r["run_id"]
-        for r in runs.iter_rows(named=True)
-    }
+    labels = {}
+    for r in runs.iter_rows(named=True):
+        student = data.DISTILLED_SUFFIX if r["kind"] == data.DISTILL_KIND != kind else ""
+        labels[f"{r['name']}{student} · seed {r['seed']} · {r['dataset']} · {r['run_id'][-6:]}"] = r["run_id"]
     chosen = st.multiselect(
-        "Runs", list(labels), default=list(labels)[:12], key=f"curve_runs_{kind}", help="Newest first."
+        "Runs",
+        list(labels),
+        default=list(labels)[:12],
+        key=f"curve_runs_{kind}_{with_students}",
+        help="Newest first.",
     )
     curves = data.run_metrics(path, [labels[c] for c in chosen])
     if curves.is_empty():

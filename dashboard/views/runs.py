@@ -31,6 +31,12 @@ def main() -> None:
         )
         return
 
+    counts = runs.group_by("kind").agg(pl.len().alias("n")).sort("n", "kind", descending=[True, False])
+    st.caption(
+        "Training (retrieval, ranking), distillation (`distill`), A/B simulation and benchmark runs, "
+        "as recorded by `RunLog`: "
+        + " · ".join(f"{r['kind']} {r['n']}" for r in counts.iter_rows(named=True))
+    )
     cols = st.columns(4)
     filters = {}
     for col, (field, label) in zip(
@@ -80,7 +86,8 @@ def main() -> None:
     run_id = st.selectbox("Run details", ids, index=index)
     run = shown.row(ids.index(run_id), named=True)
 
-    st.subheader(f"{run['kind']} · {run['name']} · seed {run['seed']}")
+    seed = f" · seed {run['seed']}" if run["seed"] is not None else ""
+    st.subheader(f"{run['kind']} · {run['name']}{seed}")
     facts = st.columns(4)
     facts[0].metric("status", run["status"])
     facts[1].metric("wall time", f"{run['wall_time_s']:.1f} s" if run["wall_time_s"] is not None else "-")
@@ -89,6 +96,13 @@ def main() -> None:
     st.caption(f"protocol: {run['protocol'] or '-'} · hardware: {run['hardware'] or '-'} · {run['run_id']}")
     if run["error"]:
         st.error(f"The run failed: {run['error']}")
+    try:
+        experiments = data.ab_experiments(path)
+    except data.ABContractError:  # the A/B page names the broken table; here it only hides the link
+        experiments = pl.DataFrame(schema={"run_id": pl.String, "experiment_id": pl.String})
+    linked = experiments.filter(pl.col("run_id") == run_id)["experiment_id"].to_list()
+    if linked:
+        st.info(f"A/B results of this run: experiment(s) {', '.join(linked)} on the A/B results page.")
 
     left, right = st.columns(2)
     with left:

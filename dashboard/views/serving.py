@@ -34,9 +34,18 @@ def main() -> None:
     if not latency.is_empty():
         st.header("Latency")
         st.altair_chart(charts.latency_percentiles(latency))
+        wide = latency.pivot(on="stat", index=["label", "scenario", "hardware"], values="value")
+        stats = sorted(
+            wide.columns[3:],
+            key=lambda c: (
+                charts.STAT_ORDER.index(c) if c in charts.STAT_ORDER else len(charts.STAT_ORDER),
+                c,
+            ),
+        )
         st.dataframe(
-            latency.pivot(on="stat", index=["label", "scenario", "hardware"], values="value"),
+            wide.select("label", "scenario", *stats, "hardware"),
             hide_index=True,
+            column_config={c: st.column_config.NumberColumn(f"{c} (ms)", format="%.2f") for c in stats},
         )
     rate = shown.filter(pl.col("measure") == "throughput")
     if not rate.is_empty():

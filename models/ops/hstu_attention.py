@@ -10,6 +10,12 @@ touches the GPU at import time; the Triton module is imported on first use.
 Semantics shared by both backends (OPEN points and what was picked: models.ops.pytorch.hstu_attention):
 the time bucket is computed exactly against integer thresholds, M-FALCON candidates share the position
 right after the history, and on CUDA out-of-range lengths are clamped, not checked (a check costs a sync).
+
+A model with several blocks builds an ``AttentionIndex`` once per forward (``hstu_attention_index``: the
+mask and the position/time-bucket indices, [B, N, N] each) and passes it to every block's call; the
+reference then only gathers each block's own tables. The Triton kernels take no index: they compute the
+same buckets per tile from the raw timestamps, which the call still passes, and never hold a [B, N, N]
+tensor; ``resolve_backend`` tells a model whether building the index is worth it.
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from models.ops.pytorch.hstu_attention import hstu_attention_reference
+from models.ops.pytorch.hstu_attention import (
+    AttentionIndex,
+    hstu_attention_index,
+    hstu_attention_reference,
+)
 
-__all__ = ["Backend", "hstu_attention"]
+__all__ = ["AttentionIndex", "Backend", "hstu_attention", "hstu_attention_index", "resolve_backend"]
 
 Backend = Literal["auto", "pytorch", "triton"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,6 +43,15 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["pytorch", "triton"]:
+    """The backend a call with tensors on ``device`` runs: "auto" is Triton on CUDA (if it imports)."""
+    if backend not in ("auto", "pytorch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'pytorch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "pytorch"
+    return backend
 
 
 def _check_int_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
@@ -64,6 +83,7 @@ def _validate(
     query_ts: Tensor | None,
     key_ts: Tensor | None,
     num_candidates: Tensor | None,
+    index: AttentionIndex | None,
 ) -> None:
     if q.dim() != 4:
         raise ValueError(f"q must be [B, N, H, dqk], got shape {list(q.shape)}")
@@ -101,6 +121,10 @@ def _validate(
         _check_int_tensor("key_ts", key_ts, (batch, n), q.device)
     if num_candidates is not None:
         _check_int_tensor("num_candidates", num_candidates, (batch,), q.device)
+    if index is not None:
+        index.check(batch, n, pos_weight, ts_weight)
+        if index.allowed.device != q.device:
+            raise ValueError(f"index is on {index.allowed.device} but q is on {q.device}")
     # Value checks only where they are free: on CUDA each costs a host sync per call (the kernels clamp).
     if q.device.type == "cpu" and batch > 0:
         if bool(((lengths < 0) | (lengths > n)).any()):
@@ -124,6 +148,7 @@ def hstu_attention(
     query_ts: Tensor | None = None,
     key_ts: Tensor | None = None,
     num_candidates: Tensor | None = None,
+    index: AttentionIndex | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
     """HSTU pointwise attention over right-padded sequences.
@@ -137,16 +162,16 @@ def hstu_attention(
         query_ts: [B, N] integer seconds, the time of the next event for query i; key_ts: [B, N], t_j.
         num_candidates: [B] integer; the last num_candidates[b] valid positions are M-FALCON candidates: each
             attends to the history and to itself, and all of them take the position right after the history.
+        index: ``hstu_attention_index`` of the same lengths, timestamps and candidates, shared by the blocks
+            of one forward; the reference uses it instead of recomputing the mask and buckets, the Triton
+            kernels do not need it (they read the timestamps). None: the reference builds it.
         backend: "auto", "pytorch" or "triton".
 
     Returns:
         [B, N, H, dv] in q's dtype.
     """
-    _validate(q, k, v, lengths, normalizer, pos_weight, ts_weight, query_ts, key_ts, num_candidates)
-    if backend not in ("auto", "pytorch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'pytorch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "pytorch"
+    _validate(q, k, v, lengths, normalizer, pos_weight, ts_weight, query_ts, key_ts, num_candidates, index)
+    backend = resolve_backend(backend, q.device)
     kwargs = {
         "normalizer": normalizer,
         "pos_weight": pos_weight,
@@ -156,7 +181,7 @@ def hstu_attention(
         "num_candidates": num_candidates,
     }
     if backend == "pytorch":
-        return hstu_attention_reference(q, k, v, lengths, **kwargs)
+        return hstu_attention_reference(q, k, v, lengths, index=index, **kwargs)
     from models.ops.triton.hstu_attention import triton_hstu_attention
 
     return triton_hstu_attention(q, k, v, lengths, **kwargs)

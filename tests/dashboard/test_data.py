@@ -30,6 +30,26 @@ RETRIEVAL_TEST_NDCG = {  # (model, seed) -> test/ndcg@10 of the run that counts
     ("sasrec", 3): 0.044,
 }
 VALID_CURVE = [0.02, 0.035, 0.04]  # valid/ndcg@10 per epoch of hstu seed 1
+# Slice metrics of every retrieval run: bucket -> (factor on the run's test/ndcg@10, bucket size n).
+USER_ACTIVITY = {"21+": (1.3, 25), "1-5": (0.6, 40), "6-20": (1.0, 35)}  # recorded out of order on purpose
+COLD_START = {"warm": (1.1, 90), "cold": (0.2, 10)}
+DISTILL_TEST_NDCG = {1: 0.058, 2: 0.060}  # sasrec student of an hstu teacher, per seed
+# Continual results: method -> R[step learned][period evaluated] of auc; train_seconds per step.
+CONTINUAL_AUC = {
+    "incremental": [
+        [0.760, 0.700, 0.690, 0.680],
+        [0.730, 0.770, 0.705, 0.690],
+        [0.700, 0.740, 0.780, 0.710],
+        [0.680, 0.715, 0.750, 0.790],
+    ],
+    "replay": [
+        [0.750, 0.700, 0.690, 0.680],
+        [0.748, 0.760, 0.700, 0.690],
+        [0.752, 0.755, 0.765, 0.700],
+        [0.745, 0.750, 0.760, 0.770],
+    ],
+}
+CONTINUAL_TRAIN_S = {"incremental": [2.0, 2.0, 2.0, 2.0], "replay": [3.0, 4.0, 5.0, 6.0]}
 
 
 @dataclass
@@ -69,9 +89,40 @@ def _record_retrieval(log: RunLog, built: Built, model: str, seed: int, ndcg: fl
             "test/ndcg@10": ndcg,
             "test/hr@10": 2 * ndcg,
             "test/mrr@10": ndcg / 2,
+            "test": {
+                "slice": {
+                    "user_activity": {
+                        b: {"ndcg@10": f * ndcg, "n": n} for b, (f, n) in USER_ACTIVITY.items()
+                    },
+                    "cold_start_items": {
+                        b: {"ndcg@10": f * ndcg, "n": n} for b, (f, n) in COLD_START.items()
+                    },
+                }
+            },
         },
     )
     return run_id
+
+
+def continual_frame() -> pl.DataFrame:
+    """``main.continual_results`` of one experiment from ``CONTINUAL_AUC`` (gauc = auc - 0.05)."""
+    rows = [
+        {
+            "experiment_id": "cont-1",
+            "dataset": "synthetic",
+            "method": method,
+            "step": step,
+            "eval_period": period,
+            "auc": auc,
+            "gauc": auc - 0.05,
+            "n_examples": 1000 + 100 * period,
+            "train_seconds": CONTINUAL_TRAIN_S[method][step],
+        }
+        for method, matrix in CONTINUAL_AUC.items()
+        for step, row in enumerate(matrix)
+        for period, auc in enumerate(row)
+    ]
+    return pl.DataFrame(rows).with_columns(pl.col("step", "eval_period").cast(pl.Int32))
 
 
 def _ab_tables(built: Built) -> dict[str, pl.DataFrame]:
@@ -240,6 +291,17 @@ def build_warehouse(path: Path) -> Built:
         log.log_metrics(run_id, {"auc": auc - 0.01}, step=2, split="valid")
         log.finish(run_id, metrics={"test/auc": auc, "test/gauc": auc - 0.05, "test/logloss": 0.55})
         built.run_ids[f"din-{seed}"] = run_id
+    for seed, ndcg in DISTILL_TEST_NDCG.items():
+        run_id = log.start(
+            "distill",
+            "sasrec",
+            config={"model": "sasrec", "teacher": "hstu", "dataset": "synthetic", "distill": {"alpha": 0.5}},
+            data_version=version,
+            protocol=f"{PROTOCOL}; seed {seed}",
+            seed=seed,
+        )
+        log.finish(run_id, metrics={"test/ndcg@10": ndcg, "test/hr@10": 2 * ndcg})
+        built.run_ids[f"distill-{seed}"] = run_id
     failed = log.start("ranking", "dcn", config={"dataset": "ml100k"}, data_version="ex-v1", seed=1)
     log.finish(failed, status="failed", error="FloatingPointError: loss is nan")
     built.run_ids["failed"] = failed
@@ -259,6 +321,7 @@ def build_warehouse(path: Path) -> Built:
     built.run_ids["bench"] = bench
     with Warehouse(path) as wh:
         wh.publish_many(_ab_tables(built), params={"simulation": "test"})
+        wh.publish("continual_results", continual_frame())
     return built
 
 
@@ -282,7 +345,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 def test_runs_are_listed_and_filtered(built: Built) -> None:
     runs = data.list_runs(built.path)
-    assert runs.height == 7 + 2 + 1 + 1  # retrieval (with the re-run), ranking, failed, benchmark
+    assert runs.height == 7 + 2 + 2 + 1 + 1  # retrieval (with the re-run), distill, ranking, failed, bench
+    distill = data.list_runs(built.path, kinds=["distill"])
+    assert sorted(distill["seed"].to_list()) == [1, 2] and set(distill["data_version"]) == {
+        built.events_versions[-1]
+    }
     assert runs["started_at"].is_sorted(descending=True)
     ranking = data.list_runs(built.path, kinds=["ranking"])
     assert sorted(ranking["name"].to_list()) == ["dcn", "din", "din"]
@@ -480,3 +547,89 @@ def test_a_writer_holding_the_lock_reads_as_busy(tmp_path: Path, monkeypatch: py
     finally:
         proc.communicate(input="", timeout=30)
     assert data.list_runs(path).is_empty()  # once released, the dashboard reads again
+
+
+def test_slices_are_parsed_ordered_and_summarised_over_seeds(built: Built) -> None:
+    final = data.final_metrics(built.path, kinds=["retrieval"])
+    assert not any("/slice/" in m for m in data.metric_names(final, "retrieval"))
+    slices = data.slice_metrics(final)
+    assert set(slices["dimension"]) == {"user_activity", "cold_start_items"}
+    assert set(slices["split"]) == {"test"}
+    assert data.slice_metric_names(slices, "test", "user_activity") == ["ndcg@10"]
+    summary = data.summarise_slices(slices, "test", "user_activity", "ndcg@10")
+    hstu = summary.filter(pl.col("name") == "hstu")
+    assert hstu["bucket"].to_list() == ["1-5", "6-20", "21+"]  # numeric order, not the recorded one
+    values = np.array([v for (m, _), v in RETRIEVAL_TEST_NDCG.items() if m == "hstu"])
+    for row in hstu.iter_rows(named=True):
+        factor, size = USER_ACTIVITY[row["bucket"]]
+        assert row["n_seeds"] == 3 and row["n"] == size
+        assert row["mean"] == pytest.approx(factor * values.mean())
+        assert row["std"] == pytest.approx(factor * values.std(ddof=1))
+    cold = data.summarise_slices(slices, "test", "cold_start_items", "ndcg@10")
+    assert cold.filter(pl.col("name") == "sasrec")["bucket"].to_list() == ["cold", "warm"]
+    assert data.summarise_slices(slices, "valid", "user_activity", "ndcg@10").is_empty()
+
+
+@pytest.mark.parametrize(
+    ("key", "parsed"),
+    [
+        ("test/slice/user_activity/1-5/ndcg@10", ("test", "user_activity", "1-5", "ndcg@10")),
+        ("slices/item_popularity/tail/n", ("", "item_popularity", "tail", "n")),
+        ("test/ndcg@10", None),
+        ("test/slice/user_activity/ndcg@10", None),
+    ],
+)
+def test_parse_slice_key(key: str, parsed: tuple[str, str, str, str] | None) -> None:
+    assert data.parse_slice_key(key) == parsed
+
+
+def test_bucket_order_is_numeric_then_natural_words() -> None:
+    buckets = ["21+", "tail", "6-20", "<1", "head", "1-5", "torso"]
+    assert sorted(buckets, key=data.bucket_sort_key) == ["<1", "1-5", "6-20", "21+", "head", "torso", "tail"]
+
+
+def test_distilled_students_join_their_comparison_group(built: Built) -> None:
+    final = data.final_metrics(built.path)
+    both = data.with_distilled(final, "retrieval")
+    summary = data.summarise(both, "test/ndcg@10")
+    assert summary["group"].n_unique() == 1
+    student = summary.filter(pl.col("name") == "sasrec" + data.DISTILLED_SUFFIX).row(0, named=True)
+    assert student["kind"] == "distill" and student["n_seeds"] == 2
+    assert student["mean"] == pytest.approx(np.mean(list(DISTILL_TEST_NDCG.values())))
+    # A kind with no distillation run in its groups gets none.
+    assert set(data.with_distilled(final, "ranking")["kind"]) == {"ranking"}
+
+
+def test_continual_results_summarise_forgetting(built: Built) -> None:
+    results = data.continual_results(built.path)
+    assert results.height == 2 * 4 * 4 and results["step"].dtype == pl.Int32
+    summary = {r["method"]: r for r in data.continual_summary(results, "auc").iter_rows(named=True)}
+    inc, rep = summary["incremental"], summary["replay"]
+    assert inc["final_step"] == 3 and inc["periods"] == 4
+    assert inc["final_mean"] == pytest.approx((0.68 + 0.715 + 0.75 + 0.79) / 4)
+    # max over steps p..2 of R[t, p] minus R[3, p], for p = 0, 1, 2
+    assert inc["avg_forgetting"] == pytest.approx((0.08 + 0.055 + 0.03) / 3)
+    assert inc["bwt"] == pytest.approx(-(0.08 + 0.055 + 0.03) / 3)
+    # replay's best score on period 0 came after it was learned: forgetting and BWT differ
+    assert rep["avg_forgetting"] == pytest.approx((0.007 + 0.01 + 0.005) / 3)
+    assert rep["bwt"] == pytest.approx(-(0.005 + 0.01 + 0.005) / 3)
+    assert rep["train_seconds"] == pytest.approx(18.0) and inc["train_seconds"] == pytest.approx(8.0)
+    gauc = data.continual_summary(results, "gauc").filter(pl.col("method") == "replay")
+    assert gauc["final_mean"][0] == pytest.approx(rep["final_mean"] - 0.05)
+    seen = data.seen_average(results, "auc").filter(pl.col("method") == "incremental")
+    assert seen["value"].to_list() == pytest.approx(
+        [0.76, (0.73 + 0.77) / 2, (0.70 + 0.74 + 0.78) / 3, (0.68 + 0.715 + 0.75 + 0.79) / 4]
+    )
+    with pytest.raises(ValueError, match="metric must be one of"):
+        data.continual_summary(results, "ndcg")
+
+
+def test_continual_contract_names_a_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "wh.duckdb"
+    with Warehouse(path) as wh:
+        wh.publish("continual_results", continual_frame().drop("eval_period"))
+    with pytest.raises(
+        data.ContractError, match=r"continual_results is missing required column\(s\) \['eval_"
+    ):
+        data.continual_results(path)
+    assert data.continual_results(tmp_path / "none.duckdb").is_empty()

@@ -11,7 +11,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import data
-from tests.dashboard.test_data import RETRIEVAL_TEST_NDCG, Built, built_warehouse
+from tests.dashboard.test_data import (
+    CONTINUAL_AUC,
+    DISTILL_TEST_NDCG,
+    RETRIEVAL_TEST_NDCG,
+    USER_ACTIVITY,
+    Built,
+    built_warehouse,
+)
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 TIMEOUT = 120  # generous: the first run imports the app's modules on a loaded 2-core box
@@ -55,7 +62,14 @@ def test_runs_page_lists_runs_and_shows_details(monkeypatch: pytest.MonkeyPatch,
     assert at.title[0].value == "Runs"
     assert [m.label for m in at.multiselect] == ["Kind", "Name", "Status", "Dataset"]
     table = at.dataframe[0].value
-    assert len(table) == 11 and set(table["run_id"]) == set(data.list_runs(built.path)["run_id"])
+    assert len(table) == 13 and set(table["run_id"]) == set(data.list_runs(built.path)["run_id"])
+    assert any("distill 2" in c.value for c in at.caption)
+
+    at.multiselect[0].set_value(["distill"]).run()  # kind filter
+    assert not at.exception
+    assert sorted(at.dataframe[0].value["seed"]) == [1, 2]
+    assert json.loads(at.json[0].proto.body)["teacher"] == "hstu"
+    at.multiselect[0].set_value([]).run()
 
     run_id = built.run_ids["hstu-1"]
     _selectbox(at, "Run details").set_value(run_id).run()
@@ -72,6 +86,11 @@ def test_runs_page_lists_runs_and_shows_details(monkeypatch: pytest.MonkeyPatch,
     assert any("loss is nan" in e.value for e in at.error)
 
 
+def _mean(model: str) -> float:
+    values = [v for (m, _), v in RETRIEVAL_TEST_NDCG.items() if m == model]
+    return sum(values) / len(values)
+
+
 def test_offline_page_compares_models_on_a_chosen_metric(
     monkeypatch: pytest.MonkeyPatch, built: Built
 ) -> None:
@@ -79,21 +98,34 @@ def test_offline_page_compares_models_on_a_chosen_metric(
     metric = _selectbox(at, "Metric")
     assert metric.value == "test/ndcg@10"
     assert {"test/hr@10", "test/mrr@10", "valid/ndcg@10"} <= set(metric.options)
+    assert not any("slice" in m for m in metric.options)
     summary = at.dataframe[0].value
     hstu = summary[summary["name"] == "hstu"].iloc[0]
-    values = [v for (m, _), v in RETRIEVAL_TEST_NDCG.items() if m == "hstu"]
-    assert hstu["n_seeds"] == 3 and hstu["mean"] == pytest.approx(sum(values) / 3, abs=1e-5)
-    assert len(_charts(at)) == 2  # the group's error-bar chart and the training curves
+    assert hstu["n_seeds"] == 3 and hstu["mean"] == pytest.approx(_mean("hstu"), abs=1e-5)
+    student = summary[summary["name"] == "sasrec (distilled)"].iloc[0]
+    assert student["n_seeds"] == 2
+    assert student["mean"] == pytest.approx(sum(DISTILL_TEST_NDCG.values()) / 2, abs=1e-5)
+    assert len(_charts(at)) == 3  # the group's error-bar chart, the slices and the training curves
     assert _selectbox(at, "Curve metric").value == "valid/ndcg@10"
 
+    # Slices: user activity buckets in numeric order, hstu's mean per bucket = factor x its test ndcg mean.
+    assert _selectbox(at, "Slice").options == ["cold_start_items", "user_activity"]
+    _selectbox(at, "Slice").set_value("user_activity").run()
+    assert _selectbox(at, "Slice metric").value == "ndcg@10"
+    bars = next(f for f in _chart_rows(at) if "bucket" in f.columns)
+    hstu_bars = bars.filter(pl.col("name") == "hstu").sort("bucket_order")
+    assert hstu_bars["bucket"].to_list() == ["1-5", "6-20", "21+"]
+    assert hstu_bars["mean"].to_list() == pytest.approx(
+        [USER_ACTIVITY[b][0] * _mean("hstu") for b in ("1-5", "6-20", "21+")]
+    )
+
+    at.checkbox[0].uncheck().run()  # without the distilled students
+    assert "sasrec (distilled)" not in set(at.dataframe[0].value["name"])
+
+    metric = _selectbox(at, "Metric")
     metric.set_value("test/hr@10").run()
     assert at.dataframe[0].value["mean"].max() == pytest.approx(
-        2
-        * max(
-            sum(v for (m, _), v in RETRIEVAL_TEST_NDCG.items() if m == model) / 3
-            for model in ("hstu", "sasrec")
-        ),
-        abs=1e-5,
+        2 * max(_mean("hstu"), _mean("sasrec")), abs=1e-5
     )
     assert _selectbox(at, "Curve metric").value == "valid/hr@10"
 
@@ -101,6 +133,42 @@ def test_offline_page_compares_models_on_a_chosen_metric(
     assert not at.exception
     assert _selectbox(at, "Metric").value == "test/auc"
     assert at.dataframe[0].value.iloc[0]["mean"] == pytest.approx(0.72)
+    assert any("No slice metrics recorded" in c.value for c in at.caption)
+
+
+def test_continual_page_shows_forgetting_matrices(monkeypatch: pytest.MonkeyPatch, built: Built) -> None:
+    at = _app(monkeypatch, built.path, "views/continual.py")
+    assert at.title[0].value == "Continual training"
+    assert _selectbox(at, "Experiment").value == "cont-1 (synthetic)"
+    assert _selectbox(at, "Metric").options == ["auc", "gauc"]
+    summary = at.dataframe[0].value.set_index("method")
+    assert summary.loc["incremental", "avg_forgetting"] == pytest.approx((0.08 + 0.055 + 0.03) / 3)
+    assert summary.loc["replay", "final_mean"] == pytest.approx(sum(CONTINUAL_AUC["replay"][-1]) / 4)
+    specs = _charts(at)
+    assert len(specs) == 3 and "facet" in specs[0]  # heatmaps, final per period, average so far
+    rows = _chart_rows(at)
+    heat = next(f for f in rows if {"step", "eval_period", "value"} <= set(f.columns))
+    cell = heat.filter(
+        (pl.col("method") == "incremental") & (pl.col("step") == 2) & (pl.col("eval_period") == 1)
+    )
+    assert cell["value"].to_list() == pytest.approx([CONTINUAL_AUC["incremental"][2][1]])
+    assert heat.height == 2 * 4 * 4
+
+    _selectbox(at, "Metric").set_value("gauc").run()
+    assert not at.exception
+    heat = next(f for f in _chart_rows(at) if {"step", "eval_period", "value"} <= set(f.columns))
+    assert heat["value"].max() == pytest.approx(0.79 - 0.05)
+
+
+def test_continual_page_names_a_broken_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.dashboard.test_data import continual_frame
+    from warehouse import Warehouse
+
+    path = tmp_path / "wh.duckdb"
+    with Warehouse(path) as wh:
+        wh.publish("continual_results", continual_frame().drop("auc"))
+    at = _app(monkeypatch, path, "views/continual.py")
+    assert any("missing required column(s) ['auc']" in e.value for e in at.error)
 
 
 def test_ab_page_renders_lift_sequential_srm_and_off_policy(
@@ -149,6 +217,7 @@ def test_serving_page_charts_benchmark_latency(monkeypatch: pytest.MonkeyPatch, 
         ("views/offline.py", "recsys pipeline"),
         ("views/ab_results.py", "ab_experiments"),
         ("views/serving.py", "benchmarks.serving_load"),
+        ("views/continual.py", "continual_results"),
     ],
 )
 def test_an_empty_warehouse_shows_guidance(

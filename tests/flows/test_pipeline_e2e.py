@@ -102,7 +102,8 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     checkpoints = interrupted / "artifacts" / "retrieval" / "synthetic" / "sasrec"
     try:
         while not list(checkpoints.glob("*/last.state.pt")):
-            assert proc.poll() is None, f"pipeline ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+            tail = log.read_text()[-3000:]
+            assert proc.poll() is None, f"pipeline ended before it could be interrupted:\n{tail}"
             assert time.monotonic() < deadline, "the retrieval stage never wrote its first checkpoint"
             time.sleep(0.2)
     finally:

@@ -119,3 +119,81 @@ def test_base_and_large_presets() -> None:
 def test_unknown_model_name_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="unknown model 'hstu-xl'"):
         build_model("hstu-xl", num_items=5)
+
+
+def _previous_block_forward(
+    block: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor, qts: torch.Tensor
+) -> torch.Tensor:
+    """The block as it was before the shared attention index: mask, position and bucket rebuilt per block,
+    each table read with its own gather."""
+    c = block.config
+    b, n, d = x.shape
+    u, v, q, k = torch.split(F.silu(_ln(x) @ block.uvqk), block.split_sizes, dim=-1)
+    q, k = q.reshape(b, n, c.num_heads, c.dqk), k.reshape(b, n, c.num_heads, c.dqk)
+    v = v.reshape(b, n, c.num_heads, c.dv)
+    ar = torch.arange(n)
+    allowed = (ar[None, :] <= ar[:, None]) & (ar[:, None] < lengths[:, None, None])
+    allowed = allowed & (ar[None, :] < lengths[:, None, None])  # [B, N, N]
+    max_pos = c.max_len
+    pos = torch.minimum(ar[None, :], lengths[:, None])
+    rel = (pos[:, None, :] - pos[:, :, None]).clamp(-(max_pos - 1), max_pos - 1) + max_pos - 1
+    bias = block.pos_weight[rel]
+    gap = (qts[:, :, None] - ts[:, None, :]).abs().clamp(min=1)
+    thresholds = torch.tensor([math.ceil(math.exp(0.301 * kk)) for kk in range(1, 129)])
+    bias = bias + block.ts_weight[torch.bucketize(gap, thresholds, right=True)]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) + bias[:, None]
+    attn = torch.where(allowed[:, None], F.silu(scores) / c.max_len, 0.0)
+    out = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, n, -1)
+    return x + block.output(u * _ln(out))
+
+
+def test_shared_attention_index_matches_the_per_block_formulation_with_grads() -> None:
+    torch.manual_seed(4)
+    model = HSTU(_config(num_blocks=3, num_heads=2, max_len=9, dropout=0.0)).train()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.pos_weight.normal_()
+            block.ts_weight.normal_()
+    gaps = [[0, 1, 3, 60, 4000, 90_000, 10**6, 3 * 10**7, 10**8, 10**8 + 5]]
+    times = [list(torch.tensor(g).cumsum(0).tolist()) for g in gaps]
+    items, ts, qts, lengths = _batch([[1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 5]], width=9, ts_rows=times * 2)
+    target = torch.randn(2, 9, 4)
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        return (out * target).sum()
+
+    new = model(items, ts, qts, lengths)
+    new_grads = torch.autograd.grad(loss_of(new), list(model.parameters()))
+
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).unsqueeze(-1)
+    x = model.input(items, lengths)
+    for block in model.blocks:
+        x = _previous_block_forward(block, x, lengths, ts, qts)
+    old = F.normalize(x, dim=-1) * mask
+    old_grads = torch.autograd.grad(loss_of(old), list(model.parameters()))
+
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+    names = [name for name, _ in model.named_parameters()]
+    for name, got, want in zip(names, new_grads, old_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert float(new_grads[names.index("blocks.1.ts_weight")].abs().sum()) > 0  # the time bias is in play
+
+
+def test_attention_index_is_built_once_per_forward_for_the_reference_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import models.hstu as hstu_module
+
+    calls = []
+    real = hstu_module.hstu_attention_index
+    monkeypatch.setattr(
+        hstu_module, "hstu_attention_index", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    model = HSTU(_config(num_blocks=3)).eval()
+    model(*_batch([[1, 2, 3]], width=3))
+    assert len(calls) == 1
+    items, ts, qts, lengths = _batch([[1, 2]], width=2)
+    assert HSTU(_config(attention_backend="triton")).attention_index(lengths, ts, qts) is None
+    index = model.attention_index(lengths, ts, qts)
+    assert index is not None and index.num_buckets == 129 and index.max_pos == 8
+    assert HSTU(_config(use_time_bias=False)).attention_index(lengths, ts, qts).num_buckets is None

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from serving.impressions import read_spool
+from tests.serving.test_featurize import Served, register_synthetic_ranker, synthetic_warehouse
 from tests.serving.test_service import ITEM_OFFSET, TinyModels, train_and_register
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,21 +58,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    models = train_and_register()
-    port = _free_port()
-    spool = tmp_path_factory.mktemp("impressions")
-    log = tmp_path_factory.mktemp("server") / "bentoml.log"
-    env = {
-        **os.environ,  # RECSYS_HOME / BENTOML_HOME of this test session
-        "RECSYS_SERVING_RETRIEVER": models.retriever,
-        "RECSYS_SERVING_API_KEY": API_KEY,
-        "RECSYS_SERVING_IMPRESSIONS_DIR": str(spool),
-        "RECSYS_SERVING_MAX_CANDIDATES": "50",
-        "RECSYS_SERVING_POLICY_TEMPERATURE": "1.0",
-        "RECSYS_SERVING_TORCH_THREADS": "1",
-    }
+def _start(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``bentoml serve`` on 127.0.0.1:port in its own process group; returns once /readyz answers 200."""
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -90,12 +78,34 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
+                    return process, url
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+    except BaseException:
+        _stop(process)
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    models = train_and_register()
+    port = _free_port()
+    spool = tmp_path_factory.mktemp("impressions")
+    log = tmp_path_factory.mktemp("server") / "bentoml.log"
+    env = {
+        **os.environ,  # RECSYS_HOME / BENTOML_HOME of this test session
+        "RECSYS_SERVING_RETRIEVER": models.retriever,
+        "RECSYS_SERVING_API_KEY": API_KEY,
+        "RECSYS_SERVING_IMPRESSIONS_DIR": str(spool),
+        "RECSYS_SERVING_MAX_CANDIDATES": "50",
+        "RECSYS_SERVING_POLICY_TEMPERATURE": "1.0",
+        "RECSYS_SERVING_TORCH_THREADS": "1",
+    }
+    process, url = _start(env, port, log)
+    try:
         yield Server(url, port, process, spool, models, log)
     finally:
         _stop(process)
@@ -222,3 +232,60 @@ def test_served_lists_reach_the_impressions_spool(server: Server) -> None:
     assert (
         rows["user_id"].to_list() == [424242, 424242] and rows["cold_start"].to_list() == ["unknown_user"] * 2
     )
+
+
+# -- a feature-based ranker (RankMixer) behind a popularity retriever, through the real server ---------------
+@dataclass(frozen=True)
+class RankerServer:
+    url: str
+    served: Served
+
+
+@pytest.fixture(scope="module")
+def ranker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankerServer]:
+    served = register_synthetic_ranker(synthetic_warehouse(tmp_path_factory.mktemp("ranker-data")))
+    env = {
+        **os.environ,
+        "RECSYS_SERVING_RETRIEVER": served.retriever,
+        "RECSYS_SERVING_RANKER": served.ranker,
+        "RECSYS_SERVING_POLICY_TEMPERATURE": "0",
+        "RECSYS_SERVING_LOG_IMPRESSIONS": "false",
+    }
+    process, url = _start(env, _free_port(), tmp_path_factory.mktemp("ranker-server") / "bentoml.log")
+    try:
+        yield RankerServer(url, served)
+    finally:
+        _stop(process)
+
+
+def test_a_feature_ranker_is_served_over_http(ranker_server: RankerServer) -> None:
+    served, url = ranker_server.served, ranker_server.url
+    meta = httpx.post(f"{url}/metadata", timeout=30).json()
+    assert meta["ranker"]["tag"] == served.ranker and meta["ranker"]["architecture"] == "rankmixer"
+    candidates = [int(i) for i in served.items[:10]] + [999_999]
+    body = {"user_id": served.known_user, "candidates": candidates, "ts": 2_000_000_000}
+    rank = httpx.post(f"{url}/rank", json=body, timeout=30)
+    assert rank.status_code == 200, rank.text
+    out = rank.json()
+    assert out["source"] == "ranker" and set(out["scores"]) == set(served.data.tasks)
+    assert out["unknown_items"] == [999_999] and out["ranking"][-1] == 999_999
+    history = [{"item_id": int(i), "ts": 1_000 + n, "value": 2.5} for n, i in enumerate(served.items[:5])]
+    rec = httpx.post(f"{url}/recommend", json={"history": history, "k": 4, "ts": 5_000}, timeout=30)
+    assert rec.status_code == 200, rec.text
+    items = rec.json()["items"]
+    assert rec.json()["source"] == "ranker" and len(items) == 4
+    assert [it["score"] for it in items] == sorted((it["score"] for it in items), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"history": [{"item_id": 1, "ts": 5, "value": "high"}], "candidates": [1]}, "value"),
+        ({"history": [{"item_id": 1, "ts": 5, "value": 1e999}], "candidates": [1]}, "value"),
+        ({"user_id": 3, "candidates": [1, 1]}, "candidates"),
+    ],
+)
+def test_feature_ranker_bad_fields_are_4xx(ranker_server: RankerServer, body: object, field: str) -> None:
+    response = httpx.post(f"{ranker_server.url}/rank", json=body, timeout=30)
+    assert 400 <= response.status_code < 500, response.text
+    assert field in response.text

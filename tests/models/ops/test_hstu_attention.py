@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.ops import hstu_attention
+from models.ops.hstu_attention import hstu_attention_index, resolve_backend
 from models.ops.pytorch.hstu_attention import time_bucket, time_bucket_thresholds
 from models.ops.triton import hstu_attention as triton_module
 
@@ -375,3 +376,94 @@ def test_empty_batch_or_sequence_gives_empty_output_and_grads(
     assert out.shape == (len(lengths), n, 2, 8)
     for grad, leaf in zip(grads, case.leaves(), strict=True):
         assert grad.shape == leaf.shape and grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------- the shared attention index
+
+
+def _index_for(case: Case):
+    return hstu_attention_index(
+        case.lengths,
+        case.q.shape[1],
+        max_pos=(case.tables["pos_weight"].numel() + 1) // 2 if "pos_weight" in case.tables else None,
+        num_buckets=case.tables["ts_weight"].numel() if "ts_weight" in case.tables else None,
+        query_ts=case.extra.get("query_ts"),
+        key_ts=case.extra.get("key_ts"),
+        num_candidates=case.extra.get("num_candidates"),
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(seed=20, lengths=[7, 3, 1], n=7, max_pos=0),  # both tables
+        dict(seed=21, lengths=[6, 2], n=6, max_pos=3, time_bias=False),  # position only, clamped
+        dict(seed=22, lengths=[5, 5], n=5, sorted_times=False),  # time only, every bucket in play
+        dict(seed=23, lengths=[6, 4], n=6, max_pos=0, num_candidates=[2, 4]),  # M-FALCON candidates
+        dict(seed=24, lengths=[4], n=4, time_bias=False),  # no bias at all
+    ],
+)
+def test_precomputed_index_gives_the_same_output_and_grads(params: dict) -> None:
+    case = make_case(**params)
+    index = _index_for(case)
+    want_out, want_grads = run_with_grads(case, reference)
+    got_out, got_grads = run_with_grads(
+        case,
+        lambda c: hstu_attention(c.q, c.k, c.v, c.lengths, index=index, backend="pytorch", **c.kwargs()),
+    )
+    assert torch.equal(got_out, want_out)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_index_entries_are_the_spec_position_and_bucket() -> None:
+    case = make_case(seed=25, lengths=[5, 3], n=5, max_pos=0, sorted_times=False)
+    index = _index_for(case)
+    rel, bucket = index.bias_index // NUM_BUCKETS, index.bias_index % NUM_BUCKETS
+    for b, length in enumerate([5, 3]):
+        for i in range(length):
+            for j in range(i + 1):
+                assert bool(index.allowed[b, i, j]) and int(rel[b, i, j]) == j - i + 4
+                gap = int(case.extra["query_ts"][b, i] - case.extra["key_ts"][b, j])
+                assert int(bucket[b, i, j]) == min(
+                    max(math.floor(math.log(max(abs(gap), 1)) / 0.301), 0), 128
+                )
+    assert int(index.allowed.sum()) == 15 + 6  # causal pairs within each row's length only
+
+
+def test_triton_path_accepts_the_index_and_ignores_it() -> None:
+    case = make_case(seed=26, lengths=[9, 4], n=9, max_pos=0)
+    index = _index_for(case)
+    plain = hstu_attention(case.q, case.k, case.v, case.lengths, backend="triton", **case.kwargs())
+    with_index = hstu_attention(
+        case.q, case.k, case.v, case.lengths, index=index, backend="triton", **case.kwargs()
+    )
+    assert torch.equal(plain, with_index)
+    assert_close("out", with_index, reference(case), atol=1e-4, rtol=1e-4)
+
+
+def test_mismatched_index_is_a_clear_error() -> None:
+    case = make_case(seed=27, lengths=[4, 2], n=4, max_pos=0)
+    index = _index_for(case)
+
+    def call(index, **overrides):
+        kwargs = {**case.kwargs(), **overrides}
+        return hstu_attention(case.q, case.k, case.v, case.lengths, index=index, backend="pytorch", **kwargs)
+
+    narrow = make_case(seed=27, lengths=[3, 2], n=3, max_pos=0)
+    with pytest.raises(ValueError, match=r"index was built for shape \[2, 3, 3\]"):
+        call(_index_for(narrow))
+    with pytest.raises(ValueError, match="index was built for max_pos=4, num_buckets=129"):
+        call(index, pos_weight=torch.zeros(9))
+    no_time = {"ts_weight": None, "query_ts": None, "key_ts": None}
+    with pytest.raises(ValueError, match="num_buckets=None"):
+        call(index, **no_time)
+    with pytest.raises(ValueError, match="num_buckets needs query_ts and key_ts"):
+        hstu_attention_index(case.lengths, 4, num_buckets=NUM_BUCKETS)
+
+
+def test_resolve_backend() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "pytorch"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("cuda", torch.device("cpu"))  # type: ignore[arg-type]
