@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# The recommendation service (BentoML) from source: `bentoml serve serving.service:RecommendationService`.
+# Build from the repository root:  docker build -f infra/docker/service.Dockerfile -t recsys-service:0.1.0 .
+# Models come from the BentoML store under $BENTOML_HOME (a volume); pick them with RECSYS_SERVING_RETRIEVER
+# (and RECSYS_SERVING_RANKER, ...: every ServingConfig field, see serving/service.py). The API key, if any,
+# is given at run time (RECSYS_SERVING_API_KEY), never baked into the image.
+FROM python:3.11-slim
+
+# torch comes from PyTorch's CPU wheel index (no CUDA libraries: a much smaller image); the other pins come
+# from PyPI. torch==2.13.0 matches the CPU wheel 2.13.0+cpu, so the second install keeps it.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DO_NOT_TRACK=1 \
+    BENTOML_DO_NOT_TRACK=true \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    STREAMLIT_BROWSER_GATHER_USAGE_STATS=false \
+    RECSYS_HOME=/var/lib/recsys \
+    BENTOML_HOME=/var/lib/recsys/bentoml \
+    PREFECT_HOME=/var/lib/recsys/prefect \
+    RECSYS_PROJECT_DIR=/app
+
+# A fixed non-root uid (10001) that owns the state directory, so a fresh named volume inherits its owner.
+RUN useradd --create-home --uid 10001 recsys \
+    && mkdir -p /var/lib/recsys \
+    && chown recsys:recsys /var/lib/recsys
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml alone: a code change does not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY prefect.toml ./
+COPY core/ core/
+COPY warehouse/ warehouse/
+COPY ingest/ ingest/
+COPY synthetic/ synthetic/
+COPY features/ features/
+COPY models/ models/
+COPY evaluation/ evaluation/
+COPY training/ training/
+COPY experiments/ experiments/
+COPY flows/ flows/
+COPY serving/ serving/
+COPY dashboard/ dashboard/
+COPY simulation/ simulation/
+COPY benchmarks/ benchmarks/
+# Editable: the project root stays /app, where serving/build.py finds pyproject.toml and the bento context.
+RUN pip install --no-deps -e .
+
+USER recsys
+EXPOSE 3000
+# /readyz is BentoML's GET readiness route; it calls RecommendationService.__is_ready__ (models loaded).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4)"]
+CMD ["bentoml", "serve", "serving.service:RecommendationService", "--host", "0.0.0.0", "--port", "3000"]
