@@ -283,20 +283,20 @@ def latency_percentiles(figures: pl.DataFrame) -> alt.Chart:
 
 
 def throughput(figures: pl.DataFrame) -> alt.Chart:
-    """Requests per second per scenario, one horizontal bar per benchmark run."""
-    rows = _finite(figures.filter(pl.col("measure") == "throughput"), "value")
-    bars = max(rows.height, 1)
+    """Requests per second, one horizontal bar per scenario and benchmark run."""
+    rows = _finite(figures.filter(pl.col("measure") == "throughput"), "value").with_columns(
+        (pl.col("scenario") + " · " + pl.col("label")).alias("bar")
+    )
     return (
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            y=alt.Y("scenario:N", title="scenario"),
-            yOffset=alt.YOffset("label:N"),
+            y=alt.Y("bar:N", title=None, axis=alt.Axis(labelLimit=400)),
             x=alt.X("value:Q", title="requests / s"),
-            color=alt.Color("label:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=400)),
+            color=alt.Color("label:N", legend=None),
             tooltip=["label:N", "scenario:N", alt.Tooltip("value:Q", format=".1f"), "hardware:N"],
         )
-        .properties(width=_WIDTH, height=min(60 + 28 * bars, 400))
+        .properties(width=_WIDTH, height=alt.Step(32))
     )
 
 

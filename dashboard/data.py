@@ -23,8 +23,9 @@ OPEN choices and what was picked:
   leading number (``1-5``, ``6-20``, ``21+``), then by the usual words (head, torso, tail; cold, warm; low,
   mid, high), then alphabetically. Slice keys are kept out of the plain metric
   list and get their own section.
-- Distillation runs (kind ``distill``) are their own kind; the offline page can put them beside the runs of
-  another kind in the same comparable group (their names marked ``(distilled)``).
+- Distillation runs (kind ``distill``) are their own kind; the offline page can put a distilled student
+  beside the runs of another kind whose group it shares once the ``"; distilled from ..."`` clause that
+  ``training.distillation`` adds is dropped from its protocol (names marked ``(distilled)``).
 - Benchmarks (runs of kind ``benchmark``): latency figures are the metric keys whose last ``/`` part is
   ``p<q>``, ``mean`` or ``max``, optionally prefixed ``latency_`` and suffixed ``_ms`` (milliseconds, the
   default) or ``_s`` (seconds, converted); throughput keys are ``req_s``, ``rps``, ``qps`` or
@@ -304,6 +305,13 @@ FINAL_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def group_label(dataset: str | None, protocol: str | None, data_version: str | None) -> str:
+    """``"dataset · protocol · data <version>"``: the runs that share it are comparable."""
+    return " · ".join(
+        part for part in (dataset, protocol or "protocol not recorded", f"data {data_version or '?'}") if part
+    )
+
+
 def final_metrics(
     path: str | Path, *, kinds: Sequence[str] | None = None, statuses: Sequence[str] = ("finished",)
 ) -> pl.DataFrame:
@@ -316,15 +324,7 @@ def final_metrics(
     records: list[dict[str, Any]] = []
     for row in runs.iter_rows(named=True):
         proto = protocol_group(row["protocol"])
-        group = " · ".join(
-            part
-            for part in (
-                row["dataset"],
-                proto or "protocol not recorded",
-                f"data {row['data_version'] or '?'}",
-            )
-            if part
-        )
+        group = group_label(row["dataset"], proto, row["data_version"])
         for metric, value in flatten_metrics(row["metrics"]).items():
             records.append(
                 {
@@ -526,14 +526,37 @@ DISTILL_KIND = "distill"
 DISTILLED_SUFFIX = " (distilled)"
 
 
+# The clause ``training.distillation`` appends to a distilled student's protocol; without it the student's
+# protocol is the one of the runs trained on the same split without a teacher.
+_DISTILL_CLAUSE = re.compile(r"\s*;\s*distilled from\b.*$")
+
+
 def with_distilled(final: pl.DataFrame, kind: str) -> pl.DataFrame:
-    """The rows of ``kind`` plus the distillation runs (kind ``distill``) of the same comparable groups, their
-    names marked ``(distilled)`` so a student sits beside the models trained without a teacher."""
+    """The rows of ``kind`` plus the distillation runs (kind ``distill``) that fit one of its comparable
+    groups once the distillation clause (``"; distilled from teacher scores ..."``) is dropped from their
+    protocol, so a distilled student sits beside the same student trained without a teacher. Their names
+    are marked ``(distilled)`` unless they already say so."""
     own = final.filter(pl.col("kind") == kind)
-    distilled = final.filter(
-        (pl.col("kind") == DISTILL_KIND) & pl.col("group").is_in(own["group"].unique().to_list())
-    ).with_columns((pl.col("name") + DISTILLED_SUFFIX).alias("name"))
-    return pl.concat([own, distilled])
+    students = final.filter(pl.col("kind") == DISTILL_KIND)
+    if students.is_empty():
+        return own
+    protocol = [_DISTILL_CLAUSE.sub("", p or "") for p in students["protocol"].to_list()]
+    students = students.with_columns(
+        pl.Series("protocol", protocol, dtype=pl.String),
+        pl.Series(
+            "group",
+            [
+                group_label(d, p, v)
+                for d, p, v in zip(students["dataset"], protocol, students["data_version"], strict=True)
+            ],
+            dtype=pl.String,
+        ),
+        pl.when(pl.col("name").str.contains("(?i)distil"))
+        .then(pl.col("name"))
+        .otherwise(pl.col("name") + DISTILLED_SUFFIX)
+        .alias("name"),
+    ).filter(pl.col("group").is_in(own["group"].unique().to_list()))
+    return pl.concat([own, students])
 
 
 def default_curve_series(series: Sequence[str], metric: str | None = None) -> str | None:
@@ -866,8 +889,8 @@ CONTINUAL_TABLE = "continual_results"
 CONTINUAL_CONTRACT: tuple[Column, ...] = (
     _EID,
     _c("method", "VARCHAR", "the continual-training method (e.g. full retrain, incremental, replay)", True),
-    _c("step", "INTEGER", "the period the model has just learned (0-based)", True),
-    _c("eval_period", "INTEGER", "the period evaluated", True),
+    _c("step", "INTEGER", "the period the model has just learned (1-based)", True),
+    _c("eval_period", "INTEGER", "the period evaluated (1-based, <= step)", True),
     _c("auc", "DOUBLE", "AUC on the evaluated period", True),
     _c("dataset", "VARCHAR", "the dataset"),
     _c("gauc", "DOUBLE", "GAUC on the evaluated period"),
@@ -878,12 +901,13 @@ CONTINUAL_METRICS = ("auc", "gauc")
 
 CONTINUAL_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
     "method": pl.String(),
-    "final_step": pl.Int32(),
     "periods": pl.Int64(),
+    "new_period": pl.Float64(),
     "final_mean": pl.Float64(),
     "avg_forgetting": pl.Float64(),
     "bwt": pl.Float64(),
     "train_seconds": pl.Float64(),
+    "issue": pl.String(),
 }
 
 
@@ -907,46 +931,55 @@ def continual_results(path: str | Path, experiment_id: str | None = None) -> pl.
     )
 
 
-def continual_summary(results: pl.DataFrame, metric: str = "auc") -> pl.DataFrame:
-    """Per method of one experiment, from the matrix R[step, period] of ``metric``:
+def _none_if_nan(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
-    - ``final_mean``: mean of R[T, p] over the periods evaluated after the last step T;
-    - ``avg_forgetting`` (Chaudhry et al. 2018): mean over periods p < T of
-      max_{p <= t < T} R[t, p] - R[T, p], how much of its best score on an earlier period the final model
-      has lost (0 = none);
-    - ``bwt`` (backward transfer, Lopez-Paz & Ranzato 2017): mean over p < T of R[T, p] - R[p, p] (negative =
-      forgetting); null when no period was evaluated right after it was learned;
-    - ``train_seconds``: the sum over steps of ``train_seconds`` (recorded once per step, repeated per row).
+
+def continual_summary(results: pl.DataFrame, metric: str = "auc") -> pl.DataFrame:
+    """Per method of one experiment, the figures of ``evaluation.forgetting.summarize_forgetting`` on the
+    matrix A[step, eval_period] of ``metric`` (1-based; cells above the diagonal are ignored):
+    ``new_period`` = mean of A[i, i], ``final_mean`` = mean of A[k, j], ``avg_forgetting`` = mean over j < k
+    of max_{j <= i < k} A[i, j] - A[k, j], ``bwt`` = mean over j < k of A[k, j] - A[j, j]; and
+    ``train_seconds`` = the sum over steps of ``train_seconds`` (recorded once per step, repeated per row).
+    A method whose matrix is incomplete (a run still going) gets null figures and the reason in ``issue``.
     """
+    from evaluation.forgetting import forgetting_matrix, summarize_forgetting
+
     if metric not in CONTINUAL_METRICS:
         raise ValueError(f"metric must be one of {CONTINUAL_METRICS}, got {metric!r}")
     records: list[dict[str, Any]] = []
     for method in results["method"].unique(maintain_order=True).to_list():
-        rows = results.filter((pl.col("method") == method) & pl.col(metric).is_not_null())
-        if rows.is_empty():
+        rows = results.filter(
+            (pl.col("method") == method)
+            & (pl.col("eval_period") <= pl.col("step"))
+            & pl.col(metric).is_finite()
+        )
+        per_step = (
+            results.filter(pl.col("method") == method).group_by("step").agg(pl.col("train_seconds").first())
+        )
+        seconds = per_step["train_seconds"]
+        record: dict[str, Any] = {
+            "method": method,
+            "train_seconds": seconds.sum() if seconds.null_count() < seconds.len() else None,
+        }
+        try:
+            cells = zip(
+                rows["step"].to_list(), rows["eval_period"].to_list(), rows[metric].to_list(), strict=True
+            )
+            summary = summarize_forgetting(forgetting_matrix(list(cells)))
+        except ValueError as exc:
+            records.append(record | {"issue": str(exc)})
             continue
-        matrix = {(r["step"], r["eval_period"]): r[metric] for r in rows.iter_rows(named=True)}
-        last = max(step for step, _ in matrix)
-        final = {p: v for (t, p), v in matrix.items() if t == last}
-        forgetting, transfer = [], []
-        for p, final_value in final.items():
-            if p >= last:
-                continue
-            earlier = [v for (t, q), v in matrix.items() if q == p and p <= t < last]
-            if earlier:
-                forgetting.append(max(earlier) - final_value)
-            if (p, p) in matrix:
-                transfer.append(final_value - matrix[(p, p)])
-        per_step = rows.group_by("step").agg(pl.col("train_seconds").first())["train_seconds"]
+
         records.append(
-            {
-                "method": method,
-                "final_step": last,
-                "periods": len(final),
-                "final_mean": sum(final.values()) / len(final),
-                "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else None,
-                "bwt": sum(transfer) / len(transfer) if transfer else None,
-                "train_seconds": per_step.sum() if per_step.null_count() < per_step.len() else None,
+            record
+            | {
+                "periods": summary.n_periods,
+                "new_period": summary.new_period_auc,
+                "final_mean": summary.average_final_auc,
+                # NaN with a single period: nothing can have been forgotten yet.
+                "avg_forgetting": _none_if_nan(summary.average_forgetting),
+                "bwt": _none_if_nan(summary.backward_transfer),
             }
         )
     return pl.DataFrame(records, schema=CONTINUAL_SUMMARY_SCHEMA)

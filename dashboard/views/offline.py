@@ -112,7 +112,8 @@ def main() -> None:
     runs = runs.filter(pl.col("status") != "running") if runs.height > 1 else runs
     labels = {}
     for r in runs.iter_rows(named=True):
-        student = data.DISTILLED_SUFFIX if r["kind"] == data.DISTILL_KIND != kind else ""
+        marked = r["kind"] != data.DISTILL_KIND or kind == data.DISTILL_KIND or "distil" in r["name"].lower()
+        student = "" if marked else data.DISTILLED_SUFFIX
         labels[f"{r['name']}{student} · seed {r['seed']} · {r['dataset']} · {r['run_id'][-6:]}"] = r["run_id"]
     chosen = st.multiselect(
         "Runs",

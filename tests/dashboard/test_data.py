@@ -33,19 +33,20 @@ VALID_CURVE = [0.02, 0.035, 0.04]  # valid/ndcg@10 per epoch of hstu seed 1
 # Slice metrics of every retrieval run: bucket -> (factor on the run's test/ndcg@10, bucket size n).
 USER_ACTIVITY = {"21+": (1.3, 25), "1-5": (0.6, 40), "6-20": (1.0, 35)}  # recorded out of order on purpose
 COLD_START = {"warm": (1.1, 90), "cold": (0.2, 10)}
-DISTILL_TEST_NDCG = {1: 0.058, 2: 0.060}  # sasrec student of an hstu teacher, per seed
-# Continual results: method -> R[step learned][period evaluated] of auc; train_seconds per step.
+DISTILL_TEST_AUC = {1: 0.735, 2: 0.745}  # a din student distilled from teacher scores, per seed
+# Continual results: method -> A[step][eval_period] of auc, row i = after learning period i + 1, only the
+# periods learned so far (as experiments.continual writes them); train_seconds per step.
 CONTINUAL_AUC = {
     "incremental": [
-        [0.760, 0.700, 0.690, 0.680],
-        [0.730, 0.770, 0.705, 0.690],
-        [0.700, 0.740, 0.780, 0.710],
+        [0.760],
+        [0.730, 0.770],
+        [0.700, 0.740, 0.780],
         [0.680, 0.715, 0.750, 0.790],
     ],
     "replay": [
-        [0.750, 0.700, 0.690, 0.680],
-        [0.748, 0.760, 0.700, 0.690],
-        [0.752, 0.755, 0.765, 0.700],
+        [0.750],
+        [0.748, 0.760],
+        [0.752, 0.755, 0.765],
         [0.745, 0.750, 0.760, 0.770],
     ],
 }
@@ -111,8 +112,8 @@ def continual_frame() -> pl.DataFrame:
             "experiment_id": "cont-1",
             "dataset": "synthetic",
             "method": method,
-            "step": step,
-            "eval_period": period,
+            "step": step + 1,  # 1-based, as experiments.continual records them
+            "eval_period": period + 1,
             "auc": auc,
             "gauc": auc - 0.05,
             "n_examples": 1000 + 100 * period,
@@ -291,16 +292,16 @@ def build_warehouse(path: Path) -> Built:
         log.log_metrics(run_id, {"auc": auc - 0.01}, step=2, split="valid")
         log.finish(run_id, metrics={"test/auc": auc, "test/gauc": auc - 0.05, "test/logloss": 0.55})
         built.run_ids[f"din-{seed}"] = run_id
-    for seed, ndcg in DISTILL_TEST_NDCG.items():
+    for seed, auc in DISTILL_TEST_AUC.items():  # as training.distillation records a distilled student
         run_id = log.start(
             "distill",
-            "sasrec",
-            config={"model": "sasrec", "teacher": "hstu", "dataset": "synthetic", "distill": {"alpha": 0.5}},
-            data_version=version,
-            protocol=f"{PROTOCOL}; seed {seed}",
+            "din-distilled",
+            config={"model": "din", "teacher": {"models": ["hyformer"]}, "dataset": "ml100k"},
+            data_version="ex-v1",
+            protocol=f"global temporal cut; seed {seed}; distilled from teacher scores t1 (tau 1, lambda 1)",
             seed=seed,
         )
-        log.finish(run_id, metrics={"test/ndcg@10": ndcg, "test/hr@10": 2 * ndcg})
+        log.finish(run_id, metrics={"test/auc": auc, "test/gauc": auc - 0.05, "test/logloss": 0.54})
         built.run_ids[f"distill-{seed}"] = run_id
     failed = log.start("ranking", "dcn", config={"dataset": "ml100k"}, data_version="ex-v1", seed=1)
     log.finish(failed, status="failed", error="FloatingPointError: loss is nan")
@@ -347,9 +348,7 @@ def test_runs_are_listed_and_filtered(built: Built) -> None:
     runs = data.list_runs(built.path)
     assert runs.height == 7 + 2 + 2 + 1 + 1  # retrieval (with the re-run), distill, ranking, failed, bench
     distill = data.list_runs(built.path, kinds=["distill"])
-    assert sorted(distill["seed"].to_list()) == [1, 2] and set(distill["data_version"]) == {
-        built.events_versions[-1]
-    }
+    assert sorted(distill["seed"].to_list()) == [1, 2] and set(distill["dataset"]) == {"ml100k"}
     assert runs["started_at"].is_sorted(descending=True)
     ranking = data.list_runs(built.path, kinds=["ranking"])
     assert sorted(ranking["name"].to_list()) == ["dcn", "din", "din"]
@@ -590,27 +589,45 @@ def test_bucket_order_is_numeric_then_natural_words() -> None:
 
 def test_distilled_students_join_their_comparison_group(built: Built) -> None:
     final = data.final_metrics(built.path)
-    both = data.with_distilled(final, "retrieval")
-    summary = data.summarise(both, "test/ndcg@10")
-    assert summary["group"].n_unique() == 1
-    student = summary.filter(pl.col("name") == "sasrec" + data.DISTILLED_SUFFIX).row(0, named=True)
+    distill = final.filter(pl.col("kind") == "distill")
+    assert distill["group"].n_unique() == 1 and "distilled from" in distill["group"][0]  # a group of its own
+    summary = data.summarise(data.with_distilled(final, "ranking"), "test/auc")
+    assert summary["group"].to_list() == ["ml100k · global temporal cut · data ex-v1"] * 2
+    student = summary.filter(pl.col("name") == "din-distilled").row(0, named=True)  # already says "distilled"
     assert student["kind"] == "distill" and student["n_seeds"] == 2
-    assert student["mean"] == pytest.approx(np.mean(list(DISTILL_TEST_NDCG.values())))
-    # A kind with no distillation run in its groups gets none.
-    assert set(data.with_distilled(final, "ranking")["kind"]) == {"ranking"}
+    assert student["mean"] == pytest.approx(np.mean(list(DISTILL_TEST_AUC.values())))
+    # A kind whose groups no student shares gets none.
+    assert set(data.with_distilled(final, "retrieval")["kind"]) == {"retrieval"}
+
+
+def test_a_student_without_distilled_in_its_name_is_marked() -> None:
+    final = pl.DataFrame(
+        {
+            "kind": ["ranking", "distill"],
+            "name": ["mlp", "mlp"],
+            "dataset": ["d", "d"],
+            "protocol": ["cut", "cut; distilled from teacher scores v (tau 2.0, lambda 0.5)"],
+            "data_version": ["v", "v"],
+            "group": ["d · cut · data v", "d · cut; distilled from teacher scores v · data v"],
+        }
+    )
+    both = data.with_distilled(final, "ranking")
+    assert both["name"].to_list() == ["mlp", "mlp" + data.DISTILLED_SUFFIX]
+    assert both["group"].n_unique() == 1
 
 
 def test_continual_results_summarise_forgetting(built: Built) -> None:
     results = data.continual_results(built.path)
-    assert results.height == 2 * 4 * 4 and results["step"].dtype == pl.Int32
+    assert results.height == 2 * (1 + 2 + 3 + 4) and results["step"].dtype == pl.Int32
     summary = {r["method"]: r for r in data.continual_summary(results, "auc").iter_rows(named=True)}
     inc, rep = summary["incremental"], summary["replay"]
-    assert inc["final_step"] == 3 and inc["periods"] == 4
+    assert inc["periods"] == 4 and inc["issue"] is None
+    assert inc["new_period"] == pytest.approx((0.76 + 0.77 + 0.78 + 0.79) / 4)
     assert inc["final_mean"] == pytest.approx((0.68 + 0.715 + 0.75 + 0.79) / 4)
-    # max over steps p..2 of R[t, p] minus R[3, p], for p = 0, 1, 2
+    # max over steps j..3 of A[i, j] minus A[4, j], for j = 1, 2, 3
     assert inc["avg_forgetting"] == pytest.approx((0.08 + 0.055 + 0.03) / 3)
     assert inc["bwt"] == pytest.approx(-(0.08 + 0.055 + 0.03) / 3)
-    # replay's best score on period 0 came after it was learned: forgetting and BWT differ
+    # replay's best score on period 1 came after it was learned: forgetting and BWT differ
     assert rep["avg_forgetting"] == pytest.approx((0.007 + 0.01 + 0.005) / 3)
     assert rep["bwt"] == pytest.approx(-(0.005 + 0.01 + 0.005) / 3)
     assert rep["train_seconds"] == pytest.approx(18.0) and inc["train_seconds"] == pytest.approx(8.0)
@@ -622,6 +639,16 @@ def test_continual_results_summarise_forgetting(built: Built) -> None:
     )
     with pytest.raises(ValueError, match="metric must be one of"):
         data.continual_summary(results, "ndcg")
+
+
+def test_an_incomplete_forgetting_matrix_is_reported_not_summarised() -> None:
+    results = continual_frame().filter(
+        ~((pl.col("method") == "replay") & (pl.col("step") == 4) & (pl.col("eval_period") == 2))
+    )
+    summary = data.continual_summary(results).sort("method")
+    assert summary["issue"].to_list()[0] is None
+    replay = summary.row(1, named=True)
+    assert replay["final_mean"] is None and "missing cells" in replay["issue"] and "(4, 2)" in replay["issue"]
 
 
 def test_continual_contract_names_a_missing_column(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard import data
 from tests.dashboard.test_data import (
     CONTINUAL_AUC,
-    DISTILL_TEST_NDCG,
+    DISTILL_TEST_AUC,
     RETRIEVAL_TEST_NDCG,
     USER_ACTIVITY,
     Built,
@@ -68,7 +68,7 @@ def test_runs_page_lists_runs_and_shows_details(monkeypatch: pytest.MonkeyPatch,
     at.multiselect[0].set_value(["distill"]).run()  # kind filter
     assert not at.exception
     assert sorted(at.dataframe[0].value["seed"]) == [1, 2]
-    assert json.loads(at.json[0].proto.body)["teacher"] == "hstu"
+    assert json.loads(at.json[0].proto.body)["teacher"] == {"models": ["hyformer"]}
     at.multiselect[0].set_value([]).run()
 
     run_id = built.run_ids["hstu-1"]
@@ -102,9 +102,6 @@ def test_offline_page_compares_models_on_a_chosen_metric(
     summary = at.dataframe[0].value
     hstu = summary[summary["name"] == "hstu"].iloc[0]
     assert hstu["n_seeds"] == 3 and hstu["mean"] == pytest.approx(_mean("hstu"), abs=1e-5)
-    student = summary[summary["name"] == "sasrec (distilled)"].iloc[0]
-    assert student["n_seeds"] == 2
-    assert student["mean"] == pytest.approx(sum(DISTILL_TEST_NDCG.values()) / 2, abs=1e-5)
     assert len(_charts(at)) == 3  # the group's error-bar chart, the slices and the training curves
     assert _selectbox(at, "Curve metric").value == "valid/ndcg@10"
 
@@ -119,8 +116,7 @@ def test_offline_page_compares_models_on_a_chosen_metric(
         [USER_ACTIVITY[b][0] * _mean("hstu") for b in ("1-5", "6-20", "21+")]
     )
 
-    at.checkbox[0].uncheck().run()  # without the distilled students
-    assert "sasrec (distilled)" not in set(at.dataframe[0].value["name"])
+    assert not at.checkbox  # no distilled student shares a retrieval group
 
     metric = _selectbox(at, "Metric")
     metric.set_value("test/hr@10").run()
@@ -132,8 +128,13 @@ def test_offline_page_compares_models_on_a_chosen_metric(
     _selectbox(at, "Kind").set_value("ranking").run()
     assert not at.exception
     assert _selectbox(at, "Metric").value == "test/auc"
-    assert at.dataframe[0].value.iloc[0]["mean"] == pytest.approx(0.72)
+    summary = at.dataframe[0].value.set_index("name")
+    assert summary.loc["din", "mean"] == pytest.approx(0.72)
+    student = summary.loc["din-distilled"]  # the distilled student beside the model trained without a teacher
+    assert student["n_seeds"] == 2 and student["mean"] == pytest.approx(sum(DISTILL_TEST_AUC.values()) / 2)
     assert any("No slice metrics recorded" in c.value for c in at.caption)
+    at.checkbox[0].uncheck().run()  # without the distilled students
+    assert list(at.dataframe[0].value["name"]) == ["din"]
 
 
 def test_continual_page_shows_forgetting_matrices(monkeypatch: pytest.MonkeyPatch, built: Built) -> None:
@@ -149,10 +150,10 @@ def test_continual_page_shows_forgetting_matrices(monkeypatch: pytest.MonkeyPatc
     rows = _chart_rows(at)
     heat = next(f for f in rows if {"step", "eval_period", "value"} <= set(f.columns))
     cell = heat.filter(
-        (pl.col("method") == "incremental") & (pl.col("step") == 2) & (pl.col("eval_period") == 1)
+        (pl.col("method") == "incremental") & (pl.col("step") == 3) & (pl.col("eval_period") == 2)
     )
     assert cell["value"].to_list() == pytest.approx([CONTINUAL_AUC["incremental"][2][1]])
-    assert heat.height == 2 * 4 * 4
+    assert heat.height == 2 * (1 + 2 + 3 + 4)
 
     _selectbox(at, "Metric").set_value("gauc").run()
     assert not at.exception
@@ -169,6 +170,15 @@ def test_continual_page_names_a_broken_table(monkeypatch: pytest.MonkeyPatch, tm
         wh.publish("continual_results", continual_frame().drop("auc"))
     at = _app(monkeypatch, path, "views/continual.py")
     assert any("missing required column(s) ['auc']" in e.value for e in at.error)
+
+    partial = tmp_path / "partial.duckdb"  # a run still going: step 4 has evaluated only period 1 so far
+    with Warehouse(partial) as wh:
+        wh.publish(
+            "continual_results", continual_frame().filter((pl.col("step") < 4) | (pl.col("eval_period") == 1))
+        )
+    at = _app(monkeypatch, partial, "views/continual.py")
+    assert [w.value.split(":")[0] for w in at.warning] == ["incremental", "replay"]
+    assert len(_charts(at)) == 3  # the matrices are still drawn
 
 
 def test_ab_page_renders_lift_sequential_srm_and_off_policy(
