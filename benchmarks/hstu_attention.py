@@ -209,7 +209,8 @@ def run_model_steps(args: argparse.Namespace, device: torch.device, where: str) 
     )
     if device.type != "cuda":
         print(
-            "cpu ms = process CPU time per step: with one thread, the figure a busy shared machine distorts least"
+            "cpu ms = process CPU time per step (median): with one thread, the figure that a busy shared "
+            "machine distorts least"
         )
     header = f"{'model':>12} {'N':>6} {'median ms':>10} {'min ms':>10} {'cpu ms':>10} {'peak MB':>10}"
     print(header)

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -52,6 +52,7 @@ class Outcome:
     wall_s: float
     server_cpu_s: float = float("nan")  # CPU seconds of the server's processes over the measured part
     client_cpu_s: float = float("nan")  # CPU seconds of this (client) process over the measured part
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "<status>: <body start>" or the exception
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies_ms)
@@ -91,6 +92,7 @@ async def run_load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     sent = 0
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0, headers=headers) as client:
         warm_end = time.perf_counter() + warmup_s
@@ -107,12 +109,15 @@ async def run_load(
                 try:
                     response = await client.post(path, content=body)
                     ok = response.status_code == 200
-                except httpx.HTTPError:
+                    kind = f"{response.status_code}: {response.text[:200]}"
+                except httpx.HTTPError as exc:
                     ok = False
+                    kind = f"{type(exc).__name__}: {exc}"[:200]
                 if ok:
                     latencies.append((time.perf_counter() - started) * 1e3)
                 else:
                     errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
         cpu0 = server_cpu() if server_cpu else float("nan")
         client0 = time.process_time()
@@ -121,7 +126,7 @@ async def run_load(
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client0
         server = server_cpu() - cpu0 if server_cpu else float("nan")
-    return Outcome(latencies, errors, wall, server, client_cpu)
+    return Outcome(latencies, errors, wall, server, client_cpu, kinds)
 
 
 def _process_tree_cpu(pid: int) -> float:
@@ -391,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f} "
                 f"{s['server_cpu_ms']:>9.2f} {s['client_cpu_ms']:>9.2f}"
             )
+            for kind, count in outcome.error_kinds.items():
+                print(f"{'':>10} error x{count}: {kind}")
             keys = ("p50_ms", "p95_ms", "p99_ms", "rps", "server_cpu_ms", "client_cpu_ms")
             figures |= {f"{scenario}/{key}": float(s[key]) for key in keys}
             figures[f"{scenario}/errors"] = float(s["errors"])

@@ -280,12 +280,14 @@ def test_a_feature_ranker_is_served_over_http(ranker_server: RankerServer) -> No
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"history": [{"item_id": 1, "ts": 5, "value": "high"}], "candidates": [1]}, "value"),
-        ({"history": [{"item_id": 1, "ts": 5, "value": 1e999}], "candidates": [1]}, "value"),
-        ({"user_id": 3, "candidates": [1, 1]}, "candidates"),
+        (b'{"history": [{"item_id": 1, "ts": 5, "value": "high"}], "candidates": [1]}', "value"),
+        (b'{"history": [{"item_id": 1, "ts": 5, "value": 1e999}], "candidates": [1]}', "value"),
+        (b'{"history": [{"item_id": 1, "ts": 5, "value": NaN}], "candidates": [1]}', "value"),
+        (b'{"user_id": 3, "candidates": [1, 1]}', "candidates"),
     ],
 )
-def test_feature_ranker_bad_fields_are_4xx(ranker_server: RankerServer, body: object, field: str) -> None:
-    response = httpx.post(f"{ranker_server.url}/rank", json=body, timeout=30)
+def test_feature_ranker_bad_fields_are_4xx(ranker_server: RankerServer, body: bytes, field: str) -> None:
+    headers = {"content-type": "application/json"}
+    response = httpx.post(f"{ranker_server.url}/rank", content=body, headers=headers, timeout=30)
     assert 400 <= response.status_code < 500, response.text
     assert field in response.text
