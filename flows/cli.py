@@ -16,10 +16,15 @@ from rich.table import Table
 
 import core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from core.config import PathsConfig
+from experiments.continual import app as continual_app
+from experiments.distillation import app as distill_app
 from experiments.ranking import app as ranking_app
 from experiments.retrieval import app as retrieval_app
+from flows.ab_test import app as ab_app
 from flows.build_features import app as features_app
+from flows.parallel_features import app as parallel_features_app
 from serving.build import app as serving_app
+from training.distributed import app as ddp_app
 
 app = typer.Typer(
     help="End-to-end recommender platform: data -> features -> models -> serving -> A/B readout.",
@@ -30,6 +35,13 @@ app.add_typer(features_app, name="features", help="Ingest a dataset and build it
 app.add_typer(retrieval_app, name="retrieval", help="Sequential retrieval: SASRec, HSTU, popularity.")
 app.add_typer(ranking_app, name="ranking", help="Ranking/CTR: DeepFM, DIN, RankMixer, LONGER, HyFormer.")
 app.add_typer(serving_app, name="serving", help="Model registry, bento build, impressions log.")
+app.add_typer(distill_app, name="distill", help="Teacher -> student distillation for serving.")
+app.add_typer(continual_app, name="continual", help="Continual training: fine-tune vs replay vs SDFT.")
+app.add_typer(ab_app, name="ab", help="Simulated A/B tests between served models.")
+app.add_typer(
+    parallel_features_app, name="parallel-features", help="Feature build partitioned over a Dask cluster."
+)
+app.add_typer(ddp_app, name="train-ddp", help="DistributedDataParallel training launched by torchrun.")
 
 console = Console()
 
@@ -107,7 +119,8 @@ def serve_command(
         if packaged is None:
             console.print("No packaged model yet: run `recsys pipeline` first, or pass --retriever.")
             raise typer.Exit(1)
-        retriever, ranker = packaged["retriever"], ranker or packaged.get("ranker")
+        retriever = packaged.get("served", packaged["retriever"])
+        ranker = ranker or packaged.get("ranker")
     env = dict(os.environ, RECSYS_SERVING_RETRIEVER=retriever)
     if ranker:
         env["RECSYS_SERVING_RANKER"] = ranker

@@ -42,8 +42,10 @@ def register_learned_retriever(
     num_items: int,
     max_len: int,
     metrics: Mapping[str, float] | None = None,
+    store: str | None = None,
 ) -> str:
-    """Rebuild ``name`` with its training config, load the best weights, register it; returns the tag."""
+    """Rebuild ``name`` with its training config, load the best weights, register it under ``store``
+    (default ``<dataset>-<name>``); returns the tag."""
     best = weights_path(checkpoint_dir, "best")
     if not best.exists():
         raise FileNotFoundError(
@@ -53,7 +55,7 @@ def register_learned_retriever(
     load_weights(model, best)
     items, histories, data_version = _dataset_inputs(warehouse_path, dataset)
     return register_model(
-        store_name(dataset, name),
+        store or store_name(dataset, name),
         architecture=name,
         task="retrieval",
         model=model.eval(),

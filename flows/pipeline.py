@@ -42,7 +42,13 @@ from training.ranking import RankingDataConfig, RankingTrainConfig
 from training.retrieval import RetrievalTrainConfig
 
 Profile = Literal["quick", "full"]
-STAGES = ("features", "retrieval", "ranking", "package")
+TITLES = {
+    "retrieval": "Retrieval (leave-one-out, test)",
+    "ranking": "Ranking (temporal split, test)",
+    "distill": "Distillation (teacher -> student)",
+    "ab": "Simulated A/B test (packaged retriever vs popularity)",
+}
+STAGES = ("features", "retrieval", "ranking", "distill", "package", "ab")
 
 
 class RankingStageConfig(FrozenModel):
@@ -73,13 +79,30 @@ class PipelineConfig(FrozenModel):
     features: FeatureConfig = FeatureConfig()
     retrieval_models: tuple[str, ...] = ("popularity", "sasrec", "hstu")
     retrieval_train: RetrievalTrainConfig = RetrievalTrainConfig()
-    retrieval_loop: LoopConfig = LoopConfig(max_epochs=4, patience=2, progress=False)
+    retrieval_loop: LoopConfig = LoopConfig(max_epochs=10, patience=3, progress=False)
     ranking: RankingStageConfig = RankingStageConfig()
     seeds: tuple[int, ...] = (0,)
     stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for training (None: torch's default)."
     )
+    distill: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TeacherStudentConfig fields over the profile's preset (quick: its .quick()).",
+    )
+    ab: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ABTestFlowConfig fields over the quick preset (arms: the package's).",
+    )
+
+    def distill_config(self):  # noqa: ANN201  (experiments.distillation is imported lazily)
+        """The teacher -> student comparison on this run's dataset and features."""
+        from experiments.distillation import TeacherStudentConfig
+
+        common = {"dataset": self.dataset.dataset, "features": self.features}
+        if self.profile == "full":
+            return TeacherStudentConfig(**(common | self.distill))
+        return TeacherStudentConfig.quick(**(common | self.distill))
 
     @classmethod
     def for_profile(
@@ -208,6 +231,49 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
+@flow(name="distill-stage", log_prints=False)
+def distill_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Teacher -> small student with precomputed teacher scores; the table and the goal check."""
+    from experiments.distillation import run_teacher_student
+
+    log = get_run_logger()
+    result = run_teacher_student(config.distill_config(), echo=log.info)
+    summary = result.summary()
+    create_markdown_artifact(
+        key=f"distill-{_slug(config.dataset.dataset)}",
+        markdown=f"# Distillation on {config.dataset.dataset}\n\n{summary.table}\n\n{summary.goal_line}\n",
+        description="Teacher vs distilled student vs the same student without distillation vs DeepFM",
+    )
+    return {
+        "table": f"{summary.table}\n\n{summary.goal_line}",
+        "auc": summary.auc,
+        "flops_ratio": summary.flops_ratio,
+        "lift_retained": summary.lift_retained,
+        "goal_met": summary.goal_met,
+        "report": str(summary.report_path) if summary.report_path else None,
+    }
+
+
+@flow(name="ab-stage", log_prints=False)
+def ab_stage(config: PipelineConfig, package: dict[str, Any]) -> dict[str, Any]:
+    """Simulate an A/B test of the packaged retriever against the popularity control."""
+    from flows.ab_test import ABTestFlowConfig, ab_test_flow
+
+    flow_config = ABTestFlowConfig.quick(
+        **(
+            {"dataset": config.dataset.dataset, "tags": (package["control"], package["retriever"])}
+            | config.ab
+        )
+    )
+    result = ab_test_flow(flow_config)
+    return {
+        "table": result.lift_table,
+        "experiment_id": result.experiment_id,
+        "run_id": result.run_id,
+        "arms": result.arms,
+    }
+
+
 @flow(name="package-stage", log_prints=False)
 def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str, Any]:
     """Register the best retriever and the popularity fallback in the model store; build the bento."""
@@ -231,10 +297,21 @@ def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str
         max_len=retrieval["max_len"],
         metrics=model["test"],
     )
+    # The same model under a stable name: what deployments pin (``<dataset>-retriever:latest``).
+    served = register_learned_retriever(
+        paths.warehouse,
+        dataset,
+        best,
+        Path(model["checkpoint"]),
+        num_items=retrieval["num_items"],
+        max_len=retrieval["max_len"],
+        metrics=model["test"],
+        store=f"{_slug(dataset)}-retriever",
+    )
     control = register_popularity(paths.warehouse, dataset)
-    bento = build_bento(ServingConfig(retriever=retriever))
+    bento = build_bento(ServingConfig(retriever=served))
     log.info("packaged %s (control %s) as bento %s", retriever, control, bento)
-    return {"retriever": retriever, "control": control, "ranker": None, "bento": bento}
+    return {"retriever": retriever, "served": served, "control": control, "ranker": None, "bento": bento}
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------
@@ -300,7 +377,7 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
         def want(stage: str) -> bool:
             return stage in config.stages
 
-        if want("retrieval") or want("package"):
+        if want("retrieval") or want("package") or want("ab"):
             key = stage_cache.stage_key(
                 "retrieval",
                 versions,
@@ -314,12 +391,19 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
         if want("ranking"):
             key = stage_cache.stage_key("ranking", versions, config.ranking, config.seeds, config.features)
             _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh)
-        if want("package"):
+        if want("distill"):
+            key = stage_cache.stage_key("distill", versions, config.distill_config())
+            _run_stage("distill", key, lambda: distill_stage(config), records, skipped, seconds, wh)
+        if want("package") or want("ab"):
             retrieval = records["retrieval"]
             key = stage_cache.stage_key("package", ds, retrieval["best"], retrieval["models"])
             _run_stage(
                 "package", key, lambda: package_stage(config, retrieval), records, skipped, seconds, wh
             )
+        if want("ab"):
+            package = records["package"]
+            key = stage_cache.stage_key("ab", versions, package["retriever"], package["control"], config.ab)
+            _run_stage("ab", key, lambda: ab_stage(config, package), records, skipped, seconds, wh)
 
         result = PipelineResult(
             dataset=ds,
@@ -346,9 +430,9 @@ def summary_markdown(result: PipelineResult) -> str:
     lines.append("|---|---|---|")
     for stage, secs in result.stage_seconds.items():
         lines.append(f"| {stage} | {secs:.1f} | {'skipped (unchanged)' if stage in result.skipped else ''} |")
-    for stage in ("retrieval", "ranking", "distill"):
+    for stage in ("retrieval", "ranking", "distill", "ab"):
         if stage in result.stages and result.stages[stage].get("table"):
-            lines += ["", f"## {stage.capitalize()}", "", result.stages[stage]["table"]]
+            lines += ["", f"## {TITLES[stage]}", "", result.stages[stage]["table"]]
     if "package" in result.stages:
         pkg = result.stages["package"]
         lines += ["", "## Package", "", "```json", json.dumps(pkg, indent=2, sort_keys=True), "```"]
@@ -363,9 +447,9 @@ def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
         for k, v in result.stage_seconds.items()
     )
     lines = [f"Pipeline finished on dataset '{result.dataset}'.", f"Stage wall times: {done}", ""]
-    for stage in ("retrieval", "ranking", "distill"):
+    for stage in ("retrieval", "ranking", "distill", "ab"):
         if stage in result.stages and result.stages[stage].get("table"):
-            lines += [result.stages[stage]["table"], ""]
+            lines += [f"{TITLES[stage]}:", result.stages[stage]["table"], ""]
     lines += [
         f"Summary report:   {result.report}",
         f"Warehouse:        {paths.warehouse}  (tables, lineage, runs)",
@@ -375,9 +459,9 @@ def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
     pkg = result.stages.get("package")
     if pkg:
         lines += [
-            f"Bento:            {pkg['bento']}  (retriever {pkg['retriever']})",
+            f"Bento:            {pkg['bento']}  (retriever {pkg.get('served', pkg['retriever'])})",
             "Serve it:         .venv/bin/recsys serve   (then POST http://127.0.0.1:3000/recommend "
-            '{"request": {"user_id": 1, "k": 10}})',
+            '{"user_id": 1, "k": 10})',
         ]
     lines += [
         "Dashboard:        .venv/bin/recsys dashboard   (opens http://127.0.0.1:8501)",
