@@ -16,32 +16,39 @@ from rich.table import Table
 
 import core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from core.config import PathsConfig
-from experiments.continual import app as continual_app
-from experiments.distillation import app as distill_app
-from experiments.ranking import app as ranking_app
-from experiments.retrieval import app as retrieval_app
-from flows.ab_test import app as ab_app
-from flows.build_features import app as features_app
-from flows.parallel_features import app as parallel_features_app
-from serving.build import app as serving_app
-from training.distributed import app as ddp_app
 
 app = typer.Typer(
     help="End-to-end recommender platform: data -> features -> models -> serving -> A/B readout.",
     no_args_is_help=True,
     add_completion=False,
 )
-app.add_typer(features_app, name="features", help="Ingest a dataset and build its features and exports.")
-app.add_typer(retrieval_app, name="retrieval", help="Sequential retrieval: SASRec, HSTU, popularity.")
-app.add_typer(ranking_app, name="ranking", help="Ranking/CTR: DeepFM, DIN, RankMixer, LONGER, HyFormer.")
-app.add_typer(serving_app, name="serving", help="Model registry, bento build, impressions log.")
-app.add_typer(distill_app, name="distill", help="Teacher -> student distillation for serving.")
-app.add_typer(continual_app, name="continual", help="Continual training: fine-tune vs replay vs SDFT.")
-app.add_typer(ab_app, name="ab", help="Simulated A/B tests between served models.")
-app.add_typer(
-    parallel_features_app, name="parallel-features", help="Feature build partitioned over a Dask cluster."
-)
-app.add_typer(ddp_app, name="train-ddp", help="DistributedDataParallel training launched by torchrun.")
+#: Sub-apps, imported only when their command runs (``main``): importing every stage costs seconds, which a
+#: re-run of the pipeline that skips every stage would otherwise pay. ``recsys --help`` mounts them all.
+SUBAPPS: dict[str, tuple[str, str]] = {
+    "features": ("flows.build_features", "Ingest a dataset and build its features and exports."),
+    "retrieval": ("experiments.retrieval", "Sequential retrieval: SASRec, HSTU, popularity."),
+    "ranking": ("experiments.ranking", "Ranking/CTR: DeepFM, DIN, RankMixer, LONGER, HyFormer."),
+    "serving": ("serving.build", "Model registry, bento build, impressions log."),
+    "distill": ("experiments.distillation", "Teacher -> student distillation for serving."),
+    "continual": ("experiments.continual", "Continual training: fine-tune vs replay vs SDFT."),
+    "ab": ("flows.ab_test", "Simulated A/B tests between served models."),
+    "parallel-features": ("flows.parallel_features", "Feature build partitioned over a Dask cluster."),
+    "train-ddp": ("training.distributed", "DistributedDataParallel training launched by torchrun."),
+}
+
+
+def mount(names: list[str] | None = None) -> typer.Typer:
+    """Mount the named sub-apps (all by default) on ``app``; returns it."""
+    import importlib
+
+    mounted = {group.name for group in app.registered_groups}
+    for name in SUBAPPS if names is None else names:
+        if name in mounted:
+            continue
+        module, help_text = SUBAPPS[name]
+        app.add_typer(importlib.import_module(module).app, name=name, help=help_text)
+    return app
+
 
 console = Console()
 
@@ -216,7 +223,16 @@ def where_command() -> None:
         console.print(f"{name:10s} {getattr(paths, name)}")
 
 
-def main() -> None:  # pragma: no cover - console-script entry point
+def main() -> None:
+    """Console-script entry point: mounts only the sub-app the command line names (all for help)."""
+    import sys
+
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    core_commands = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    if first in SUBAPPS:
+        mount([first])
+    elif first not in core_commands:
+        mount()
     app()
 
 

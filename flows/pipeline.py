@@ -31,9 +31,6 @@ from pydantic import Field
 import core  # noqa: F401  (telemetry off, Prefect start-up timeout)
 from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
-from experiments.ranking import RankingExperimentConfig, run_ranking_experiment
-from experiments.ranking import format_table as format_ranking_table
-from experiments.retrieval import RetrievalExperimentConfig, format_table, run_retrieval_experiment
 from features.config import FeatureConfig
 from flows import stage_cache
 from flows.build_features import DatasetSpec, build_features_flow
@@ -79,7 +76,7 @@ class PipelineConfig(FrozenModel):
     features: FeatureConfig = FeatureConfig()
     retrieval_models: tuple[str, ...] = ("popularity", "sasrec", "hstu")
     retrieval_train: RetrievalTrainConfig = RetrievalTrainConfig()
-    retrieval_loop: LoopConfig = LoopConfig(max_epochs=10, patience=3, progress=False)
+    retrieval_loop: LoopConfig = LoopConfig(max_epochs=20, patience=3, progress=False)
     ranking: RankingStageConfig = RankingStageConfig()
     seeds: tuple[int, ...] = (0,)
     stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
@@ -149,6 +146,8 @@ class PipelineResult(FrozenModel):
 @flow(name="retrieval-stage", log_prints=False)
 def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
     """Train and evaluate the retrieval models; the record names each model's best checkpoint."""
+    from experiments.retrieval import RetrievalExperimentConfig, format_table, run_retrieval_experiment
+
     experiment = RetrievalExperimentConfig(
         dataset=config.dataset.dataset,
         models=config.retrieval_models,
@@ -190,6 +189,9 @@ def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
 @flow(name="ranking-stage", log_prints=False)
 def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
     """Train and evaluate the ranking models on the point-in-time examples."""
+    from experiments.ranking import RankingExperimentConfig, run_ranking_experiment
+    from experiments.ranking import format_table as format_ranking_table
+
     stage = config.ranking
     experiment = RankingExperimentConfig(
         dataset=config.dataset.dataset,
