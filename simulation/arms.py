@@ -20,6 +20,7 @@ and needs its policy; the simulator draws every arm's requests with ``exclude_se
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,7 +184,7 @@ def arm_from_tag(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _ScoredArm:
+class _ScoredArm(ABC):
     """Scores every catalogue item, keeps the top ``pool_size`` and serves a Plackett-Luce draw."""
 
     source = "ranker"
@@ -202,8 +203,9 @@ class _ScoredArm:
         self.pool_size = int(pool_size or ids.size)
         self._rng = np.random.default_rng(seed)
 
+    @abstractmethod
     def scores(self, requests: Sequence[RecommendRequest]) -> np.ndarray:
-        raise NotImplementedError
+        """[len(requests), len(item_ids)] scores of every catalogue item for each request."""
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         return self.recommend_many([request])[0]
