@@ -536,18 +536,4 @@ def train_distilled(
         protocol=protocol,
         test_fn=test_fn or task.test,
     )
-    return RankingRunResult(
-        model_name=name,
-        seed=seed,
-        max_len=train_config.max_len,
-        valid=result.best_valid,
-        test=result.test_metrics or {},
-        num_parameters=result.num_parameters,
-        flops_per_example=result.flops_per_example,
-        train_time_s=result.train_time_s,
-        time_to_quality_s=result.time_to_quality_s,
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        run_id=result.run_id,
-        fit=result,
-    )
+    return RankingRunResult.from_fit(name, seed, train_config.max_len, result)

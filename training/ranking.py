@@ -661,6 +661,25 @@ class RankingRunResult:
     run_id: str | None
     fit: FitResult | None = None
 
+    @classmethod
+    def from_fit(cls, name: str, seed: int, max_len: int, result: FitResult) -> RankingRunResult:
+        """The run's figures as the shared loop returned them (test metrics on the best weights)."""
+        return cls(
+            model_name=name,
+            seed=seed,
+            max_len=max_len,
+            valid=result.best_valid,
+            test=result.test_metrics or {},
+            num_parameters=result.num_parameters,
+            flops_per_example=result.flops_per_example,
+            train_time_s=result.train_time_s,
+            time_to_quality_s=result.time_to_quality_s,
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            run_id=result.run_id,
+            fit=result,
+        )
+
 
 def train_ranking(
     name: str,
@@ -705,18 +724,4 @@ def train_ranking(
         protocol=protocol,
         test_fn=task.test,
     )
-    return RankingRunResult(
-        model_name=name,
-        seed=seed,
-        max_len=train_config.max_len,
-        valid=result.best_valid,
-        test=result.test_metrics or {},
-        num_parameters=result.num_parameters,
-        flops_per_example=result.flops_per_example,
-        train_time_s=result.train_time_s,
-        time_to_quality_s=result.time_to_quality_s,
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        run_id=result.run_id,
-        fit=result,
-    )
+    return RankingRunResult.from_fit(name, seed, train_config.max_len, result)
