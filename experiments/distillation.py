@@ -11,7 +11,9 @@ the test split evaluated once -> one table with AUC, GAUC, log loss, calibration
 example and CPU latency per 1,000 candidates, the goal check, and a paired t-test over seeds (distilled vs
 plain student, when there are >= 2 seeds) -> ``<home>/artifacts/distill/report_<ds>.md`` (written
 atomically). Teacher, baseline and plain student are recorded as kind ``ranking`` runs, the distilled
-student and the summary (every figure of the table) as kind ``distill``.
+student and the summary (every figure of the table) as kind ``distill``. The first seed's distilled student
+is returned as a ``ServedStudent`` (architecture, config, best-checkpoint path and sha256, data config and
+version), which the pipeline's package stage registers as the bento's ranker.
 
 Goal (issue #6): the distilled student keeps at least ``lift_goal`` (95%) of the teacher's AUC lift over the
 baseline, (student AUC - baseline AUC) / (teacher AUC - baseline AUC), at no more than ``flops_goal`` (1/10)
@@ -47,12 +49,13 @@ from pydantic import Field, model_validator
 
 from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
-from core.hashing import stable_hash
+from core.hashing import file_sha256, stable_hash
 from evaluation.ranking import ranking_metrics
 from evaluation.significance import PairedTest, paired_t_over_seeds, summarize
 from experiments.ranking import PRETTY, RANKING_MODELS, RankingExperimentConfig, build_model, prepare_data
 from features.config import FeatureConfig
 from synthetic.config import SyntheticConfig
+from training.checkpoint import weights_path
 from training.distillation import (
     DistillConfig,
     TeacherMember,
@@ -216,6 +219,32 @@ class RoleResult:
         return float(np.mean(values)) if values else float("nan")
 
 
+class ServedStudent(FrozenModel):
+    """The distilled student that gets served: everything needed to rebuild it and register it later.
+
+    Which run: the distilled student of the first seed (``seeds[0]``, the teacher's seed too); the table
+    reports the mean over seeds, and every seed's student is the same architecture and budget, so the first
+    one stands for them. Its weights are the ``best`` checkpoint of that run (``training.loop.fit`` writes it
+    temp-then-rename under ``<home>/artifacts/distill/...``); ``weights_sha256`` pins those bytes.
+    """
+
+    architecture: str = Field(description="models.registry name of the student (e.g. rankmixer).")
+    model_config_json: dict[str, Any] = Field(description="The student's config, FeatureSpec included.")
+    max_len: int = Field(ge=1, description="History steps the student reads.")
+    checkpoint: Path = Field(description="The run's checkpoint directory (best weights inside).")
+    weights_sha256: str = Field(min_length=64, max_length=64)
+    seed: int
+    dataset: str
+    data: RankingDataConfig = Field(description="The load_ranking_data config it was trained on.")
+    data_version: str = Field(min_length=1, description="Version of <dataset>.examples it was trained on.")
+    test: dict[str, float] = Field(default_factory=dict, description="Test metrics of this run.")
+    run_id: str | None = None
+
+    @property
+    def weights(self) -> Path:
+        return weights_path(self.checkpoint, "best")
+
+
 class TeacherStudentSummary(FrozenModel):
     """The figures of one run, small enough for a Prefect result or a run record."""
 
@@ -237,6 +266,7 @@ class TeacherStudentSummary(FrozenModel):
     table: str
     report_path: Path | None
     summary_run_id: str | None
+    served_student: ServedStudent | None = None  # the first seed's distilled student (see ServedStudent)
 
 
 @dataclass
@@ -252,6 +282,7 @@ class TeacherStudentResult:
     wall_time_s: float = 0.0
     report_path: Path | None = None
     summary_run_id: str | None = None
+    served_student: ServedStudent | None = None  # the first seed's distilled student
 
     @property
     def lift_retained(self) -> float | None:
@@ -292,6 +323,7 @@ class TeacherStudentResult:
             table=format_table(self),
             report_path=self.report_path,
             summary_run_id=self.summary_run_id,
+            served_student=self.served_student,
         )
 
 
@@ -354,6 +386,35 @@ def _checkpoint(
 ) -> Path:
     digest = stable_hash(name, *key, length=12)
     return paths.artifacts / "distill" / config.dataset / role / f"{name}-seed{seed}-{digest}"
+
+
+def _served_student(
+    config: TeacherStudentConfig,
+    data: RankingData,
+    name: str,
+    model_config: FrozenModel,
+    max_len: int,
+    checkpoint: Path,
+    run: RankingRunResult,
+) -> ServedStudent | None:
+    """The distilled run's record for serving; None when it left no best weights (no validation ever
+    improved, e.g. a NaN metric), since there is then nothing trustworthy to serve."""
+    best = weights_path(checkpoint, "best")
+    if not best.exists():
+        return None
+    return ServedStudent(
+        architecture=name,
+        model_config_json=model_config.model_dump(mode="json"),
+        max_len=max_len,
+        checkpoint=checkpoint,
+        weights_sha256=file_sha256(best),
+        seed=run.seed,
+        dataset=config.dataset,
+        data=data.config,
+        data_version=data.data_version,
+        test={k: float(v) for k, v in run.test.items()},
+        run_id=run.run_id,
+    )
 
 
 def run_teacher_student(
@@ -446,6 +507,7 @@ def run_teacher_student(
     student_label = PRETTY.get(config.student, config.student) + (
         " (small)" if config.student_overrides else ""
     )
+    served_student: ServedStudent | None = None
     for seed in config.seeds:
         for role in ("baseline", "student_plain", "student_distilled"):
             name = config.baseline if role == "baseline" else config.student
@@ -488,6 +550,8 @@ def run_teacher_student(
                     checkpoint_dir=ckpt,
                     run_log=run_log,
                 )
+                if seed == config.seeds[0]:
+                    served_student = _served_student(config, data, name, model_config, max_len, ckpt, run)
             else:
                 ckpt = _checkpoint(
                     paths, config, role, name, seed, mc, train_cfg, loop, data.config, data.data_version
@@ -546,6 +610,7 @@ def run_teacher_student(
         scores_version=build.version.version,
         tests=tests,
         hardware=hardware_description(),
+        served_student=served_student,
     )
     result.wall_time_s = time.perf_counter() - started
     result.summary_run_id = _record_summary(run_log, result)

@@ -125,6 +125,7 @@ def ab_test_flow(config: ABTestFlowConfig) -> ABTestFlowResult:
             api_key=config.api_key.get_secret_value() if config.api_key else None,
             policy_temperature=config.policy_temperature,
             pool_size=config.pool_size,
+            seed=config.experiment.simulation.seed,
         )
         for name, tag in tags.items()
     }

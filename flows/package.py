@@ -3,20 +3,29 @@
 The retrieval stage records each model's best checkpoint; here the model is rebuilt from the registry's
 config (the same ``model_config(name, num_items, max_len)`` training used), its best weights loaded, and it is
 registered in the BentoML model store with the dataset's catalogue and histories (``serving.registry``).
-Popularity, the A/B control and cold-start fallback, is refit from the dataset's events.
+Popularity, the A/B control and cold-start fallback, is refit from the dataset's events. The distill stage
+records its served student (``experiments.distillation.ServedStudent``); ``register_distilled_ranker``
+rebuilds it from that record, checks its weights against the recorded sha256 and registers it as a
+feature-based ranker with the featurizer of the data it was trained on (``serving.registry.register_ranker``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from models.registry import build_model, model_config
-from serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model
+from core.hashing import file_sha256
+from models.registry import build_model, entry, model_config
+from serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model, register_ranker
 from training.checkpoint import load_weights, weights_path
+from training.ranking import load_ranking_data
 from warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from experiments.distillation import ServedStudent
 
 
 def _dataset_inputs(warehouse_path: Path, dataset: str):  # noqa: ANN202
@@ -85,3 +94,39 @@ def register_popularity(warehouse_path: Path, dataset: str) -> str:
         data_version=data_version,
         histories=histories,
     )
+
+
+def register_distilled_ranker(warehouse_path: Path, student: ServedStudent, *, store: str) -> str:
+    """Rebuild the distilled ``student`` from its record, load its best weights and register it under
+    ``store`` as a feature-based ranker, with the featurizer of the examples it was trained on (the same
+    ``load_ranking_data`` config, so vocabularies and dense transforms match); returns the tag."""
+    best = student.weights
+    if not best.exists():
+        raise FileNotFoundError(
+            f"student.checkpoint: no best weights at {best} (did the distill stage finish?)"
+        )
+    digest = file_sha256(best)
+    if digest != student.weights_sha256:
+        raise ValueError(
+            f"student.weights_sha256: {best} has sha256 {digest}, the distill stage recorded "
+            f"{student.weights_sha256}: the checkpoint changed since; re-run the distill stage"
+        )
+    config = entry(student.architecture).config_cls(**student.model_config_json)
+    model = build_model(student.architecture, config)
+    load_weights(model, best)
+    with Warehouse(warehouse_path, read_only=True) as wh:
+        data = load_ranking_data(wh, student.dataset, student.data)
+        if data.data_version != student.data_version:
+            raise ValueError(
+                f"student.data_version: the student was trained on {student.dataset}.examples "
+                f"{student.data_version}, the warehouse now holds {data.data_version}: re-run the distill "
+                "stage"
+            )
+        return register_ranker(
+            store,
+            architecture=student.architecture,
+            model=model.eval(),
+            wh=wh,
+            data=data,
+            metrics=student.test,
+        )

@@ -19,13 +19,15 @@ example counts) and ``full`` (the evaluation protocol's 3 seeds and paper-grade 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
 from pydantic import Field
 
 import core  # noqa: F401  (telemetry off, Prefect start-up timeout)
@@ -37,6 +39,9 @@ from flows.build_features import DatasetSpec, build_features_flow
 from training.loop import LoopConfig, OptimizerConfig
 from training.ranking import RankingDataConfig, RankingTrainConfig
 from training.retrieval import RetrievalTrainConfig
+
+if TYPE_CHECKING:
+    from experiments.distillation import TeacherStudentSummary
 
 Profile = Literal["quick", "full"]
 TITLES = {
@@ -246,6 +251,15 @@ def distill_stage(config: PipelineConfig) -> dict[str, Any]:
         markdown=f"# Distillation on {config.dataset.dataset}\n\n{summary.table}\n\n{summary.goal_line}\n",
         description="Teacher vs distilled student vs the same student without distillation vs DeepFM",
     )
+    return distill_record(summary)
+
+
+def distill_record(summary: TeacherStudentSummary) -> dict[str, Any]:
+    """The distill stage's JSON record: the figures, and the student the package stage serves as ranker
+    (``summary.served_student``: the first seed's distilled student, its best checkpoint's path and sha256,
+    its architecture and config, the data config and version it was trained on; None if it left no
+    weights)."""
+    student = summary.served_student
     return {
         "table": f"{summary.table}\n\n{summary.goal_line}",
         "auc": summary.auc,
@@ -253,6 +267,7 @@ def distill_stage(config: PipelineConfig) -> dict[str, Any]:
         "lift_retained": summary.lift_retained,
         "goal_met": summary.goal_met,
         "report": str(summary.report_path) if summary.report_path else None,
+        "student": student.model_dump(mode="json") if student is not None else None,
     }
 
 
@@ -277,13 +292,17 @@ def ab_stage(config: PipelineConfig, package: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="package-stage", log_prints=False)
-def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str, Any]:
-    """Register the best retriever and the popularity fallback in the model store; build the bento."""
-    from flows.package import register_learned_retriever, register_popularity
+def package_stage(
+    config: PipelineConfig, retrieval: dict[str, Any], distill: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Register the best retriever, the popularity fallback and (when this run distilled one) the distilled
+    student as the ranker in the model store; build the bento that serves them."""
+    from experiments.distillation import ServedStudent
+    from flows.package import register_distilled_ranker, register_learned_retriever, register_popularity
     from serving.build import build_bento
     from serving.service import ServingConfig
 
-    log = get_run_logger()
+    log = _logger()
     paths = PathsConfig()
     dataset = config.dataset.dataset
     best = retrieval["best"]
@@ -311,9 +330,33 @@ def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str
         store=f"{_slug(dataset)}-retriever",
     )
     control = register_popularity(paths.warehouse, dataset)
-    bento = build_bento(ServingConfig(retriever=served))
-    log.info("packaged %s (control %s) as bento %s", retriever, control, bento)
-    return {"retriever": retriever, "served": served, "control": control, "ranker": None, "bento": bento}
+    ranker: str | None = None
+    architecture: str | None = None
+    record = (distill or {}).get("student")
+    if record is not None:
+        # The distilled student re-ranks the retriever's pool, under the stable name deployments pin.
+        student = ServedStudent.model_validate(record)
+        ranker = register_distilled_ranker(paths.warehouse, student, store=f"{_slug(dataset)}-ranker")
+        architecture = student.architecture
+    else:
+        log.info("package: no distilled student in this run; serving without a ranker")
+    bento = build_bento(ServingConfig(retriever=served, ranker=ranker))
+    log.info("packaged %s (control %s, ranker %s) as bento %s", retriever, control, ranker, bento)
+    return {
+        "retriever": retriever,
+        "served": served,
+        "control": control,
+        "ranker": ranker,
+        "ranker_architecture": architecture,
+        "bento": bento,
+    }
+
+
+def package_key(dataset: str, retrieval: dict[str, Any], distill: dict[str, Any] | None) -> str:
+    """The package stage's cache key: the retriever it registers and the distilled student it serves as
+    ranker (its record names the checkpoint's sha256, so a re-trained student re-packages)."""
+    student = (distill or {}).get("student")
+    return stage_cache.stage_key("package", dataset, retrieval["best"], retrieval["models"], student)
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------
@@ -321,6 +364,14 @@ def package_stage(config: PipelineConfig, retrieval: dict[str, Any]) -> dict[str
 
 def _slug(name: str) -> str:
     return name.replace("_", "-").lower()
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run logger inside a flow; the module logger when a stage's ``.fn`` is called directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def _run_stage(
@@ -394,13 +445,22 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
             key = stage_cache.stage_key("ranking", versions, config.ranking, config.seeds, config.features)
             _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh)
         if want("distill"):
-            key = stage_cache.stage_key("distill", versions, config.distill_config())
+            # "student-record": records cached before they carried the served student are not reused
+            # (re-running is cheap: finished training runs come back from their content-keyed checkpoints).
+            key = stage_cache.stage_key("distill", versions, config.distill_config(), "student-record")
             _run_stage("distill", key, lambda: distill_stage(config), records, skipped, seconds, wh)
         if want("package") or want("ab"):
             retrieval = records["retrieval"]
-            key = stage_cache.stage_key("package", ds, retrieval["best"], retrieval["models"])
+            distill = records.get("distill")  # only this run's: None when the distill stage is not run
+            key = package_key(ds, retrieval, distill)
             _run_stage(
-                "package", key, lambda: package_stage(config, retrieval), records, skipped, seconds, wh
+                "package",
+                key,
+                lambda: package_stage(config, retrieval, distill),
+                records,
+                skipped,
+                seconds,
+                wh,
             )
         if want("ab"):
             package = records["package"]
@@ -437,7 +497,13 @@ def summary_markdown(result: PipelineResult) -> str:
             lines += ["", f"## {TITLES[stage]}", "", result.stages[stage]["table"]]
     if "package" in result.stages:
         pkg = result.stages["package"]
-        lines += ["", "## Package", "", "```json", json.dumps(pkg, indent=2, sort_keys=True), "```"]
+        served = f"Bento `{pkg['bento']}` serves retriever `{pkg.get('served', pkg['retriever'])}` and "
+        if pkg.get("ranker"):
+            served += f"ranker `{pkg['ranker']}`, the distilled student ({pkg.get('ranker_architecture')})."
+        else:
+            served += "no ranker (no distilled student in this run): lists are ranked by retrieval scores."
+        lines += ["", "## Package", "", served]
+        lines += ["", "```json", json.dumps(pkg, indent=2, sort_keys=True), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -461,7 +527,8 @@ def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
     pkg = result.stages.get("package")
     if pkg:
         lines += [
-            f"Bento:            {pkg['bento']}  (retriever {pkg.get('served', pkg['retriever'])})",
+            f"Bento:            {pkg['bento']}  (retriever {pkg.get('served', pkg['retriever'])}, "
+            f"ranker {pkg.get('ranker') or 'none'})",
             "Serve it:         .venv/bin/recsys serve   (then POST http://127.0.0.1:3000/recommend "
             '{"user_id": 1, "k": 10})',
         ]

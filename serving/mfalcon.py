@@ -56,6 +56,7 @@ __all__ = [
     "UserDotHead",
     "candidate_states",
     "encode_history",
+    "encode_user",
     "history_query_ts",
     "naive_candidate_states",
     "reference_candidate_states",
@@ -144,6 +145,17 @@ def _max_history(model: HSTU) -> int:
     return model.config.max_len - 1
 
 
+def _check_history_width(model: HSTU, items: Tensor) -> tuple[int, int]:
+    """(B, N) of a history batch; N must leave the candidates' slot (at most max_len - 1)."""
+    b, n = items.shape
+    if n > _max_history(model):
+        raise ValueError(
+            f"history has {n} positions but M-FALCON needs at most max_len - 1 = {_max_history(model)} "
+            "(the candidates' slot); use truncate_history"
+        )
+    return b, n
+
+
 def encode_history(
     model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor
 ) -> HistoryCache:
@@ -152,12 +164,7 @@ def encode_history(
     items/ts [B, L] right-padded (L <= max_len - 1), lengths [B], request_ts [B] (unix seconds).
     """
     c = model.config
-    b, n = items.shape
-    if n > _max_history(model):
-        raise ValueError(
-            f"history has {n} positions but M-FALCON needs at most max_len - 1 = {_max_history(model)} "
-            "(the candidates' slot); use truncate_history"
-        )
+    b, n = _check_history_width(model, items)
     keep = valid_mask(lengths, n)  # [B, N]
     query_ts = history_query_ts(ts, lengths, request_ts)
     positions = torch.arange(n, device=items.device).expand(b, n)
@@ -200,6 +207,44 @@ def encode_history(
     last = (lengths - 1).clamp(min=0)
     user = out[torch.arange(b, device=items.device), last]  # [B, D]
     return HistoryCache(keys, values, hist_bias, self_bias, keep, lengths, user)
+
+
+def encode_user(model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor) -> Tensor:
+    """[B, D] the user vector of ``encode_history`` (its ``user``), without the candidates' cache.
+
+    Every block but the last runs over the whole history; the last block's output is read at one position
+    only (the last valid one), so that block computes the attention of that one query: O(L) instead of
+    O(L^2), and no per-block keys, values or biases are kept. A history of length 0 gives the zero vector,
+    as in ``encode_history``.
+    """
+    c = model.config
+    b, n = _check_history_width(model, items)
+    rows = torch.arange(b, device=items.device)
+    keep = valid_mask(lengths, n)  # [B, N]
+    last = (lengths - 1).clamp(min=0)  # [B]
+    query_ts = history_query_ts(ts, lengths, request_ts)
+    x = _embed(model, items, torch.arange(n, device=items.device).expand(b, n), keep)  # [B, N, D]
+    *inner, final = model.blocks
+    if inner:
+        index = model.attention_index(lengths, ts, query_ts)  # shared by the inner blocks
+        for block in inner:
+            x = block(x, lengths, ts, query_ts, index=index)  # the model's own block: whole history
+    # The last block at the last position: query `last` sees keys 0..last (causal, within the length).
+    u, v, q, k = _uvqk(final, x)
+    q_last = q[rows, last]  # [B, H, dqk]
+    scores = torch.einsum("bhd,bjhd->bhj", q_last, k)  # [B, H, N]
+    max_pos = c.max_len
+    key_idx = torch.arange(n, device=items.device)
+    rel = (key_idx[None, :] - last[:, None]).clamp(-(max_pos - 1), max_pos - 1) + max_pos - 1  # [B, N]
+    bias = final.pos_weight[rel]
+    if final.ts_weight is not None:
+        gap = query_ts[rows, last][:, None] - ts  # [B, N]
+        bias = bias + final.ts_weight[time_bucket(gap, final.ts_weight.numel())]
+    seen = (key_idx[None, :] <= last[:, None]) & keep  # [B, N]
+    attn = torch.where(seen[:, None, :], F.silu(scores + bias[:, None, :]) / float(c.max_len), 0.0)
+    out = torch.einsum("bhj,bjhd->bhd", attn, v)  # [B, H, dv]
+    y = _finish(final, x[rows, last], u[rows, last], out)  # [B, D]
+    return l2_normalize(y) * (lengths > 0).unsqueeze(-1).to(y.dtype)
 
 
 def _candidate_block(
@@ -373,8 +418,12 @@ class UserDotHead:
     def __call__(
         self, model: HSTU, cache: HistoryCache, candidates: Tensor, states: Tensor | None
     ) -> dict[str, Tensor]:
+        return self.from_user(model, cache.user, candidates)
+
+    def from_user(self, model: HSTU, user: Tensor, candidates: Tensor) -> dict[str, Tensor]:
+        """The same scores from the user vector alone ([B, D], ``encode_user``)."""
         items = _item_vectors(model, candidates)  # [B, M, D]
-        return {self.task: torch.einsum("bd,bmd->bm", cache.user, items) / self.temperature}
+        return {self.task: torch.einsum("bd,bmd->bm", user, items) / self.temperature}
 
 
 class MFalconScorer:
@@ -393,6 +442,10 @@ class MFalconScorer:
     ) -> dict[str, Tensor]:
         """items/ts [B, L] right-padded, lengths [B], request_ts [B], candidates [B, M] (0 = padding)."""
         items, ts, lengths = truncate_history(items, ts, lengths, _max_history(self.model))
+        if isinstance(self.head, UserDotHead):  # no candidate pass: the user vector is all it reads
+            return self.head.from_user(
+                self.model, encode_user(self.model, items, ts, lengths, request_ts), candidates
+            )
         cache = encode_history(self.model, items, ts, lengths, request_ts)
         states = (
             candidate_states(self.model, cache, candidates, self.micro_batch)

@@ -41,20 +41,25 @@ OPEN choices, and what was picked:
 - Batching: requests of each endpoint are batched adaptively (``AdaptiveBatcher``): while one batch runs,
   arriving requests queue, and the next batch takes all of them (up to ``max_batch_size``); an idle
   service runs a lone request at once (``batch_wait_ms`` = 0 adds no wait). Inside a batch, histories are
-  grouped by padded length (powers of two), so a short history never pays for the longest one.
-- Threads: ``torch_threads`` (``RECSYS_SERVING_TORCH_THREADS``) sets the server process's intra-op threads
-  at start: 1 by default (0 = torch's default). On a busy CPU box 1 is much faster: measured here, one
-  199-item HSTU encoding took ~10 ms with 1 thread and ~900 ms with 2 threads competing with other
-  processes; the event loop, the batch worker thread and the impressions spool keep the other core busy.
-- Per-request overhead (profiled with py-spy under 32 clients): BentoML's OpenTelemetry span per request is
-  switched off (``OTEL_SDK_DISABLED``, see below), HSTU's attention masks and time buckets are built once per
-  batch instead of once per block, the impressions spool writes from its own thread only.
+  grouped by padded length (powers of two), so a short history never pays for the longest one. Batches run
+  on the event loop's thread (a worker thread only traded the GIL with the loop).
+- Processes and threads: ``workers`` (2) worker processes, each with its own models and batchers, one core
+  each; ``torch_threads`` (1; 0 = torch's default) intra-op threads per process. On a busy CPU box 1 thread
+  is much faster: one 199-item HSTU encoding took ~10 ms with 1 thread and ~900 ms with 2 threads
+  competing with other processes.
+- Per-request overhead (profiled with py-spy under 32 clients): BentoML's OpenTelemetry span and access log
+  line per request are off (``OTEL_SDK_DISABLED``, ``access_log``), uvicorn runs on uvloop and httptools,
+  request ids come from a counter (not one urandom read each), the user head encodes only the last query
+  of the last HSTU block (``serving.mfalcon.encode_user``), the impressions spool writes from its own
+  thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import itertools
 import os
 import secrets
 import time
@@ -63,7 +68,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import bentoml
 import numpy as np
@@ -77,9 +82,10 @@ from models.hstu import HSTU
 from models.popularity import Popularity
 from models.sasrec import SASRec
 from models.sequential import last_valid, valid_mask
+from serving.ann import IvfItemIndex
 from serving.featurize import RankingFeaturizer, UserFeatures
 from serving.impressions import ImpressionLogger, plackett_luce_order
-from serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_history, truncate_history
+from serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_user, truncate_history
 from serving.registry import LoadedModel, load_model
 from serving.schemas import (
     HealthResponse,
@@ -103,7 +109,40 @@ API_KEY_HEADER = "x-api-key"
 SEQUENCE_ARCHITECTURES = (HSTU, SASRec)
 
 
-class ServingConfig(FrozenModel):
+class ServerProcessConfig(FrozenModel):
+    """The knobs BentoML reads when it imports the service (worker processes, access log), before any
+    model tag is known; ``ServingConfig`` holds them too, so one ``from_env`` validates every variable."""
+
+    workers: int = Field(
+        2,
+        ge=1,
+        description="Worker processes, each with its own copy of the models and its own batchers. One "
+        "process uses about one core (the GIL): 2 fills a 2-core box.",
+    )
+    access_log: bool = Field(
+        False,
+        description="BentoML's per-request access log line. Off by default: the impressions log already "
+        "records every served list, and the log line cost ~9% of a rank request's CPU under load.",
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"invalid serving configuration: {problems}") from None
+
+
+class ServingConfig(ServerProcessConfig):
     """Every knob of the service; ``from_env`` reads ``RECSYS_SERVING_<FIELD>`` (upper case)."""
 
     retriever: str = Field(
@@ -117,6 +156,16 @@ class ServingConfig(FrozenModel):
     pool_size: int = Field(200, ge=1, description="Retrieval top-N that the ranker and the policy see.")
     policy_temperature: float = Field(1.0, ge=0.0, description="Plackett-Luce temperature; 0 = greedy.")
     hstu_head: Literal["user", "target"] = "user"
+    retrieval_index: Literal["exact", "ivf"] = Field(
+        "exact",
+        description="recommend's retrieval: 'exact' scores every item; 'ivf' searches a FAISS IVF index of "
+        "the item vectors (large catalogues; serving.ann). Popularity retrievers are always exact.",
+    )
+    ivf_lists: int | None = Field(None, ge=1, description="IVF cells; None = 4 * sqrt(items).")
+    ivf_probe: int = Field(64, ge=1, description="IVF cells searched per request (recall 0.97 at 1M items).")
+    ivf_overfetch: int = Field(
+        4, ge=1, description="IVF: fetch this many times the pool when a category filter applies."
+    )
     micro_batch: int = Field(256, ge=1, description="M-FALCON candidates per micro-batch.")
     ranker_rows: int = Field(
         4096, ge=1, description="Feature rankers: most (user, candidate) rows per forward pass."
@@ -138,23 +187,13 @@ class ServingConfig(FrozenModel):
         "default. 1 suits a busy or shared CPU box: the event loop, the batch worker and the impressions "
         "spool already keep the cores busy, and intra-op threads only contend with them.",
     )
+    request_id_seed: int | None = Field(
+        None,
+        ge=0,
+        description="Fixes the request ids (and so the policy's draws) of a fresh engine: for reproducible "
+        "simulations. None (serving): a random prefix per process.",
+    )
     build_time: str | None = Field(None, description="Set by serving.build in the bento's environment.")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                values[name] = raw
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
-            )
-            raise ValueError(f"invalid serving configuration: {problems}") from None
 
 
 class InvalidRequest(InvalidArgument):
@@ -216,6 +255,7 @@ class ModelRuntime:
         self._category_masks: dict[tuple[str, ...], torch.Tensor] = {}
         self.scorer: MFalconScorer | None = None
         self.item_table: torch.Tensor | None = None
+        self.ann: IvfItemIndex | None = None  # set by the Recommender when retrieval_index is 'ivf'
         if isinstance(module, SEQUENCE_ARCHITECTURES):
             with torch.no_grad():
                 self.item_table = module.item_vectors().detach()  # [N + 1, D], computed once
@@ -300,7 +340,7 @@ class ModelRuntime:
         req = torch.from_numpy(request_ts).to(self.device)
         if isinstance(self.module, HSTU):
             items, ts, lengths = truncate_history(items, ts, lengths, self.max_history)
-            return encode_history(self.module, items, ts, lengths, req).user
+            return encode_user(self.module, items, ts, lengths, req)
         query_ts = ts.clone()
         query_ts[:, :-1] = ts[:, 1:]
         rows = torch.arange(items.shape[0], device=self.device)
@@ -447,11 +487,17 @@ R = TypeVar("R")
 
 
 class AdaptiveBatcher(Generic[J, R]):
-    """Runs ``fn`` over batches of jobs in a worker thread, one batch at a time per batcher.
+    """Runs ``fn`` over batches of jobs on the event loop's thread, one batch at a time per batcher.
 
     A job that arrives while a batch runs waits for the next one, which takes every queued job (up to
     ``max_batch_size``): batches grow with the load and a lone request is not delayed (``max_wait_ms`` 0).
+    ``fn`` runs inline, not in a worker thread: the model's steps are short and mostly Python, so a thread
+    only traded the GIL back and forth with the loop (measured: inline gives ~15% more requests/s and a
+    lower p99 under load); the loop reads the sockets again between batches, and more worker processes
+    (``RECSYS_SERVING_WORKERS``) use more cores.
     """
+
+    COLLECT_YIELDS = 4  # loop iterations a new batch waits for requests already being parsed
 
     def __init__(
         self, fn: Callable[[list[J]], list[R]], max_batch_size: int, max_wait_ms: float = 0.0
@@ -478,6 +524,10 @@ class AdaptiveBatcher(Generic[J, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await queue.get()]
+            # Let the loop finish the requests whose bodies already arrived (each passes a few awaits in
+            # the middleware before it reaches submit): they join this batch instead of the next one.
+            for _ in range(self.COLLECT_YIELDS):
+                await asyncio.sleep(0)
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 if not queue.empty():
@@ -495,7 +545,7 @@ class AdaptiveBatcher(Generic[J, R]):
                 continue
             self.batch_sizes = [*self.batch_sizes[-999:], len(live)]
             try:
-                results = await loop.run_in_executor(None, self.fn, [j for j, _ in live])
+                results = self.fn([j for j, _ in live])
             except Exception as exc:  # every caller of the batch sees the error
                 for _, f in live:
                     if not f.done():
@@ -504,6 +554,29 @@ class AdaptiveBatcher(Generic[J, R]):
             for (_, f), result in zip(live, results, strict=True):
                 if not f.done():
                     f.set_result(result)
+
+
+class RequestIds:
+    """Unique 63-bit request ids: a random 31-bit prefix per engine, then a counter.
+
+    One urandom read per process instead of one per request (``secrets.randbits`` per request was ~7% of a
+    rank request's CPU under load); the prefix keeps ids of different workers and restarts apart (a clash
+    needs two engines drawing the same prefix: about one in 2^31 per pair)."""
+
+    def __init__(self, prefix: int | None = None) -> None:
+        self.prefix = secrets.randbits(31) if prefix is None else prefix
+        if not 0 <= self.prefix < 2**31:
+            raise ValueError(f"prefix must be in [0, 2^31), got {self.prefix}")
+        self._counter = itertools.count()  # next() is atomic under the GIL: safe across batch threads
+
+    @classmethod
+    def seeded(cls, seed: int, *names: str) -> RequestIds:
+        """A reproducible sequence; ``names`` (e.g. the model tags) keep engines of one seed apart."""
+        digest = hashlib.blake2b(repr((seed, names)).encode(), digest_size=4).digest()
+        return cls(prefix=int.from_bytes(digest, "big") >> 1)
+
+    def next(self) -> int:
+        return (self.prefix << 32) | (next(self._counter) & 0xFFFFFFFF)
 
 
 # -- the engine --------------------------------------------------------------------------------------------
@@ -535,9 +608,21 @@ class Recommender:
         )
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")
+        if config.retrieval_index == "ivf" and self.retriever.item_table is not None:
+            self.retriever.ann = IvfItemIndex(
+                self.retriever.item_table.cpu().numpy(),
+                lists=config.ivf_lists,
+                probe=config.ivf_probe,
+                threads=config.torch_threads or None,
+            )
         if ranker is not None and ranker.card.task != "ranking":
             raise ValueError(f"{ranker.tag} is a {ranker.card.task} model, not a ranker")
         self.logger = logger
+        self._request_ids = (
+            RequestIds()
+            if config.request_id_seed is None
+            else RequestIds.seeded(config.request_id_seed, retriever.tag, ranker.tag if ranker else "")
+        )
         self.histories = retriever.histories
         self.versions = ModelVersions(
             retriever=self.retriever.tag, ranker=self.ranker.tag if self.ranker else None
@@ -628,6 +713,14 @@ class Recommender:
         return RankJob(user=self.user_context(request), candidates=candidates)
 
     # -- batched scoring ------------------------------------------------------------------------------------
+    def _dropped(self, job: RecommendJob) -> np.ndarray:
+        """item_idx (> 0) that recommend must not return for this job: excluded items, and the history."""
+        model = self.retriever
+        drop = model.map_items(job.exclude_items)
+        if job.exclude_seen:
+            drop = np.concatenate([drop, model.map_items(job.user.history_ids)])
+        return drop[drop > 0]
+
     def _masked_scores(self, jobs: list[RecommendJob]) -> tuple[torch.Tensor, list[str | None]]:
         """[B, N + 1] retrieval (or popularity, for cold users) scores with exclusions set to -inf."""
         model = self.retriever
@@ -639,20 +732,17 @@ class Recommender:
             request_ts = np.array([jobs[i].user.request_ts for i in warm], dtype=np.int64)
             scores[warm] = model.score_all(histories, request_ts).to(scores.dtype)
         for row, job in enumerate(jobs):
-            drop = model.map_items(job.exclude_items)
-            if job.exclude_seen:
-                drop = np.concatenate([drop, model.map_items(job.user.history_ids)])
-            drop = drop[drop > 0]
+            drop = self._dropped(job)
             if drop.size:
                 scores[row, torch.from_numpy(drop).to(scores.device)] = float("-inf")
             if job.categories is not None:
                 scores[row, ~model.category_mask(job.categories)] = float("-inf")
         return scores, cold
 
-    def recommend_many(self, jobs: list[RecommendJob]) -> list[Pool]:
+    def _exact_pools(self, jobs: list[RecommendJob], pool_size: int) -> list[Pool]:
+        """Every item scored, exclusions removed, the top ``pool_size`` of each row."""
         model = self.retriever
         scores, cold = self._masked_scores(jobs)
-        pool_size = min(max(self.config.pool_size, max(job.k for job in jobs)), scores.shape[1] - 1)
         top_scores, top_idx = torch.topk(scores, pool_size, dim=1)  # exact top-N, [B, P]
         top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
         pools = []
@@ -663,6 +753,50 @@ class Recommender:
             if model.is_popularity:
                 source = "popularity"
             pools.append(Pool(ids, top_scores[row][finite].astype(np.float64), source))
+        return pools
+
+    def _ann_pools(self, jobs: list[RecommendJob], pool_size: int) -> list[Pool]:
+        """Warm users through the IVF index (exclusions applied to what it returns); cold users, and rows
+        the index left with fewer than k items after the exclusions, scored exactly."""
+        model = self.retriever
+        assert model.ann is not None
+        pools: list[Pool | None] = [None] * len(jobs)
+        cold = [job.user.cold_start(model) is not None for job in jobs]
+        exact = [i for i, c in enumerate(cold) if c]
+        warm = [i for i, c in enumerate(cold) if not c]
+        if warm:
+            histories = [jobs[i].user.history_for(model) for i in warm]
+            request_ts = np.array([jobs[i].user.request_ts for i in warm], dtype=np.int64)
+            users = model.user_vectors(histories, request_ts).float().cpu().numpy()
+            drops = [self._dropped(jobs[i]) for i in warm]
+            fetch = pool_size + max(d.size for d in drops)
+            if any(jobs[i].categories is not None for i in warm):
+                fetch *= self.config.ivf_overfetch
+            found = model.ann.search(users, fetch)
+            for row, (i, drop) in enumerate(zip(warm, drops, strict=True)):
+                idx, score = found.item_idx[row], found.scores[row]
+                keep = (idx > 0) & ~np.isin(idx, drop)
+                if jobs[i].categories is not None:
+                    keep &= model.category_mask(jobs[i].categories).cpu().numpy()[idx]
+                idx, score = idx[keep][:pool_size], score[keep][:pool_size]
+                if idx.size < jobs[i].k:  # the probed cells ran short: this row is scored exactly
+                    exact.append(i)
+                    continue
+                scores = score.astype(np.float64) / model.card.temperature  # = the exact path's scores
+                pools[i] = Pool(model.catalog.item_ids[idx], scores, "retrieval")
+        if exact:
+            exact.sort()
+            for i, pool in zip(exact, self._exact_pools([jobs[i] for i in exact], pool_size), strict=True):
+                pools[i] = pool
+        return [p for p in pools if p is not None]
+
+    def recommend_many(self, jobs: list[RecommendJob]) -> list[Pool]:
+        model = self.retriever
+        cold = [job.user.cold_start(model) for job in jobs]
+        pool_size = min(max(self.config.pool_size, max(job.k for job in jobs)), model.catalog.num_items)
+        pools = (
+            self._ann_pools(jobs, pool_size) if model.ann is not None else self._exact_pools(jobs, pool_size)
+        )
         if self.ranker is not None:
             rerank = [i for i, c in enumerate(cold) if c is None and len(pools[i].item_ids)]
             if rerank:
@@ -743,7 +877,7 @@ class Recommender:
     def _serve(
         self, pool: Pool, k: int, user: UserContext, endpoint: str, cold: str | None, model: ModelRuntime
     ) -> tuple[int, np.ndarray, np.ndarray]:
-        request_id = secrets.randbits(63)
+        request_id = self._request_ids.next()
         if len(pool.item_ids) == 0:
             return request_id, np.zeros(0, dtype=np.int64), np.zeros(0)
         order, propensity = plackett_luce_order(
@@ -803,6 +937,12 @@ class Recommender:
             models=self.versions,
         )
 
+    def retrieval_index(self) -> dict[str, int | str]:
+        ann = self.retriever.ann
+        if ann is None:
+            return {"kind": "exact", "items": self.retriever.catalog.num_items}
+        return {"kind": "ivf", "items": ann.num_items, "lists": ann.lists, "probe": ann.probe}
+
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         """One request, unbatched (the service batches ``recommend_many`` instead)."""
         job = self.recommend_job(request)
@@ -826,12 +966,17 @@ def _with_prior(scores: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 
 # -- the BentoML service -----------------------------------------------------------------------------------
+# Read when BentoML imports this module (serve and build), before the models are known.
+_PROCESS = ServerProcessConfig.from_env()
+
+
 @bentoml.service(
     name="recsys-recommender",
     resources={"cpu": "2", "memory": "4Gi"},
     traffic={"timeout": 30, "max_concurrency": 256},
     http={"host": "127.0.0.1", "port": 3000},
-    workers=1,
+    workers=_PROCESS.workers,
+    logging={"access": {"enabled": _PROCESS.access_log, "skip_paths": ["/livez", "/readyz", "/metrics"]}},
 )
 class RecommendationService:
     """Endpoints /recommend, /rank, /health, /metadata (POST, JSON); BentoML adds GET /readyz and /livez."""
@@ -899,6 +1044,7 @@ class RecommendationService:
                 "kind": "plackett-luce" if c.policy_temperature > 0 else "greedy",
                 "temperature": c.policy_temperature,
             },
+            retrieval_index=self.engine.retrieval_index(),
         )
 
     @bentoml.on_shutdown

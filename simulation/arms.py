@@ -75,6 +75,7 @@ class InProcessArm:
         policy_temperature: float = 1.0,
         pool_size: int = 200,
         device: str = "cpu",
+        seed: int | None = None,
     ) -> InProcessArm:
         """Load registered models (checksums verified); the simulator keeps its own impressions log."""
         config = ServingConfig(
@@ -86,6 +87,7 @@ class InProcessArm:
             max_history=100_000,
             log_impressions=False,
             device=device,  # type: ignore[arg-type]
+            request_id_seed=seed,  # reproducible Plackett-Luce draws for a seeded simulation
         )
         return cls(Recommender.from_config(config), name=name)
 
@@ -162,12 +164,19 @@ def arm_from_tag(
     api_key: str | None = None,
     policy_temperature: float = 1.0,
     pool_size: int = 200,
+    seed: int | None = None,
 ) -> InProcessArm | HttpArm:
     """An arm serving a registered model: in process, or through the service at ``http`` (which must serve
-    exactly this retriever; its own temperature and pool size then apply)."""
+    exactly this retriever; its own temperature, pool size and request ids then apply). ``seed`` fixes an
+    in-process arm's request ids, hence its policy draws: the same seed serves the same slates."""
     if http is None:
         return InProcessArm.from_tag(
-            retriever, ranker=ranker, name=name, policy_temperature=policy_temperature, pool_size=pool_size
+            retriever,
+            ranker=ranker,
+            name=name,
+            policy_temperature=policy_temperature,
+            pool_size=pool_size,
+            seed=seed,
         )
     from serving.registry import resolve
 

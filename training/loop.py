@@ -123,6 +123,20 @@ class FitResult:
     test_metrics: dict[str, float] | None = None
     checkpoint_dir: Path | None = None
 
+    def run_figures(self) -> dict[str, Any]:
+        """The fields every per-run result (retrieval, ranking, distilled) copies from the fit."""
+        return {
+            "valid": self.best_valid,
+            "num_parameters": self.num_parameters,
+            "flops_per_example": self.flops_per_example,
+            "train_time_s": self.train_time_s,
+            "time_to_quality_s": self.time_to_quality_s,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "run_id": self.run_id,
+            "fit": self,
+        }
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -664,21 +664,8 @@ class RankingRunResult:
     @classmethod
     def from_fit(cls, name: str, seed: int, max_len: int, result: FitResult) -> RankingRunResult:
         """The run's figures as the shared loop returned them (test metrics on the best weights)."""
-        return cls(
-            model_name=name,
-            seed=seed,
-            max_len=max_len,
-            valid=result.best_valid,
-            test=result.test_metrics or {},
-            num_parameters=result.num_parameters,
-            flops_per_example=result.flops_per_example,
-            train_time_s=result.train_time_s,
-            time_to_quality_s=result.time_to_quality_s,
-            best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run,
-            run_id=result.run_id,
-            fit=result,
-        )
+        test = result.test_metrics or {}
+        return cls(model_name=name, seed=seed, max_len=max_len, test=test, **result.run_figures())
 
 
 def train_ranking(

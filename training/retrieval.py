@@ -292,20 +292,7 @@ def train_retrieval(
         protocol=protocol,
         test_fn=test_fn,
     )
-    return RetrievalRunResult(
-        model_name=name,
-        seed=seed,
-        valid=result.best_valid,
-        test=test_eval[-1],
-        num_parameters=result.num_parameters,
-        flops_per_example=result.flops_per_example,
-        time_to_quality_s=result.time_to_quality_s,
-        train_time_s=result.train_time_s,
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        run_id=result.run_id,
-        fit=result,
-    )
+    return RetrievalRunResult(model_name=name, seed=seed, test=test_eval[-1], **result.run_figures())
 
 
 def _run_popularity(

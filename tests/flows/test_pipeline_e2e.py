@@ -126,12 +126,19 @@ def test_interrupted_run_ends_with_the_reference_results(homes: dict[str, Path])
         ref["ranking"]["models"]["deepfm"]["test"]["auc"], abs=1e-6
     )
     assert got["distill"]["auc"] == pytest.approx(ref["distill"]["auc"], abs=1e-6)
-    # The served slates are drawn with the service's own random request ids (as a live service must), so the
-    # A/B readout is not bit-reproducible; the arms it compared are.
+    # The in-process arms draw their request ids (which seed the served slates) from the simulation's seed,
+    # so the A/B readout is reproduced to the last digit.
     assert got["ab"]["arms"] == ref["ab"]["arms"]
+    assert got["ab"]["table"] == ref["ab"]["table"]
     # Registered models are content-addressed: equal tags mean byte-identical weights and catalogue.
     assert got["package"]["retriever"] == ref["package"]["retriever"]
     assert got["package"]["control"] == ref["package"]["control"]
+    # The bento's ranker is the distilled student, registered under the stable name and reproduced exactly.
+    assert ref["package"]["ranker"].startswith("synthetic-ranker:")
+    assert ref["package"]["ranker_architecture"] == ref["distill"]["student"]["architecture"]
+    assert got["package"]["ranker"] == ref["package"]["ranker"]
+    report = (homes["reference"] / "reports" / "pipeline_synthetic.md").read_text()
+    assert f"ranker `{ref['package']['ranker']}`" in report
     assert _table_versions(homes["interrupted"]) == _table_versions(homes["reference"])
 
 

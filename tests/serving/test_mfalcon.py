@@ -15,6 +15,7 @@ from serving.mfalcon import (
     UserDotHead,
     candidate_states,
     encode_history,
+    encode_user,
     history_query_ts,
     naive_candidate_states,
     reference_candidate_states,
@@ -24,7 +25,7 @@ from serving.mfalcon import (
 NUM_ITEMS = 40
 
 
-def _model(max_len: int = 12, use_time_bias: bool = True) -> HSTU:
+def _model(max_len: int = 12, use_time_bias: bool = True, num_blocks: int = 2) -> HSTU:
     torch.manual_seed(0)
     model = build_model(
         "hstu",
@@ -36,6 +37,7 @@ def _model(max_len: int = 12, use_time_bias: bool = True) -> HSTU:
         dv=8,
         dropout=0.0,
         use_time_bias=use_time_bias,
+        num_blocks=num_blocks,
     )
     # Untrained bias tables are ~0.02: make them large so a wrong position or time bucket shows up.
     for block in model.blocks:
@@ -119,6 +121,21 @@ def test_user_vector_matches_the_model_on_ragged_histories() -> None:
         out = model(items, ts, history_query_ts(ts, lengths, request_ts), lengths)
     torch.testing.assert_close(cache.user[:2], last_valid(out, lengths)[:2], rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(cache.user[2]) == 0  # no history: no user vector
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3])
+@pytest.mark.parametrize("use_time_bias", [True, False])
+def test_user_vector_from_the_last_query_alone_equals_the_full_encoding(
+    num_blocks: int, use_time_bias: bool
+) -> None:
+    model = _model(use_time_bias=use_time_bias, num_blocks=num_blocks)
+    items, ts, lengths, request_ts = _histories()
+    items, ts, lengths = items[[0, 1, 2, 0]], ts[[0, 1, 2, 0]], torch.tensor([5, 7, 0, 1])
+    with torch.no_grad():
+        full = encode_history(model, items, ts, lengths, request_ts[[0, 1, 2, 0]]).user
+        fast = encode_user(model, items, ts, lengths, request_ts[[0, 1, 2, 0]])
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(fast[2]) == 0 and torch.count_nonzero(fast[3]) > 0
 
 
 def test_user_head_skips_the_candidate_pass_and_gives_retrieval_scores() -> None:

@@ -19,7 +19,14 @@ from models.registry import build_model
 from serving.impressions import ImpressionLogger, read_spool
 from serving.registry import list_models, load_model, register_model, resolve
 from serving.schemas import RankRequest, RecommendRequest
-from serving.service import AdaptiveBatcher, InvalidRequest, Recommender, ServingConfig
+from serving.service import (
+    AdaptiveBatcher,
+    InvalidRequest,
+    Recommender,
+    RequestIds,
+    ServerProcessConfig,
+    ServingConfig,
+)
 from training.loop import LoopConfig, OptimizerConfig, fit
 from training.retrieval import RetrievalTask, RetrievalTrainConfig
 
@@ -424,3 +431,26 @@ def test_adaptive_batcher_groups_concurrent_requests() -> None:
 
     with pytest.raises(RuntimeError, match="model failed"):
         asyncio.run(failing())
+
+
+def test_request_ids_are_unique_63_bit_and_apart_across_engines() -> None:
+    a, b = RequestIds(prefix=5), RequestIds(prefix=6)
+    ids_a = [a.next() for _ in range(1000)]
+    ids_b = [b.next() for _ in range(1000)]
+    assert len(set(ids_a) | set(ids_b)) == 2000
+    assert all(0 <= i < 2**63 for i in ids_a + ids_b)
+    assert ids_a[0] >> 32 == 5  # the prefix names the engine
+    assert 0 <= RequestIds().prefix < 2**31
+    with pytest.raises(ValueError, match="prefix"):
+        RequestIds(prefix=2**31)
+
+
+def test_process_settings_come_from_the_environment_and_bad_values_are_named() -> None:
+    settings = ServerProcessConfig.from_env({"RECSYS_SERVING_WORKERS": "3", "RECSYS_SERVING_ACCESS_LOG": "1"})
+    assert (settings.workers, settings.access_log) == (3, True)
+    assert ServerProcessConfig.from_env({}).workers == 2  # fills a 2-core box
+    with pytest.raises(ValueError, match="RECSYS_SERVING_WORKERS"):
+        ServerProcessConfig.from_env({"RECSYS_SERVING_WORKERS": "0"})
+    # The full configuration validates the same variables.
+    with pytest.raises(ValueError, match="RECSYS_SERVING_ACCESS_LOG"):
+        ServingConfig.from_env({"RECSYS_SERVING_RETRIEVER": "m", "RECSYS_SERVING_ACCESS_LOG": "maybe"})

@@ -44,6 +44,20 @@ def test_in_process_arm_is_the_serving_engine() -> None:
     assert all(i.propensity == 1.0 for i in batch[0].items)  # greedy: deterministic policy
 
 
+def test_a_seeded_in_process_arm_serves_the_same_slates_again() -> None:
+    tag = register_tiny_popularity()
+    requests = [_request(u, 10_000 + u, []) for u in range(1, 9)]
+
+    def slates(seed: int) -> list[tuple[int, list[int]]]:
+        arm = InProcessArm.from_tag(tag, policy_temperature=1.0, seed=seed)  # stochastic policy
+        return [(r.request_id, [i.item_id for i in r.items]) for r in arm.recommend_many(requests)]
+
+    first = slates(7)
+    assert slates(7) == first  # same request ids, same Plackett-Luce draws
+    assert len({rid for rid, _ in first}) == len(requests)
+    assert {rid for rid, _ in slates(8)}.isdisjoint(rid for rid, _ in first)
+
+
 def test_reference_policies() -> None:
     world = tiny_world()
     items = np.arange(N_ITEMS)

@@ -1,0 +1,177 @@
+"""The pipeline's package stage serves the distilled student as the bento's ranker.
+
+Stage functions are called through ``.fn`` (no Prefect API to start). One real teacher -> student run on the
+tiny synthetic config of ``tests/flows/test_distill.py`` gives the distill record; the retrieval record points
+at a SASRec checkpoint of the same dataset (untrained: packaging does not care how good it is). After
+``package_stage`` the store holds ``<dataset>-ranker:latest`` (task ranking, the student's architecture and
+weights), the bento pins it, and a ``Recommender`` built from the bento's configuration answers recommend and
+rank with it. Without the distill stage the bento has no ranker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from core.config import PathsConfig
+from core.hashing import file_sha256
+from experiments.distillation import ServedStudent, TeacherStudentResult, run_teacher_student
+from flows.build_features import DatasetSpec
+from flows.package import register_distilled_ranker
+from flows.pipeline import (
+    STAGES,
+    PipelineConfig,
+    PipelineResult,
+    distill_record,
+    package_key,
+    package_stage,
+    summary_markdown,
+)
+from models.registry import build_model, model_config
+from serving.registry import load_model, resolve
+from serving.schemas import RankRequest, RecommendRequest
+from serving.service import Recommender, ServingConfig
+from tests.flows.test_distill import CONFIG as TINY_DISTILL
+from training.checkpoint import save_weights, weights_path
+from warehouse import Warehouse
+
+DATASET = "syn_pkg"  # its own store names (syn-pkg-*): the BentoML store is shared by the test session
+PIPELINE = PipelineConfig(dataset=DatasetSpec(kind="synthetic", name=DATASET))
+RETRIEVAL_LEN = 16
+TS = 2_000_000_000  # after every event of the tiny data
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The pipeline's state directory: the stages read ``PathsConfig()``, i.e. ``RECSYS_HOME``."""
+    root = tmp_path_factory.mktemp("pipeline-package")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECSYS_HOME", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def distilled(home: Path) -> TeacherStudentResult:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = TINY_DISTILL.model_copy(update={"dataset": DATASET})
+        return run_teacher_student(config, PathsConfig(home=home), echo=None)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def retrieval(home: Path, distilled: TeacherStudentResult) -> dict[str, Any]:
+    """A retrieval stage record whose best model is a SASRec checkpoint over the dataset's catalogue."""
+    with Warehouse(home / "warehouse.duckdb", read_only=True) as wh:
+        num_items = int(wh.sql(f"SELECT count(*) AS n FROM {DATASET}.item_index")[0, 0])
+    torch.manual_seed(0)
+    model = build_model("sasrec", model_config("sasrec", num_items=num_items, max_len=RETRIEVAL_LEN))
+    checkpoint = home / "artifacts" / "retrieval" / DATASET / "sasrec" / "run"
+    save_weights(model, weights_path(checkpoint, "best"))
+    return {
+        "best": "sasrec",
+        "models": {"sasrec": {"checkpoint": str(checkpoint), "test": {"ndcg@10": 0.1}}},
+        "num_items": num_items,
+        "max_len": RETRIEVAL_LEN,
+    }
+
+
+def _bento_config(tag: str) -> ServingConfig:
+    """The ServingConfig the bento runs with: its baked-in ``RECSYS_SERVING_*`` environment."""
+    info = yaml.safe_load((Path(bentoml.get(tag).path) / "bento.yaml").read_text())
+    return ServingConfig.from_env({e["name"]: e["value"] for e in info["envs"]})
+
+
+def test_the_distill_record_names_the_first_seeds_student(distilled: TeacherStudentResult) -> None:
+    record = distill_record(distilled.summary())
+    student = ServedStudent.model_validate(record["student"])
+    assert student.architecture == TINY_DISTILL.student and student.seed == TINY_DISTILL.seeds[0]
+    assert student.max_len == TINY_DISTILL.student_len and student.dataset == DATASET
+    assert student.data == TINY_DISTILL.data and student.data_version == distilled.data.data_version
+    assert student.weights.exists() and student.weights_sha256 == file_sha256(student.weights)
+    assert student.test["auc"] == pytest.approx(distilled.roles["student_distilled"].test[0]["auc"])
+
+
+def test_package_serves_the_distilled_student_as_ranker(
+    home: Path, distilled: TeacherStudentResult, retrieval: dict[str, Any]
+) -> None:
+    distill = distill_record(distilled.summary())
+    student = ServedStudent.model_validate(distill["student"])
+    package = package_stage.fn(PIPELINE, retrieval, distill)
+
+    assert package["ranker"] == resolve("syn-pkg-ranker:latest")
+    assert package["ranker_architecture"] == student.architecture
+    ranker = load_model("syn-pkg-ranker:latest")
+    assert ranker.card.task == "ranking" and ranker.card.architecture == student.architecture
+    assert ranker.card.model_config_json == student.model_config_json
+    assert ranker.card.data_version == student.data_version
+    weights = load_file(str(student.weights))
+    for name, tensor in ranker.module.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name  # the distilled student's own weights
+
+    config = _bento_config(package["bento"])
+    assert config.ranker == package["ranker"] and config.retriever == package["served"]
+    engine = Recommender.from_config(config.model_copy(update={"policy_temperature": 0.0}))
+    try:
+        user = max(engine.histories, key=lambda u: len(engine.histories[u][0]))
+        recommended = engine.recommend(RecommendRequest(user_id=user, k=5, ts=TS))
+        assert recommended.source == "ranker" and len(recommended.items) == 5
+        scores = [it.score for it in recommended.items]
+        assert scores == sorted(scores, reverse=True)
+        candidates = [int(i) for i in ranker.catalog.item_ids[1:11]]
+        ranked = engine.rank(RankRequest(user_id=user, candidates=candidates, ts=TS))
+        assert ranked.source == "ranker" and set(ranked.scores) == set(distilled.data.tasks)
+        assert sorted(ranked.ranking) == sorted(candidates)
+    finally:
+        engine.close()
+
+
+def test_without_the_distill_stage_the_bento_has_no_ranker(home: Path, retrieval: dict[str, Any]) -> None:
+    config = PIPELINE.model_copy(update={"stages": tuple(s for s in STAGES if s != "distill")})
+    package = package_stage.fn(config, retrieval, None)
+    assert package["ranker"] is None and package["ranker_architecture"] is None
+    serving = _bento_config(package["bento"])
+    assert serving.ranker is None and serving.retriever == package["served"]
+    assert [str(m.tag) for m in bentoml.get(package["bento"]).info.models] == [package["served"]]
+
+
+def test_the_package_key_follows_the_distilled_student(retrieval: dict[str, Any]) -> None:
+    student = {"architecture": "rankmixer", "weights_sha256": "a" * 64}
+    key = package_key(DATASET, retrieval, {"student": student, "auc": {"teacher": 0.7}})
+    assert key == package_key(DATASET, retrieval, {"student": dict(student), "auc": {"teacher": 0.6}})
+    assert key != package_key(DATASET, retrieval, {"student": student | {"weights_sha256": "b" * 64}})
+    without = package_key(DATASET, retrieval, None)
+    assert key != without and without == package_key(DATASET, retrieval, {"student": None})
+
+
+def test_a_changed_student_checkpoint_is_refused(home: Path, distilled: TeacherStudentResult) -> None:
+    record = distill_record(distilled.summary())["student"]
+    student = ServedStudent.model_validate(record | {"weights_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="weights_sha256"):
+        register_distilled_ranker(home / "warehouse.duckdb", student, store="syn-pkg-refused")
+
+
+def test_the_summary_report_names_the_served_ranker() -> None:
+    package = {
+        "retriever": "ds-sasrec:v-1",
+        "served": "ds-retriever:v-1",
+        "control": "ds-popularity:v-2",
+        "ranker": "ds-ranker:v-3",
+        "ranker_architecture": "rankmixer",
+        "bento": "recsys-recommender:abc",
+    }
+    result = PipelineResult(dataset="ds", features={}, stages={"package": package})
+    text = summary_markdown(result)
+    assert "serves retriever `ds-retriever:v-1` and ranker `ds-ranker:v-3`" in text
+    assert "distilled student (rankmixer)" in text
+    bare = PipelineResult(dataset="ds", features={}, stages={"package": package | {"ranker": None}})
+    assert "and no ranker" in summary_markdown(bare)
