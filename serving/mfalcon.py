@@ -436,7 +436,7 @@ class MFalconScorer:
         self.head = head
         self.micro_batch = micro_batch
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(
         self, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor, candidates: Tensor
     ) -> dict[str, Tensor]:

@@ -57,6 +57,7 @@ OPEN choices, and what was picked:
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import itertools
@@ -86,6 +87,7 @@ from serving.ann import IvfItemIndex
 from serving.featurize import RankingFeaturizer, UserFeatures
 from serving.impressions import ImpressionLogger, plackett_luce_order
 from serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_user, truncate_history
+from serving.middleware import ConnectionRecycler
 from serving.registry import LoadedModel, load_model
 from serving.schemas import (
     HealthResponse,
@@ -123,6 +125,18 @@ class ServerProcessConfig(FrozenModel):
         False,
         description="BentoML's per-request access log line. Off by default: the impressions log already "
         "records every served list, and the log line cost ~9% of a rank request's CPU under load.",
+    )
+    keepalive_requests: int = Field(
+        100,
+        ge=0,
+        description="End every n-th response of a worker with 'Connection: close' (0: never), so that "
+        "keep-alive clients spread over the workers instead of staying where they first connected "
+        "(serving/middleware.py).",
+    )
+    metrics: bool = Field(
+        True,
+        description="BentoML's Prometheus request metrics (GET /metrics). They cost ~4% of a rank request's "
+        "CPU under load; a deployment that scrapes nothing can turn them off.",
     )
 
     @classmethod
@@ -257,7 +271,7 @@ class ModelRuntime:
         self.item_table: torch.Tensor | None = None
         self.ann: IvfItemIndex | None = None  # set by the Recommender when retrieval_index is 'ivf'
         if isinstance(module, SEQUENCE_ARCHITECTURES):
-            with torch.no_grad():
+            with torch.inference_mode():
                 self.item_table = module.item_vectors().detach()  # [N + 1, D], computed once
             self.max_history = (
                 module.config.max_len - 1 if isinstance(module, HSTU) else module.config.max_len
@@ -322,7 +336,7 @@ class ModelRuntime:
             groups.setdefault(max(8, 1 << max(n - 1, 0).bit_length()), []).append(row)
         return [np.asarray(rows, dtype=np.int64) for _, rows in sorted(groups.items())]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def user_vectors(self, histories: list[MappedHistory], request_ts: np.ndarray) -> torch.Tensor:
         """[B, D] L2-normalised user vectors at the request time (batched by history length)."""
         request_ts = np.asarray(request_ts, dtype=np.int64)
@@ -348,7 +362,7 @@ class ModelRuntime:
         query_ts = query_ts * valid_mask(lengths, items.shape[1]).to(ts.dtype)
         return last_valid(self.module(items, ts, query_ts, lengths), lengths)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_all(self, histories: list[MappedHistory], request_ts: np.ndarray) -> torch.Tensor:
         """[B, N + 1] retrieval scores of every item (column 0, padding, is -inf)."""
         if self.is_popularity:
@@ -358,7 +372,7 @@ class ModelRuntime:
         scores[:, 0] = float("-inf")
         return scores
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_candidates(
         self, histories: list[MappedHistory], request_ts: np.ndarray, candidates: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -925,7 +939,9 @@ class Recommender:
         model = self.ranker or self.retriever
         cold = job.user.cold_start(model)
         request_id, order, propensity = self._serve(pool, len(pool.item_ids), job.user, "rank", cold, model)
-        return RankResponse(
+        # Built from the engine's own arrays: no validation pass over the 3 x M numbers (a test checks that
+        # the response still validates).
+        return RankResponse.model_construct(
             request_id=request_id,
             scores={task: s.tolist() for task, s in pool.task_scores.items()},
             ranking=pool.item_ids[order].tolist(),
@@ -977,6 +993,10 @@ _PROCESS = ServerProcessConfig.from_env()
     http={"host": "127.0.0.1", "port": 3000},
     workers=_PROCESS.workers,
     logging={"access": {"enabled": _PROCESS.access_log, "skip_paths": ["/livez", "/readyz", "/metrics"]}},
+    metrics={"enabled": _PROCESS.metrics},
+    # With the OpenTelemetry SDK off (the default, above) no span is recorded, yet BentoML's ASGI tracing
+    # middleware still wraps every request and send (~5% of a rank request's CPU): skip it for every URL.
+    tracing={"excluded_urls": ["/"] if os.environ.get("OTEL_SDK_DISABLED") == "true" else None},
 )
 class RecommendationService:
     """Endpoints /recommend, /rank, /health, /metadata (POST, JSON); BentoML adds GET /readyz and /livez."""
@@ -994,6 +1014,11 @@ class RecommendationService:
         self._rank = AdaptiveBatcher(
             self.engine.rank_many, self.config.max_batch_size, self.config.batch_wait_ms
         )
+        # The models, histories and catalogue live as long as the process: freeze them out of the cyclic
+        # collector's reach, so that a full collection under load does not walk them (a pause that grows
+        # with the number of users and items).
+        gc.collect()
+        gc.freeze()
 
     def __is_ready__(self) -> bool:
         return self.engine is not None
@@ -1050,3 +1075,6 @@ class RecommendationService:
     @bentoml.on_shutdown
     def _close(self) -> None:
         self.engine.close()
+
+
+RecommendationService.add_asgi_middleware(ConnectionRecycler, every=_PROCESS.keepalive_requests)

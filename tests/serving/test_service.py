@@ -18,7 +18,7 @@ from evaluation.retrieval import leave_one_out
 from models.registry import build_model
 from serving.impressions import ImpressionLogger, read_spool
 from serving.registry import list_models, load_model, register_model, resolve
-from serving.schemas import RankRequest, RecommendRequest
+from serving.schemas import RankRequest, RankResponse, RecommendRequest
 from serving.service import (
     AdaptiveBatcher,
     InvalidRequest,
@@ -236,6 +236,8 @@ def test_rank_scores_every_candidate_and_unknown_items_get_the_prior(engine: Rec
     assert scores[2] == pytest.approx(min(known) - 1.0, rel=1e-5)  # never seen: below every known item
     assert response.unknown_items == [77777] and response.ranking[0] == ITEM_OFFSET + 6
     assert response.ranking[-1] == 77777 and response.propensities == [1.0] * 4
+    # Built without validation on the hot path: it must still be exactly what validation would give.
+    assert RankResponse.model_validate(response.model_dump()) == response
 
 
 def test_rank_for_an_unknown_user_uses_popularity(engine: Recommender) -> None:
@@ -448,7 +450,14 @@ def test_request_ids_are_unique_63_bit_and_apart_across_engines() -> None:
 def test_process_settings_come_from_the_environment_and_bad_values_are_named() -> None:
     settings = ServerProcessConfig.from_env({"RECSYS_SERVING_WORKERS": "3", "RECSYS_SERVING_ACCESS_LOG": "1"})
     assert (settings.workers, settings.access_log) == (3, True)
-    assert ServerProcessConfig.from_env({}).workers == 2  # fills a 2-core box
+    defaults = ServerProcessConfig.from_env({})
+    assert defaults.workers == 2 and defaults.keepalive_requests == 100 and defaults.metrics  # a 2-core box
+    off = ServerProcessConfig.from_env(
+        {"RECSYS_SERVING_KEEPALIVE_REQUESTS": "0", "RECSYS_SERVING_METRICS": "no"}
+    )
+    assert (off.keepalive_requests, off.metrics) == (0, False)
+    with pytest.raises(ValueError, match="RECSYS_SERVING_KEEPALIVE_REQUESTS"):
+        ServerProcessConfig.from_env({"RECSYS_SERVING_KEEPALIVE_REQUESTS": "-1"})
     with pytest.raises(ValueError, match="RECSYS_SERVING_WORKERS"):
         ServerProcessConfig.from_env({"RECSYS_SERVING_WORKERS": "0"})
     # The full configuration validates the same variables.

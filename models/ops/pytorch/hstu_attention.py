@@ -63,9 +63,9 @@ def time_bucket_thresholds(num_buckets: int, device: torch.device | str = "cpu")
 def time_bucket(gap_seconds: Tensor, num_buckets: int) -> Tensor:
     """Bucket of a gap in seconds: clamp(floor(ln(max(|gap|, 1)) / 0.301), 0, num_buckets - 1), exactly."""
     thresholds = time_bucket_thresholds(num_buckets, gap_seconds.device)
-    gap = gap_seconds.to(torch.int64).abs().clamp(min=1)
-    # The number of thresholds 1..num_buckets-1 that are <= gap; thresholds[0] == 1 <= every gap.
-    return torch.bucketize(gap, thresholds[1:num_buckets], right=True)
+    # The number of thresholds 1..num_buckets-1 that are <= |gap|. No clamp to 1 (a pass over [B, N, N]):
+    # thresholds[1] == 2, so gaps 0 and 1 land in bucket 0 either way.
+    return torch.bucketize(gap_seconds.to(torch.int64).abs(), thresholds[1:num_buckets], right=True)
 
 
 def _positions(history: Tensor, n: int) -> Tensor:
