@@ -785,14 +785,16 @@ _POLARS_TYPES: dict[str, pl.DataType] = {
 }
 
 
+def _contract_markdown(table: str, columns: Sequence[Column]) -> str:
+    """One table's contract as a bold name and a Markdown table of its columns."""
+    lines = [f"**`{table}`**", "", "| column | type | required | meaning |", "|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.type} | {'yes' if c.required else ''} | {c.meaning} |" for c in columns]
+    return "\n".join(lines)
+
+
 def ab_contract_markdown() -> str:
     """The A/B table contract as Markdown tables (shown on the A/B page when results are missing)."""
-    parts = []
-    for table, columns in AB_CONTRACT.items():
-        lines = [f"**`{table}`**", "", "| column | type | required | meaning |", "|---|---|---|---|"]
-        lines += [f"| {c.name} | {c.type} | {'yes' if c.required else ''} | {c.meaning} |" for c in columns]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+    return "\n\n".join(_contract_markdown(table, columns) for table, columns in AB_CONTRACT.items())
 
 
 def ab_tables(path: str | Path) -> list[str]:
@@ -912,11 +914,8 @@ CONTINUAL_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
 
 
 def continual_contract_markdown() -> str:
-    lines = [f"**`{CONTINUAL_TABLE}`**", "", "| column | type | required | meaning |", "|---|---|---|---|"]
-    lines += [
-        f"| {c.name} | {c.type} | {'yes' if c.required else ''} | {c.meaning} |" for c in CONTINUAL_CONTRACT
-    ]
-    return "\n".join(lines)
+    """The ``continual_results`` contract as a Markdown table (shown on the continual page without data)."""
+    return _contract_markdown(CONTINUAL_TABLE, CONTINUAL_CONTRACT)
 
 
 def continual_results(path: str | Path, experiment_id: str | None = None) -> pl.DataFrame:

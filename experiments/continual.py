@@ -39,14 +39,19 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from core.atomic import atomic_path
-from core.config import FrozenModel, PathsConfig
+from core.config import PathsConfig
 from core.environment import PROJECT_ROOT
 from core.hashing import stable_hash
 from evaluation.forgetting import ForgettingSummary, forgetting_matrix, format_matrix, summarize_forgetting
 from evaluation.ranking import auc
-from experiments.ranking import RANKING_MODELS, RankingExperimentConfig, build_model, prepare_data
-from features.config import FeatureConfig
+from experiments.common import split_csv, write_report
+from experiments.ranking import (
+    RANKING_MODELS,
+    RankingDataSource,
+    RankingExperimentConfig,
+    build_model,
+    prepare_data,
+)
 from synthetic.config import SyntheticConfig
 from training.continual import (
     METHODS,
@@ -93,15 +98,21 @@ NOISE_AUC = 0.002
 #: The ``synthetic_drift`` preset: the quick generator run with category appeal swinging 4x harder and about
 #: twice as fast (sinusoid periods 30-45 days over the 90-day horizon), so that a period's lesson goes stale.
 DRIFT_PRESET: dict[str, Any] = {"drift": 2.0, "drift_period_days": (30.0, 45.0)}
+#: ``ContinualConfig.quick`` per dataset: (served history, privileged history, training examples per period);
+#: every preset caps validation at 1,500 and eval at 3,000 examples per period.
+_QUICK_TRAIN: dict[str, tuple[int, int, int]] = {
+    "synthetic": (5, 100, 4_000),
+    "synthetic_drift": (5, 100, 4_000),
+    "synthetic_long": (20, 200, 6_000),
+    "ml100k": (20, 200, 10_000),
+}
 
 
-class ContinualConfig(FrozenModel):
+class ContinualConfig(RankingDataSource):
     """One continual-training experiment: data, the network, the methods and the streaming protocol."""
 
     dataset: str = Field("synthetic", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Warehouse schema.")
     source_dir: Path | None = Field(None, description="MovieLens-100K folder (dataset ml100k).")
-    synthetic: SyntheticConfig | None = Field(None, description="Generate and load this synthetic run.")
-    features: FeatureConfig = FeatureConfig()
     data: RankingDataConfig = RankingDataConfig(multi_task=False)
     model: str = Field("din", description="Ranking model of the registry (one network for every method).")
     model_overrides: dict[str, Any] = Field(default_factory=dict)
@@ -117,8 +128,7 @@ class ContinualConfig(FrozenModel):
             raise ValueError(f"model: unknown ranking model {self.model!r}; known: {sorted(RANKING_MODELS)}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct and non-empty, got {self.methods}")
-        if self.synthetic is not None and self.source_dir is not None:
-            raise ValueError("give either synthetic or source_dir, not both")
+        self._check_one_source()
         if self.stop_after is not None and self.stop_after > self.train.n_periods:
             raise ValueError(f"stop_after ({self.stop_after}) exceeds n_periods ({self.train.n_periods})")
         return self
@@ -138,64 +148,37 @@ class ContinualConfig(FrozenModel):
 
         Served / privileged history: 5 / 100 on quick synthetic data (its users have ~20 clicks; a served
         window of 20 would already hold most of them), 20 / 200 on the others (spec example)."""
-        base: dict[str, Any] = {"dataset": dataset}
-        if dataset == "synthetic":
-            base["synthetic"] = SyntheticConfig.quick()
-            base["train"] = ContinualTrainConfig(
-                served_len=5,
-                privileged_len=100,
-                max_train_per_period=4_000,
+        if dataset not in _QUICK_TRAIN:
+            raise ValueError(
+                f"no quick preset for dataset {dataset!r}; choose synthetic, synthetic_long, ml100k"
+            )
+        served_len, privileged_len, max_train = _QUICK_TRAIN[dataset]
+        base: dict[str, Any] = {
+            "dataset": dataset,
+            "train": ContinualTrainConfig(
+                served_len=served_len,
+                privileged_len=privileged_len,
+                max_train_per_period=max_train,
                 max_valid_per_period=1_500,
                 max_eval_per_period=3_000,
-            )
+            ),
+        }
+        if dataset == "synthetic":
+            base["synthetic"] = SyntheticConfig.quick()
         elif dataset == "synthetic_drift":
             quick = SyntheticConfig.quick()
             base["synthetic"] = quick.model_copy(
                 update={"click": quick.click.model_copy(update=DRIFT_PRESET)}
             )
-            base["train"] = ContinualTrainConfig(
-                served_len=5,
-                privileged_len=100,
-                max_train_per_period=4_000,
-                max_valid_per_period=1_500,
-                max_eval_per_period=3_000,
-            )
         elif dataset == "synthetic_long":
             base["synthetic"] = SyntheticConfig.long_history()
-            base["train"] = ContinualTrainConfig(
-                served_len=20,
-                privileged_len=200,
-                max_train_per_period=6_000,
-                max_valid_per_period=1_500,
-                max_eval_per_period=3_000,
-            )
-        elif dataset == "ml100k":
+        else:  # ml100k
             base["source_dir"] = ML100K_DIR if (ML100K_DIR / "u.data").exists() else None
-            base["train"] = ContinualTrainConfig(
-                served_len=20,
-                privileged_len=200,
-                max_train_per_period=10_000,
-                max_valid_per_period=1_500,
-                max_eval_per_period=3_000,
-            )
-        else:
-            raise ValueError(
-                f"no quick preset for dataset {dataset!r}; choose synthetic, synthetic_long, ml100k"
-            )
         return cls(**(base | overrides))
 
     def ranking_config(self) -> RankingExperimentConfig:
         """The ranking experiment config whose data preparation this experiment reuses."""
-        return RankingExperimentConfig(
-            dataset=self.dataset,
-            source_dir=self.source_dir,
-            synthetic=self.synthetic,
-            features=self.features,
-            data=self.data,
-            models=(self.model,),
-            seeds=(self.train.seed,),
-            comparisons=(),
-        )
+        return self._ranking_config((self.model,), (self.train.seed,))
 
 
 @dataclass
@@ -494,10 +477,9 @@ def run_continual(
         results=table,
         flops=flops,
     )
-    report = paths.home / "reports" / f"continual_{config.dataset}.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(format_report(result))
-    result.report_path = report
+    result.report_path = write_report(
+        paths.home / "reports" / f"continual_{config.dataset}.md", format_report(result)
+    )
     return result
 
 
@@ -789,7 +771,7 @@ def run_command(
         config = ContinualConfig(
             **(
                 base.model_dump(exclude={"train", "methods", "stop_after"})
-                | {"train": train, "methods": tuple(m.strip() for m in methods.split(",") if m.strip())}
+                | {"train": train, "methods": split_csv(methods)}
                 | {"stop_after": stop_after}
             )
         )

@@ -47,13 +47,29 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
 from core.hashing import file_sha256, stable_hash
 from evaluation.ranking import ranking_metrics
-from evaluation.significance import PairedTest, paired_t_over_seeds, summarize
-from experiments.ranking import PRETTY, RANKING_MODELS, RankingExperimentConfig, build_model, prepare_data
-from features.config import FeatureConfig
+from evaluation.significance import PairedTest, summarize
+from experiments.common import (
+    check_seeds,
+    markdown_head,
+    markdown_row,
+    paired_seed_tests,
+    split_csv,
+    write_report,
+)
+from experiments.ranking import (
+    PRETTY,
+    RANKING_LOOP,
+    RANKING_MODELS,
+    RankingDataSource,
+    RankingExperimentConfig,
+    build_model,
+    check_ranking_monitor,
+    prepare_data,
+    ranking_loop,
+)
 from synthetic.config import SyntheticConfig
 from training.checkpoint import weights_path
 from training.distillation import (
@@ -67,7 +83,7 @@ from training.distillation import (
     score_logits,
     train_distilled,
 )
-from training.loop import LoopConfig, OptimizerConfig, resolve_device, seed_everything
+from training.loop import LoopConfig, resolve_device, seed_everything
 from training.ranking import (
     PROTOCOL,
     RankingData,
@@ -97,14 +113,7 @@ ROLE_NAMES = {
 }
 
 
-class TeacherStudentConfig(FrozenModel):
-    dataset: str = Field("ml100k", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Warehouse schema name.")
-    source_dir: Path | None = Field(
-        None, description="MovieLens-100K folder (dataset ml100k); None downloads."
-    )
-    synthetic: SyntheticConfig | None = Field(None, description="Generate and load this synthetic run.")
-    features: FeatureConfig = FeatureConfig()
-    data: RankingDataConfig = RankingDataConfig()
+class TeacherStudentConfig(RankingDataSource):
     teacher: tuple[str, ...] = Field(("hyformer",), description="Teacher model(s); several = an ensemble.")
     teacher_len: int = Field(1_000, ge=1, description="History steps the teacher reads.")
     teacher_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -116,9 +125,7 @@ class TeacherStudentConfig(FrozenModel):
     seeds: tuple[int, ...] = (0, 1, 2)
     train: RankingTrainConfig = RankingTrainConfig()
     teacher_loop: LoopConfig | None = Field(None, description="The teacher's loop; None = ``loop``.")
-    loop: LoopConfig = LoopConfig(
-        monitor="auc", mode="max", max_epochs=3, patience=1, optimizer=OptimizerConfig(lr=2e-3)
-    )
+    loop: LoopConfig = RANKING_LOOP
     scores: TeacherScoreConfig = TeacherScoreConfig()
     distill: DistillConfig = DistillConfig()
     latency_candidates: int = Field(1_000, ge=1)
@@ -143,13 +150,11 @@ class TeacherStudentConfig(FrozenModel):
         bad = [m for m in self.teacher_overrides if m not in self.teacher]
         if bad:
             raise ValueError(f"teacher_overrides: model(s) {bad} are not in teacher {self.teacher}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        if self.synthetic is not None and self.source_dir is not None:
-            raise ValueError("give either synthetic or source_dir, not both")
+        check_seeds(self.seeds)
+        self._check_one_source()
         for name, loop in (("loop", self.loop), ("teacher_loop", self.teacher_loop)):
-            if loop is not None and loop.monitor.split("/")[-1] not in ("auc", "gauc", "log_loss", "ne"):
-                raise ValueError(f"{name}.monitor must be a ranking metric, got {loop.monitor!r}")
+            if loop is not None:
+                check_ranking_monitor(name, loop)
         return self
 
     @classmethod
@@ -173,14 +178,7 @@ class TeacherStudentConfig(FrozenModel):
             "teacher_len": 200,
             "seeds": (0,),
             "train": RankingTrainConfig(batch_size=128, flop_examples=256),
-            "loop": LoopConfig(
-                monitor="auc",
-                mode="max",
-                max_epochs=2,
-                patience=1,
-                progress=False,
-                optimizer=OptimizerConfig(lr=2e-3),
-            ),
+            "loop": ranking_loop(max_epochs=2, patience=1, lr=2e-3, progress=False),
             "scores": TeacherScoreConfig(candidates_per_example=1),
             "latency_repeats": 3,
         }
@@ -188,16 +186,7 @@ class TeacherStudentConfig(FrozenModel):
 
     def ranking_config(self) -> RankingExperimentConfig:
         """The ranking experiment config whose data preparation this experiment shares."""
-        return RankingExperimentConfig(
-            dataset=self.dataset,
-            source_dir=self.source_dir,
-            synthetic=self.synthetic,
-            features=self.features,
-            data=self.data,
-            models=(self.baseline,),
-            seeds=self.seeds,
-            comparisons=(),
-        )
+        return self._ranking_config((self.baseline,), self.seeds)
 
 
 @dataclass
@@ -591,16 +580,14 @@ def run_teacher_student(
 
     tests = []
     if len(config.seeds) >= 2:
-        for metric in ("auc", "gauc", "log_loss"):
-            tests.append(
-                paired_t_over_seeds(
-                    [t.get(metric, float("nan")) for t in roles["student_distilled"].test],
-                    [t.get(metric, float("nan")) for t in roles["student_plain"].test],
-                    metric=metric,
-                    a_name="student distilled",
-                    b_name="student plain",
-                )
-            )
+        tests = paired_seed_tests(
+            "student distilled",
+            "student plain",
+            roles["student_distilled"].test,
+            roles["student_plain"].test,
+            ("auc", "gauc", "log_loss"),
+            lambda t, m: t.get(m, float("nan")),
+        )
     result = TeacherStudentResult(
         config=config,
         data=data,
@@ -614,10 +601,9 @@ def run_teacher_student(
     )
     result.wall_time_s = time.perf_counter() - started
     result.summary_run_id = _record_summary(run_log, result)
-    report = paths.artifacts / "distill" / f"report_{config.dataset}.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(format_report(result))
-    result.report_path = report
+    result.report_path = write_report(
+        paths.artifacts / "distill" / f"report_{config.dataset}.md", format_report(result)
+    )
     return result
 
 
@@ -674,7 +660,7 @@ def format_table(result: TeacherStudentResult) -> str:
     header = ["Role", "Model", "History L", "AUC", "GAUC", "Log loss", "Calibration", "ECE"]
     header += ["Oracle share"] if oracle else []
     header += ["Params", "FLOPs/example", "CPU ms / 1k candidates", "Train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for role, r in result.roles.items():
         cells = [ROLE_NAMES[role], r.model, str(r.max_len)]
         cells += [_cell(r, m) for m in ("auc", "gauc", "log_loss")]
@@ -687,7 +673,7 @@ def format_table(result: TeacherStudentResult) -> str:
             f"{r.latency_ms_per_1k:.1f}",
             f"{np.mean(r.train_time_s):.0f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
@@ -820,29 +806,15 @@ def teacher_student_command(
             data=RankingDataConfig(
                 max_train_examples=max_train, max_valid_examples=max_valid, max_test_examples=max_test
             ),
-            teacher=tuple(p.strip() for p in teacher.split(",") if p.strip()),
+            teacher=split_csv(teacher),
             teacher_len=teacher_len,
             student_len=student_len,
             seeds=tuple(range(seeds)),
             train=RankingTrainConfig(batch_size=batch_size, epoch_examples=epoch_examples),
-            loop=LoopConfig(
-                monitor="auc",
-                mode="max",
-                max_epochs=max_epochs,
-                patience=patience,
-                progress=progress,
-                optimizer=OptimizerConfig(lr=lr),
-            ),
+            loop=ranking_loop(max_epochs=max_epochs, patience=patience, lr=lr, progress=progress),
             teacher_loop=None
             if teacher_epochs is None
-            else LoopConfig(
-                monitor="auc",
-                mode="max",
-                max_epochs=teacher_epochs,
-                patience=patience,
-                progress=progress,
-                optimizer=OptimizerConfig(lr=lr),
-            ),
+            else ranking_loop(max_epochs=teacher_epochs, patience=patience, lr=lr, progress=progress),
             scores=TeacherScoreConfig(candidates_per_example=candidates),
             distill=DistillConfig(weight=weight, temperature=temperature),
         )

@@ -36,10 +36,20 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
 from core.hashing import stable_hash
-from evaluation.significance import PairedTest, paired_t_over_seeds, summarize
+from evaluation.significance import PairedTest, summarize
+from experiments.common import (
+    check_comparisons,
+    check_seeds,
+    echo_table_and_tests,
+    format_count,
+    markdown_head,
+    markdown_row,
+    paired_seed_tests,
+    split_csv,
+    write_report,
+)
 from features.config import FeatureConfig
 from features.point_in_time import build_examples
 from ingest.movielens import ingest_movielens
@@ -82,7 +92,10 @@ PRETTY = {
 }
 
 
-class RankingExperimentConfig(FrozenModel):
+class RankingDataSource(FrozenModel):
+    """The dataset fields that ``prepare_data`` reads, shared by the experiments built on the ranking data
+    (this one, ``experiments.distillation``, ``experiments.continual``)."""
+
     dataset: str = Field("ml100k", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Warehouse schema name.")
     source_dir: Path | None = Field(
         None, description="MovieLens-100K folder (dataset ml100k); None downloads."
@@ -90,14 +103,57 @@ class RankingExperimentConfig(FrozenModel):
     synthetic: SyntheticConfig | None = Field(None, description="Generate and load this synthetic run.")
     features: FeatureConfig = FeatureConfig()
     data: RankingDataConfig = RankingDataConfig()
+
+    def _check_one_source(self) -> None:
+        if self.synthetic is not None and self.source_dir is not None:
+            raise ValueError("give either synthetic or source_dir, not both")
+
+    def _ranking_config(self, models: tuple[str, ...], seeds: tuple[int, ...]) -> RankingExperimentConfig:
+        """The ranking experiment config over this data source (for ``prepare_data``), without comparisons."""
+        return RankingExperimentConfig(
+            dataset=self.dataset,
+            source_dir=self.source_dir,
+            synthetic=self.synthetic,
+            features=self.features,
+            data=self.data,
+            models=models,
+            seeds=seeds,
+            comparisons=(),
+        )
+
+
+def ranking_loop(
+    *, max_epochs: int, patience: int, lr: float, progress: bool = True, device: str = "auto"
+) -> LoopConfig:
+    """The ranking-data experiments' training loop: AdamW at ``lr``, early stopping on validation AUC."""
+    return LoopConfig(
+        monitor="auc",
+        mode="max",
+        max_epochs=max_epochs,
+        patience=patience,
+        device=device,
+        progress=progress,
+        optimizer=OptimizerConfig(lr=lr),
+    )
+
+
+#: Default training loop of the ranking-data experiments.
+RANKING_LOOP = ranking_loop(max_epochs=3, patience=1, lr=2e-3)
+
+
+def check_ranking_monitor(name: str, loop: LoopConfig) -> None:
+    """Raise ValueError unless ``loop`` monitors a ranking metric (``name`` is its config field)."""
+    if loop.monitor.split("/")[-1] not in ("auc", "gauc", "log_loss", "ne"):
+        raise ValueError(f"{name}.monitor must be a ranking metric, got {loop.monitor!r}")
+
+
+class RankingExperimentConfig(RankingDataSource):
     models: tuple[str, ...] = DEFAULT_MODELS
     seeds: tuple[int, ...] = (0, 1, 2)
     short_len: int = Field(100, ge=1, description="History steps of DeepFM, DIN, RankMixer.")
     long_len: int = Field(1_000, ge=1, description="History steps of LONGER, LONGER+RankMixer, HyFormer.")
     train: RankingTrainConfig = RankingTrainConfig()
-    loop: LoopConfig = LoopConfig(
-        monitor="auc", mode="max", max_epochs=3, patience=1, optimizer=OptimizerConfig(lr=2e-3)
-    )
+    loop: LoopConfig = RANKING_LOOP
     model_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Model name -> config fields that replace the preset's."
     )
@@ -114,15 +170,10 @@ class RankingExperimentConfig(FrozenModel):
         bad = [m for m in self.model_overrides if m not in RANKING_MODELS]
         if bad:
             raise ValueError(f"model_overrides: unknown model(s) {bad}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        for a, b in self.comparisons:
-            if a not in self.models or b not in self.models:
-                raise ValueError(f"comparisons: ({a}, {b}) names a model that is not in models {self.models}")
-        if self.synthetic is not None and self.source_dir is not None:
-            raise ValueError("give either synthetic or source_dir, not both")
-        if self.loop.monitor.split("/")[-1] not in ("auc", "gauc", "log_loss", "ne"):
-            raise ValueError(f"loop.monitor must be a ranking metric, got {self.loop.monitor!r}")
+        check_seeds(self.seeds)
+        check_comparisons(self.comparisons, self.models)
+        self._check_one_source()
+        check_ranking_monitor("loop", self.loop)
         return self
 
     def max_len(self, model: str) -> int:
@@ -254,10 +305,9 @@ def run_ranking_experiment(
         prepare_time_s=prepared,
         synthetic_oracle_auc=oracle,
     )
-    report = paths.home / "reports" / f"ranking_{config.dataset}.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(format_report(result))
-    result.report_path = report
+    result.report_path = write_report(
+        paths.home / "reports" / f"ranking_{config.dataset}.md", format_report(result)
+    )
     return result
 
 
@@ -267,21 +317,13 @@ def paired_tests(
     """A paired t-test over seeds per comparison and test metric (runs paired by seed)."""
     tests: list[PairedTest] = []
     for a, b in config.comparisons:
-        for metric in config.test_metrics:
-            xa = [r.test.get(metric, float("nan")) for r in runs[a]]
-            xb = [r.test.get(metric, float("nan")) for r in runs[b]]
-            tests.append(paired_t_over_seeds(xa, xb, metric=metric, a_name=a, b_name=b))
+        tests += paired_seed_tests(a, b, runs[a], runs[b], config.test_metrics, _test_value)
     return tests
 
 
-def _fmt_count(value: float) -> str:
-    if value >= 1e9:
-        return f"{value / 1e9:.2f} G"
-    if value >= 1e6:
-        return f"{value / 1e6:.2f} M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f} k"
-    return f"{value:.0f}"
+def _test_value(run: RankingRunResult, metric: str) -> float:
+    """A run's test figure; NaN when the run did not report it (e.g. GAUC without groups)."""
+    return run.test.get(metric, float("nan"))
 
 
 def _cell(runs: list[RankingRunResult], metric: str, digits: int = 4) -> str:
@@ -299,7 +341,7 @@ def format_table(result: RankingExperimentResult) -> str:
     if multi:
         header += ["Like AUC"]
     header += ["Params", "FLOPs/example", "Train time (s)", "Best epoch / run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for name, runs in result.runs.items():
         cells = [PRETTY.get(name, name), str(runs[0].max_len)]
         cells += [_cell(runs, m) for m in ("auc", "gauc", "log_loss", "ne")]
@@ -310,13 +352,13 @@ def format_table(result: RankingExperimentResult) -> str:
             cells.append(_cell(runs, "like/auc"))
         t = summarize([r.train_time_s for r in runs])
         cells += [
-            _fmt_count(runs[0].num_parameters),
-            _fmt_count(runs[0].flops_per_example),
+            format_count(runs[0].num_parameters),
+            format_count(runs[0].flops_per_example),
             f"{t.mean:.0f} ± {t.std:.0f}",
             f"{summarize([r.best_epoch for r in runs]).mean:.1f} / "
             f"{summarize([r.epochs_run for r in runs]).mean:.1f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     if oracle:
         first = next(iter(result.runs.values()))
         lines.append("")
@@ -406,10 +448,6 @@ def _group() -> None:
     """Ranking / CTR experiments (DeepFM, DIN, RankMixer, LONGER, HyFormer)."""
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 @app.command("run")
 def run_command(
     dataset: Annotated[str, typer.Option(help="Warehouse schema name of the dataset.")] = "ml100k",
@@ -448,7 +486,7 @@ def run_command(
     progress: Annotated[bool, typer.Option(help="Show tqdm progress bars.")] = True,
 ) -> None:
     """Train the ranking models over several seeds and print the comparison table."""
-    chosen = _csv(models)
+    chosen = split_csv(models)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -468,25 +506,15 @@ def run_command(
             short_len=short_len,
             long_len=long_len,
             train=RankingTrainConfig(batch_size=batch_size, epoch_examples=epoch_examples),
-            loop=LoopConfig(
-                monitor="auc",
-                mode="max",
-                max_epochs=max_epochs,
-                patience=patience,
-                device=device,
-                progress=progress,
-                optimizer=OptimizerConfig(lr=lr),
+            loop=ranking_loop(
+                max_epochs=max_epochs, patience=patience, lr=lr, progress=progress, device=device
             ),
             comparisons=tuple(p for p in EXPECTED_PAIRS if p[0] in chosen and p[1] in chosen),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     result = run_ranking_experiment(config, echo=typer.echo)
-    typer.echo("")
-    typer.echo(format_table(result))
-    typer.echo("")
-    for t in result.tests:
-        typer.echo(t.format())
+    echo_table_and_tests(format_table(result), result.tests)
     typer.echo(f"\nreport: {result.report_path} ({result.wall_time_s:.0f} s)")
 
 

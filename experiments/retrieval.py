@@ -23,11 +23,21 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, model_validator
 
-from core.atomic import atomic_path
 from core.config import FrozenModel, PathsConfig
 from core.hashing import stable_hash
 from evaluation.retrieval import PROTOCOL, LeaveOneOutSplit, leave_one_out
-from evaluation.significance import PairedTest, paired_t_over_seeds, paired_tests_over_users, summarize
+from evaluation.significance import PairedTest, paired_tests_over_users, summarize
+from experiments.common import (
+    check_comparisons,
+    check_seeds,
+    echo_table_and_tests,
+    format_count,
+    markdown_head,
+    markdown_row,
+    paired_seed_tests,
+    split_csv,
+    write_report,
+)
 from features.sequences import build_sequences, load_sequences, num_items
 from ingest.events import EventSchema, ingest_events
 from ingest.movielens import ingest_movielens
@@ -61,11 +71,8 @@ class RetrievalExperimentConfig(FrozenModel):
             raise ValueError(f"models: unknown retrieval model(s) {unknown}; known: {known}")
         if not self.models:
             raise ValueError("models: name at least one model")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
-        for a, b in self.comparisons:
-            if a not in self.models or b not in self.models:
-                raise ValueError(f"comparisons: ({a}, {b}) names a model that is not in models {self.models}")
+        check_seeds(self.seeds)
+        check_comparisons(self.comparisons, self.models)
         return self
 
 
@@ -145,10 +152,9 @@ def run_retrieval_experiment(
         paired_tests(runs, config),
         hardware_description(),
     )
-    report = paths.home / "reports" / f"retrieval_{config.dataset}.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(format_report(result))
-    result.report_path = report
+    result.report_path = write_report(
+        paths.home / "reports" / f"retrieval_{config.dataset}.md", format_report(result)
+    )
     return result
 
 
@@ -159,16 +165,7 @@ def paired_tests(
     tests: list[PairedTest] = []
     for a, b in config.comparisons:
         ra, rb = runs[a], runs[b]
-        for metric in config.test_metrics:
-            tests.append(
-                paired_t_over_seeds(
-                    [r.test.metrics[metric] for r in ra],
-                    [r.test.metrics[metric] for r in rb],
-                    metric=metric,
-                    a_name=a,
-                    b_name=b,
-                )
-            )
+        tests += paired_seed_tests(a, b, ra, rb, config.test_metrics, lambda r, m: r.test.metrics[m])
         first_a, first_b = ra[0], rb[0]
         if list(first_a.test.users) != list(first_b.test.users):
             raise ValueError(f"{a} and {b} were evaluated on different users: cannot pair them")
@@ -178,16 +175,6 @@ def paired_tests(
         ):
             tests.append(replace(t, test=f"{t.test}, seed {first_a.seed}"))
     return tests
-
-
-def _fmt_int(value: float) -> str:
-    if value >= 1e9:
-        return f"{value / 1e9:.2f} G"
-    if value >= 1e6:
-        return f"{value / 1e6:.2f} M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f} k"
-    return f"{value:.0f}"
 
 
 def format_table(result: ExperimentResult) -> str:
@@ -200,7 +187,7 @@ def format_table(result: ExperimentResult) -> str:
         "Time to quality (s)",
         "Best epoch / run",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_head(header)
     for name, runs in result.runs.items():
         cells = [name]
         for metric in TABLE_METRICS:
@@ -209,12 +196,12 @@ def format_table(result: ExperimentResult) -> str:
         best = summarize([r.best_epoch for r in runs])
         ran = summarize([r.epochs_run for r in runs])
         cells += [
-            _fmt_int(runs[0].num_parameters),
-            _fmt_int(runs[0].flops_per_example),
+            format_count(runs[0].num_parameters),
+            format_count(runs[0].flops_per_example),
             f"{ttq.mean:.0f} ± {ttq.std:.0f}",
             f"{best.mean:.0f} / {ran.mean:.0f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
@@ -269,10 +256,6 @@ def _group() -> None:
     """Sequential retrieval experiments (SASRec, HSTU, popularity)."""
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 @app.command("run")
 def run_command(
     dataset: Annotated[str, typer.Option(help="Warehouse schema name of the dataset.")] = "ml100k",
@@ -301,7 +284,7 @@ def run_command(
     ] = None,
 ) -> None:
     """Train popularity, SASRec, HSTU and HSTU-large over several seeds and print the comparison table."""
-    chosen = _csv(models)
+    chosen = split_csv(models)
     comparisons = tuple(
         pair
         for pair in (("hstu", "sasrec"), ("hstu-large", "sasrec"))
@@ -334,11 +317,7 @@ def run_command(
 
         torch.set_num_threads(threads)
     result = run_retrieval_experiment(config, echo=typer.echo)
-    typer.echo("")
-    typer.echo(format_table(result))
-    typer.echo("")
-    for t in result.tests:
-        typer.echo(t.format())
+    echo_table_and_tests(format_table(result), result.tests)
     typer.echo(f"\nreport: {result.report_path}")
 
 

@@ -132,6 +132,6 @@ class MetadataResponse(BaseModel):
     started_at: str
     limits: dict[str, int]
     policy: dict[str, float | str]
-    retrieval_index: dict[str, int | str] = Field(
+    retrieval_index: dict[str, bool | int | str] = Field(
         description="How recommend retrieves: kind 'exact' (every item scored) or 'ivf' (lists, probe)."
     )

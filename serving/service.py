@@ -180,6 +180,9 @@ class ServingConfig(ServerProcessConfig):
     ivf_overfetch: int = Field(
         4, ge=1, description="IVF: fetch this many times the pool when a category filter applies."
     )
+    ivf_cache: bool = Field(
+        True, description="IVF: reuse the index a previous start built, from <state>/cache/ann (checksummed)."
+    )
     micro_batch: int = Field(256, ge=1, description="M-FALCON candidates per micro-batch.")
     ranker_rows: int = Field(
         4096, ge=1, description="Feature rankers: most (user, candidate) rows per forward pass."
@@ -623,11 +626,12 @@ class Recommender:
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")
         if config.retrieval_index == "ivf" and self.retriever.item_table is not None:
-            self.retriever.ann = IvfItemIndex(
-                self.retriever.item_table.cpu().numpy(),
-                lists=config.ivf_lists,
-                probe=config.ivf_probe,
-                threads=config.torch_threads or None,
+            vectors = self.retriever.item_table.cpu().numpy()
+            lists, probe, threads = config.ivf_lists, config.ivf_probe, config.torch_threads or None
+            self.retriever.ann = (  # the cache: serving.ann.default_cache_dir(), <state>/cache/ann
+                IvfItemIndex.build_or_load(vectors, lists=lists, probe=probe, threads=threads)
+                if config.ivf_cache
+                else IvfItemIndex(vectors, lists=lists, probe=probe, threads=threads)
             )
         if ranker is not None and ranker.card.task != "ranking":
             raise ValueError(f"{ranker.tag} is a {ranker.card.task} model, not a ranker")
@@ -953,11 +957,17 @@ class Recommender:
             models=self.versions,
         )
 
-    def retrieval_index(self) -> dict[str, int | str]:
+    def retrieval_index(self) -> dict[str, int | str | bool]:
         ann = self.retriever.ann
         if ann is None:
             return {"kind": "exact", "items": self.retriever.catalog.num_items}
-        return {"kind": "ivf", "items": ann.num_items, "lists": ann.lists, "probe": ann.probe}
+        return {
+            "kind": "ivf",
+            "items": ann.num_items,
+            "lists": ann.lists,
+            "probe": ann.probe,
+            "loaded_from_cache": ann.loaded_from_cache,
+        }
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         """One request, unbatched (the service batches ``recommend_many`` instead)."""

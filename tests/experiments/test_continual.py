@@ -3,13 +3,11 @@ mode learns the third from the checkpoint; the contract table, the runs, the rep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from core.config import PathsConfig
@@ -23,28 +21,13 @@ from experiments.continual import (
     read_results,
     run_continual,
 )
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from training.continual import ContinualTrainConfig
+from synthetic.config import SyntheticConfig
+from tests.fixtures import tiny_continual_train, tiny_synthetic
 from warehouse import Warehouse
 from warehouse.runs import RunLog
 
-TINY = SyntheticConfig(
-    seed=6,
-    catalogue=CatalogueConfig(n_items=120, n_categories=4, n_creators=15),
-    users=UserConfig(n_users=20),
-    sessions=SessionConfig(requests_per_user_mean=15, horizon_days=30, slate_size=5, pool_size=10),
-)
-TRAIN = ContinualTrainConfig(
-    n_periods=3, served_len=4, privileged_len=16, batch_size=64, epochs_first=1, epochs=1, replay_buffer=200
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = tiny_synthetic(seed=6, n_items=120, n_users=20, requests_per_user=15, horizon_days=30, n_creators=15)
+TRAIN = tiny_continual_train(replay_buffer=200)
 
 
 def test_stream_then_nightly_step_fill_the_contract_table(tmp_path: Path) -> None:

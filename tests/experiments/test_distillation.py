@@ -4,11 +4,9 @@ and the CLI on MovieLens-100K."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from core.config import PathsConfig
@@ -21,39 +19,23 @@ from experiments.distillation import (
     goal_line,
     run_teacher_student,
 )
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from training.loop import LoopConfig
+from tests.fixtures import EXPERIMENT_SYNTHETIC, one_epoch_loop
 from training.ranking import RankingDataConfig, RankingTrainConfig
 from warehouse import Warehouse
 from warehouse.runs import RunLog
-
-TINY = SyntheticConfig(
-    seed=4,
-    catalogue=CatalogueConfig(n_items=150, n_categories=4, n_creators=20),
-    users=UserConfig(n_users=30),
-    sessions=SessionConfig(requests_per_user_mean=20, horizon_days=15, slate_size=5, pool_size=10),
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(**overrides: object) -> TeacherStudentConfig:
     base: dict[str, object] = {
         "dataset": "syn_tiny",
-        "synthetic": TINY,
+        "synthetic": EXPERIMENT_SYNTHETIC,
         "data": RankingDataConfig(max_train_examples=300, max_valid_examples=120, max_test_examples=150),
         "teacher_len": 24,
         "student_len": 8,
         "baseline_len": 8,
         "seeds": (0,),
         "train": RankingTrainConfig(batch_size=64, flop_examples=64),
-        "loop": LoopConfig(monitor="auc", max_epochs=1, patience=1, progress=False),
+        "loop": one_epoch_loop(),
         "latency_candidates": 50,
         "latency_repeats": 1,
     }

@@ -3,11 +3,9 @@ over two seeds -> table, paired tests, report and run records; the CLI on MovieL
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from core.config import PathsConfig
@@ -18,25 +16,9 @@ from experiments.ranking import (
     format_table,
     run_ranking_experiment,
 )
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from training.loop import LoopConfig
+from tests.fixtures import EXPERIMENT_SYNTHETIC, one_epoch_loop
 from training.ranking import RankingDataConfig, RankingTrainConfig
 from warehouse.runs import RunLog
-
-TINY_SYNTHETIC = SyntheticConfig(
-    seed=4,
-    catalogue=CatalogueConfig(n_items=150, n_categories=4, n_creators=20),
-    users=UserConfig(n_users=30),
-    sessions=SessionConfig(requests_per_user_mean=20, horizon_days=15, slate_size=5, pool_size=10),
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_experiment_writes_the_report_and_records_runs(tmp_path: Path) -> None:
@@ -44,14 +26,14 @@ def test_experiment_writes_the_report_and_records_runs(tmp_path: Path) -> None:
     models = ("deepfm", "rankmixer", "longer-rankmixer", "hyformer")
     config = RankingExperimentConfig(
         dataset="syn_tiny",
-        synthetic=TINY_SYNTHETIC,
+        synthetic=EXPERIMENT_SYNTHETIC,
         data=RankingDataConfig(max_train_examples=400, max_valid_examples=150, max_test_examples=200),
         models=models,
         seeds=(0, 1),
         short_len=8,
         long_len=24,
         train=RankingTrainConfig(batch_size=64),
-        loop=LoopConfig(monitor="auc", max_epochs=1, patience=1, progress=False),
+        loop=one_epoch_loop(),
     )
     result = run_ranking_experiment(config, paths)
     assert set(result.runs) == set(models) and all(len(r) == 2 for r in result.runs.values())

@@ -3,12 +3,10 @@ table, report and run records; and the CLI command."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from core.config import PathsConfig
@@ -16,14 +14,6 @@ from experiments.retrieval import RetrievalExperimentConfig, app, run_retrieval_
 from training.loop import LoopConfig
 from training.retrieval import RetrievalTrainConfig
 from warehouse.runs import RunLog
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

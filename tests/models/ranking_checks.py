@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from torch import nn
 from models.batch import FeatureSpec, RankingBatch, SequenceBatch, synthetic_batch
 
 ModelFactory = Callable[[FeatureSpec], nn.Module]
+
+#: Where every model's small test configs start: 8-wide embeddings and one 16-unit layer in each task head.
+TINY_SIZES: dict[str, Any] = {"embedding_dim": 8, "heads": {"hidden": (16,)}}
+
+
+def config_factory(
+    model: Callable[[Any], nn.Module], config: Callable[..., Any], **fields: Any
+) -> ModelFactory:
+    """The factory the checks take: ``spec -> model(config(features=spec, **fields))``."""
+    return lambda spec: model(config(features=spec, **fields))
 
 
 @pytest.fixture(autouse=True)

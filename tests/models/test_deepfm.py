@@ -9,43 +9,37 @@ import torch
 
 from models.batch import demo_spec, synthetic_batch
 from models.deepfm import DeepFM, DeepFMConfig
-from tests.models.ranking_checks import (
-    check_empty_history,
-    check_learns,
-    check_padding_invariance,
-    check_round_trip,
-    check_shapes,
-    single_thread,  # noqa: F401  (autouse fixture)
-)
+from tests.models import ranking_checks as checks
+from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = {
-    "fm_mean": {"embedding_dim": 8, "deep_hidden": (32,), "heads": {"hidden": (16,)}},
+    "fm_mean": checks.TINY_SIZES | {"deep_hidden": (32,)},
     "dot_sum": {"embedding_dim": 8, "deep_hidden": (32,), "interaction": "dot", "sequence_pool": "sum"},
 }
 
 
-def _factory(name: str):
-    return lambda spec: DeepFM(DeepFMConfig(features=spec, **CONFIGS[name]))
+def _factory(name: str) -> checks.ModelFactory:
+    return checks.config_factory(DeepFM, DeepFMConfig, **CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_multitask_and_dedup(name: str) -> None:
-    check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
+    checks.check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_learns(name: str) -> None:
-    check_learns(_factory(name), demo_spec())
+    checks.check_learns(_factory(name), demo_spec())
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    check_round_trip(_factory("fm_mean"), demo_spec(tasks=("click", "like")), tmp_path)
+    checks.check_round_trip(_factory("fm_mean"), demo_spec(tasks=("click", "like")), tmp_path)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_padding_and_empty_history(name: str) -> None:
-    check_padding_invariance(_factory(name), demo_spec())
-    check_empty_history(_factory(name), demo_spec())
+    checks.check_padding_invariance(_factory(name), demo_spec())
+    checks.check_empty_history(_factory(name), demo_spec())
 
 
 def test_fm_term_is_the_sum_of_pairwise_dot_products() -> None:

@@ -9,22 +9,11 @@ import torch
 
 from models.batch import FeatureSpec, demo_spec
 from models.din import DIN, DINConfig, TargetAttention
-from tests.models.ranking_checks import (
-    check_empty_history,
-    check_learns,
-    check_padding_invariance,
-    check_round_trip,
-    check_shapes,
-    single_thread,  # noqa: F401  (autouse fixture)
-)
+from tests.models import ranking_checks as checks
+from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = {
-    "paper": {
-        "embedding_dim": 8,
-        "attention_hidden": (16,),
-        "deep_hidden": (32,),
-        "heads": {"hidden": (16,)},
-    },
+    "paper": checks.TINY_SIZES | {"attention_hidden": (16,), "deep_hidden": (32,)},
     "softmax_no_gap": {
         "embedding_dim": 8,
         "attention_hidden": (16,),
@@ -35,28 +24,28 @@ CONFIGS = {
 }
 
 
-def _factory(name: str):
-    return lambda spec: DIN(DINConfig(features=spec, **CONFIGS[name]))
+def _factory(name: str) -> checks.ModelFactory:
+    return checks.config_factory(DIN, DINConfig, **CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_multitask_and_dedup(name: str) -> None:
-    check_shapes(_factory(name), demo_spec(n_sequences=2, tasks=("click", "like")))
+    checks.check_shapes(_factory(name), demo_spec(n_sequences=2, tasks=("click", "like")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_learns(name: str) -> None:
-    check_learns(_factory(name), demo_spec())
+    checks.check_learns(_factory(name), demo_spec())
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    check_round_trip(_factory("paper"), demo_spec(), tmp_path)
+    checks.check_round_trip(_factory("paper"), demo_spec(), tmp_path)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_padding_and_empty_history(name: str) -> None:
-    check_padding_invariance(_factory(name), demo_spec())
-    check_empty_history(_factory(name), demo_spec())
+    checks.check_padding_invariance(_factory(name), demo_spec())
+    checks.check_empty_history(_factory(name), demo_spec())
 
 
 def test_softmax_weights_cover_only_valid_steps() -> None:

@@ -11,18 +11,11 @@ from pydantic import ValidationError
 
 from models.batch import demo_spec, synthetic_batch
 from models.hyformer import HyFormer, HyFormerConfig
-from tests.models.ranking_checks import (
-    check_empty_history,
-    check_learns,
-    check_padding_invariance,
-    check_round_trip,
-    check_shapes,
-    single_thread,  # noqa: F401  (autouse fixture)
-)
+from tests.models import ranking_checks as checks
+from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
 # S*N + M tokens: 1*2 + 2 = 4 or 2*2 + 2 = 6 -> model_dim 24 divides both
-SMALL = {
-    "embedding_dim": 8,
+SMALL = checks.TINY_SIZES | {
     "model_dim": 24,
     "n_feature_tokens": 2,
     "n_queries": 2,
@@ -31,36 +24,33 @@ SMALL = {
     "n_heads": 2,
     "longer_queries": 4,
     "ffn_expansion": 2,
-    "heads": {"hidden": (16,)},
 }
 ENCODERS = ("transformer", "longer", "swiglu")
 
 
-def _factory(encoder: str = "transformer", **extra):
-    return lambda spec: HyFormer(
-        HyFormerConfig(features=spec, **SMALL | {"sequence_encoder": encoder} | extra)
-    )
+def _factory(encoder: str = "transformer", **extra: object) -> checks.ModelFactory:
+    return checks.config_factory(HyFormer, HyFormerConfig, **SMALL | {"sequence_encoder": encoder} | extra)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("n_sequences", [1, 2])
 def test_shapes_multitask_and_dedup(encoder: str, n_sequences: int) -> None:
-    check_shapes(_factory(encoder), demo_spec(n_sequences=n_sequences, tasks=("click", "like")))
+    checks.check_shapes(_factory(encoder), demo_spec(n_sequences=n_sequences, tasks=("click", "like")))
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_learns(encoder: str) -> None:
-    check_learns(_factory(encoder), demo_spec(n_sequences=2))
+    checks.check_learns(_factory(encoder), demo_spec(n_sequences=2))
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    check_round_trip(_factory(), demo_spec(n_sequences=2), tmp_path)
+    checks.check_round_trip(_factory(), demo_spec(n_sequences=2), tmp_path)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_padding_and_empty_history(encoder: str) -> None:
-    check_padding_invariance(_factory(encoder), demo_spec(n_sequences=2))
-    check_empty_history(_factory(encoder), demo_spec(n_sequences=2))
+    checks.check_padding_invariance(_factory(encoder), demo_spec(n_sequences=2))
+    checks.check_empty_history(_factory(encoder), demo_spec(n_sequences=2))
 
 
 def test_both_sequences_reach_the_score() -> None:

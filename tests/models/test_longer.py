@@ -10,17 +10,10 @@ import torch
 
 from models.batch import RankingBatch, SequenceBatch, demo_spec, synthetic_batch
 from models.longer import Longer, LongerConfig, LongerRankMixerConfig
-from tests.models.ranking_checks import (
-    check_empty_history,
-    check_learns,
-    check_padding_invariance,
-    check_round_trip,
-    check_shapes,
-    single_thread,  # noqa: F401  (autouse fixture)
-)
+from tests.models import ranking_checks as checks
+from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
-SMALL = {
-    "embedding_dim": 8,
+SMALL = checks.TINY_SIZES | {
     "token_dim": 8,
     "merge_k": 2,
     "model_dim": 16,
@@ -28,7 +21,6 @@ SMALL = {
     "n_layers": 3,
     "n_queries": 3,
     "n_cls": 2,
-    "heads": {"hidden": (16,)},
 }
 CONFIGS = {
     "inner_trans": SMALL,
@@ -39,8 +31,8 @@ CONFIGS = {
 }
 
 
-def _factory(name: str):
-    return lambda spec: Longer(LongerConfig(features=spec, **CONFIGS[name]))
+def _factory(name: str) -> checks.ModelFactory:
+    return checks.config_factory(Longer, LongerConfig, **CONFIGS[name])
 
 
 def _model(name: str) -> Longer:
@@ -58,22 +50,22 @@ def _other_candidates(batch: RankingBatch, seed: int) -> RankingBatch:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_multitask_and_dedup(name: str) -> None:
-    check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
+    checks.check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
 
 
 @pytest.mark.parametrize("name", ["inner_trans", "rankmixer"])
 def test_learns(name: str) -> None:
-    check_learns(_factory(name), demo_spec())
+    checks.check_learns(_factory(name), demo_spec())
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    check_round_trip(_factory("rankmixer"), demo_spec(), tmp_path)
+    checks.check_round_trip(_factory("rankmixer"), demo_spec(), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["inner_trans", "concat"])
 def test_padding_and_empty_history(name: str) -> None:
-    check_padding_invariance(_factory(name), demo_spec())
-    check_empty_history(_factory(name), demo_spec())
+    checks.check_padding_invariance(_factory(name), demo_spec())
+    checks.check_empty_history(_factory(name), demo_spec())
 
 
 @pytest.mark.parametrize("name", ["inner_trans", "no_merge"])

@@ -11,23 +11,10 @@ from pydantic import ValidationError
 from models.batch import demo_spec, synthetic_batch
 from models.layers import token_mixing
 from models.rankmixer import MoEConfig, RankMixer, RankMixerConfig, RankMixerStack
-from tests.models.ranking_checks import (
-    check_empty_history,
-    check_learns,
-    check_padding_invariance,
-    check_round_trip,
-    check_shapes,
-    single_thread,  # noqa: F401  (autouse fixture)
-)
+from tests.models import ranking_checks as checks
+from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
-SMALL = {
-    "embedding_dim": 8,
-    "n_tokens": 4,
-    "token_dim": 16,
-    "n_blocks": 2,
-    "ffn_expansion": 2,
-    "heads": {"hidden": (16,)},
-}
+SMALL = checks.TINY_SIZES | {"n_tokens": 4, "token_dim": 16, "n_blocks": 2, "ffn_expansion": 2}
 CONFIGS = {
     "per_token": SMALL,
     "shared_sum": SMALL | {"projection": "shared", "sequence_pool": "sum"},
@@ -35,27 +22,27 @@ CONFIGS = {
 }
 
 
-def _factory(name: str):
-    return lambda spec: RankMixer(RankMixerConfig(features=spec, **CONFIGS[name]))
+def _factory(name: str) -> checks.ModelFactory:
+    return checks.config_factory(RankMixer, RankMixerConfig, **CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shapes_multitask_and_dedup(name: str) -> None:
-    check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
+    checks.check_shapes(_factory(name), demo_spec(tasks=("click", "like")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_learns(name: str) -> None:
-    check_learns(_factory(name), demo_spec())
+    checks.check_learns(_factory(name), demo_spec())
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    check_round_trip(_factory("moe"), demo_spec(), tmp_path)
+    checks.check_round_trip(_factory("moe"), demo_spec(), tmp_path)
 
 
 def test_padding_and_empty_history() -> None:
-    check_padding_invariance(_factory("per_token"), demo_spec())
-    check_empty_history(_factory("per_token"), demo_spec())
+    checks.check_padding_invariance(_factory("per_token"), demo_spec())
+    checks.check_empty_history(_factory("per_token"), demo_spec())
 
 
 def test_block_is_post_norm_mixing_then_per_token_ffn() -> None:

@@ -3,7 +3,6 @@ data (order of periods, the SDFT cost and gate, replay mixing, checkpoint round 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,7 @@ import pytest
 import torch
 
 from experiments.ranking import build_model
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
+from tests.fixtures import build_synthetic_warehouse, tiny_continual_train, tiny_synthetic
 from training.continual import (
     ContinualData,
     ContinualLearner,
@@ -29,32 +24,14 @@ from training.loop import seed_everything
 from training.ranking import RankingData, RankingDataConfig, load_ranking_data
 from warehouse import Warehouse
 
-TINY = SyntheticConfig(
-    seed=5,
-    catalogue=CatalogueConfig(n_items=150, n_categories=4, n_creators=20),
-    users=UserConfig(n_users=24),
-    sessions=SessionConfig(requests_per_user_mean=16, horizon_days=30, slate_size=5, pool_size=10),
-)
-CONFIG = ContinualTrainConfig(
-    n_periods=3, served_len=4, privileged_len=16, batch_size=64, epochs_first=1, epochs=1, replay_buffer=300
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = tiny_synthetic(seed=5, n_items=150, n_users=24, requests_per_user=16, horizon_days=30)
+CONFIG = tiny_continual_train(replay_buffer=300)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> RankingData:
-    root = tmp_path_factory.mktemp("continual")
-    manifest = generate(TINY, root / "run")
-    with Warehouse(root / "warehouse.duckdb") as wh:
-        load_into_warehouse(wh, manifest, "syn")
-        build_examples(wh, "syn", FeatureConfig())
+    path = build_synthetic_warehouse(TINY, tmp_path_factory.mktemp("continual"))
+    with Warehouse(path) as wh:
         return load_ranking_data(wh, "syn", RankingDataConfig(multi_task=False))
 
 

@@ -5,20 +5,14 @@ distilled student moves toward the teacher and its run is recorded as kind 'dist
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
 from models.deepfm import DeepFM, DeepFMConfig
 from models.losses import distillation_loss
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
 from training.checkpoint import save_weights, weights_path
 from training.distillation import (
     DistillationTask,
@@ -44,38 +38,13 @@ from training.ranking import (
 from warehouse import Warehouse
 from warehouse.runs import RunLog
 
-TINY = SyntheticConfig(
-    seed=3,
-    catalogue=CatalogueConfig(n_items=200, n_categories=4, n_creators=20),
-    users=UserConfig(n_users=40),
-    sessions=SessionConfig(requests_per_user_mean=30, horizon_days=20, slate_size=5, pool_size=10),
-)
 DATA = RankingDataConfig(max_train_examples=300, max_valid_examples=120, max_test_examples=150)
 MAX_LEN = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def wh_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("distill")
-    manifest = generate(TINY, root / "run")
-    path = root / "warehouse.duckdb"
-    with Warehouse(path) as wh:
-        load_into_warehouse(wh, manifest, "syn")
-        build_examples(wh, "syn", FeatureConfig())
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(wh_path: Path) -> RankingData:
-    with Warehouse(wh_path) as wh:
+def data(synthetic_wh: Path) -> RankingData:
+    with Warehouse(synthetic_wh) as wh:
         return load_ranking_data(wh, "syn", DATA)
 
 
@@ -125,12 +94,12 @@ def test_candidates_are_unseen_items_with_their_own_attributes(data: RankingData
 
 
 def test_teacher_scores_are_published_once_and_line_up(
-    data: RankingData, wh_path: Path, tmp_path: Path
+    data: RankingData, synthetic_wh: Path, tmp_path: Path
 ) -> None:
     teacher = _teacher(data, tmp_path, seed=0)
     config = TeacherScoreConfig(candidates_per_example=2)
     n_train, n_valid = len(data.splits["train"]), len(data.splits["valid"])
-    with Warehouse(wh_path) as wh:
+    with Warehouse(synthetic_wh) as wh:
         first = precompute_teacher_scores(wh, data, [teacher], config)
         assert first.computed and first.rows == 3 * n_train + n_valid
         lineage = wh.latest("syn.teacher_scores")
@@ -166,9 +135,11 @@ def test_teacher_scores_are_published_once_and_line_up(
             load_teacher_scores(wh, smaller)
 
 
-def test_the_task_loss_is_the_distillation_loss(data: RankingData, wh_path: Path, tmp_path: Path) -> None:
+def test_the_task_loss_is_the_distillation_loss(
+    data: RankingData, synthetic_wh: Path, tmp_path: Path
+) -> None:
     teacher = _teacher(data, tmp_path, seed=0)
-    with Warehouse(wh_path) as wh:
+    with Warehouse(synthetic_wh) as wh:
         precompute_teacher_scores(wh, data, [teacher], TeacherScoreConfig(candidates_per_example=1))
         ds = load_teacher_scores(wh, data)
     train_cfg = RankingTrainConfig(max_len=8, batch_size=64)
@@ -194,20 +165,20 @@ def test_the_task_loss_is_the_distillation_loss(data: RankingData, wh_path: Path
     torch.testing.assert_close(got, want)
     # Without the soft term and the candidates, it is the plain ranking loss.
     plain = DistillationTask(
-        student, data, train_cfg, load_teacher_scores_labelled(wh_path, data), DistillConfig(weight=0.0)
+        student, data, train_cfg, load_teacher_scores_labelled(synthetic_wh, data), DistillConfig(weight=0.0)
     )
     b = next(iter(plain.train_batches(1, np.random.default_rng(0))))
     ref = RankingTask(student, data, train_cfg).loss(student, b.batch, torch.device("cpu"))
     torch.testing.assert_close(plain.loss(student, b, torch.device("cpu")), ref)
 
 
-def load_teacher_scores_labelled(wh_path: Path, data: RankingData):  # noqa: ANN201
-    with Warehouse(wh_path) as wh:
+def load_teacher_scores_labelled(synthetic_wh: Path, data: RankingData):  # noqa: ANN201
+    with Warehouse(synthetic_wh) as wh:
         return load_teacher_scores(wh, data, use_unlabelled=False)
 
 
 def test_a_distilled_student_moves_toward_the_teacher_and_is_recorded(
-    data: RankingData, wh_path: Path, tmp_path: Path
+    data: RankingData, synthetic_wh: Path, tmp_path: Path
 ) -> None:
     teacher = _teacher(data, tmp_path, seed=5)
     with torch.no_grad():  # a confident teacher: its logits are far from an untrained student's
@@ -215,7 +186,7 @@ def test_a_distilled_student_moves_toward_the_teacher_and_is_recorded(
             p.mul_(3.0)
     save_weights(teacher.model, weights_path(tmp_path / "teacher-5", "best"))
     teacher = TeacherMember.from_checkpoint("deepfm", teacher.model, MAX_LEN, tmp_path / "teacher-5")
-    with Warehouse(wh_path) as wh:
+    with Warehouse(synthetic_wh) as wh:
         precompute_teacher_scores(wh, data, [teacher], TeacherScoreConfig(candidates_per_example=2))
         ds = load_teacher_scores(wh, data)
     target = score_logits([teacher], data, data.splits["valid"])["click"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,6 @@ TRAIN = RetrievalTrainConfig(
 )
 # Stated tolerance (training/distributed.py): weights after 12 AdamW steps within 1e-5, scores within 1e-4.
 WEIGHT_TOL, SCORE_TOL = 1e-5, 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

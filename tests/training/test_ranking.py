@@ -4,7 +4,6 @@ training run lowers the validation log loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,6 @@ import torch
 from features.config import FeatureConfig
 from features.point_in_time import build_examples
 from models.deepfm import DeepFM, DeepFMConfig
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
 from training.loop import LoopConfig, OptimizerConfig
 from training.ranking import (
     RankingData,
@@ -30,33 +26,6 @@ from training.ranking import (
 )
 from warehouse import Warehouse
 from warehouse.runs import RunLog
-
-TINY_SYNTHETIC = SyntheticConfig(
-    seed=3,
-    catalogue=CatalogueConfig(n_items=200, n_categories=4, n_creators=20),
-    users=UserConfig(n_users=40),
-    sessions=SessionConfig(requests_per_user_mean=30, horizon_days=20, slate_size=5, pool_size=10),
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synthetic_wh(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic run (impressions with clicks, likes and p_click) with its examples built."""
-    root = tmp_path_factory.mktemp("ranking-synthetic")
-    manifest = generate(TINY_SYNTHETIC, root / "run")
-    path = root / "warehouse.duckdb"
-    with Warehouse(path) as wh:
-        load_into_warehouse(wh, manifest, "syn")
-        build_examples(wh, "syn", FeatureConfig())
-    return path
 
 
 @pytest.fixture(scope="module")

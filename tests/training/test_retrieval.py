@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,6 @@ from training.retrieval import RetrievalTask, RetrievalTrainConfig, stochastic_l
 from warehouse.runs import RunLog
 
 NUM_ITEMS = 12
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cyclic_split(users: int = 48, seed: int = 0) -> LeaveOneOutSplit:
