@@ -3,15 +3,11 @@ flow finds nothing new; the nightly deployment's schedule and parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-import torch
-
 from core.config import PathsConfig
 from experiments.continual import ContinualConfig, read_results
 from flows.continual import NIGHTLY_CRON, continual_flow, nightly_deployment, nightly_incremental_flow
 from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
 from training.continual import ContinualTrainConfig
 
 TINY = SyntheticConfig(
@@ -20,14 +16,6 @@ TINY = SyntheticConfig(
     users=UserConfig(n_users=20),
     sessions=SessionConfig(requests_per_user_mean=15, horizon_days=30, slate_size=5, pool_size=10),
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_flows_run_the_stream_and_the_nightly_step() -> None:

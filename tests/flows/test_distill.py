@@ -3,15 +3,12 @@ and one real run, whose second call comes back from the task cache without train
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-import torch
 
 from experiments.distillation import TeacherStudentConfig
 from flows.distill import _summary_key, artifact_markdown, prepare, teacher_student_flow
 from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
 from training.loop import LoopConfig
 from training.ranking import RankingDataConfig, RankingTrainConfig
 from warehouse import Warehouse
@@ -36,14 +33,6 @@ CONFIG = TeacherStudentConfig(
     latency_candidates=32,
     latency_repeats=1,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cache_key_follows_config_data_and_home(tmp_path: Path) -> None:

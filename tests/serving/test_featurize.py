@@ -27,6 +27,7 @@ from serving.service import InvalidRequest, Recommender, ServingConfig
 from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
 from synthetic.generator import generate
 from synthetic.warehouse_load import load_into_warehouse
+from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
 from training.ranking import RankingData, RankingDataConfig, load_ranking_data
 from warehouse import Warehouse
 
@@ -37,14 +38,6 @@ TINY_SYNTHETIC = SyntheticConfig(
     sessions=SessionConfig(requests_per_user_mean=20, horizon_days=20, slate_size=5, pool_size=10),
 )
 MAX_LEN = 24  # short enough to truncate some histories, so the window rule is exercised
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
