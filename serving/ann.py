@@ -22,7 +22,8 @@ Both are written to a temporary file in the same directory and renamed over the 
 a complete file or none. A load checks the sidecar's fields against the key, hashes the index file and
 parses it from the same open file (what was checked is what is read), then checks ``ntotal == N``,
 ``d == D``, the cell count and the metric; any mismatch or unreadable file logs a warning and the index is
-rebuilt and rewritten. Worker
+rebuilt and rewritten. Storing a new index deletes all but the ``cache_keep`` (4) most recently used ones
+(a load touches its file), so retraining does not fill the disk with 200 MB files. Worker
 processes starting together may each build it the first time: there is no lock, the renames keep every
 file whole, the builds are deterministic (seeded k-means: same bytes), and a sidecar from one writer over
 an index from another can only cause a checksum miss, which the next start repairs by rebuilding. A cache
@@ -49,6 +50,7 @@ OPEN choices, and what was picked:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -217,6 +219,18 @@ def _store(index: Any, index_path: Path, sidecar_path: Path, key: IvfCacheKey) -
         tmp.write_text(json.dumps({"key": asdict(key), "index_sha256": sha256}, indent=2) + "\n")
 
 
+def _evict(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently used indexes (and their sidecars); the removed index paths.
+    A load touches its file, so the order is least recently used, not oldest built."""
+    indexes = sorted(directory.glob("ivf-*.faiss"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in indexes[keep:]:
+        for file in (path, path.with_suffix(".json")):
+            file.unlink(missing_ok=True)  # another worker may have removed it already
+        removed.append(path)
+    return removed
+
+
 class IvfItemIndex:
     """IVF-Flat inner-product index over item vectors; row 0 of the table (padding) is never returned.
 
@@ -253,16 +267,21 @@ class IvfItemIndex:
         seed: int = 0,
         threads: int | None = None,
         cache_dir: str | Path | None = None,
+        cache_keep: int = 4,
     ) -> IvfItemIndex:
         """The index of ``IvfItemIndex(item_vectors, lists=, probe=, seed=, threads=)``, read from
         ``cache_dir`` (None: ``default_cache_dir()``) when a verified copy is there, else built and stored
-        there. ``probe`` and ``threads`` are search settings, applied to a loaded index too."""
+        there. ``probe`` and ``threads`` are search settings, applied to a loaded index too. The cache keeps
+        the ``cache_keep`` most recently used indexes (one per item table and setting) and deletes older
+        ones when it stores a new one."""
         import faiss
 
         vectors = _item_matrix(item_vectors)
         n, d = vectors.shape
         resolved = _resolve_lists(lists, n)
         _check_probe(probe)
+        if cache_keep < 1:
+            raise ValueError(f"cache_keep: must be >= 1, got {cache_keep}")
         key = IvfCacheKey(
             vectors_sha256=hashlib.sha256(memoryview(vectors).cast("B")).hexdigest(),
             num_items=n,
@@ -285,6 +304,8 @@ class IvfItemIndex:
         except _CacheMiss as e:
             log.warning("IVF index cache at %s not used, rebuilding: %s", directory, e)
         else:
+            with contextlib.suppress(OSError):  # "recently used", for the eviction order
+                os.utime(index_path)
             self = cls.__new__(cls)
             self._adopt(index, probe, threads, loaded_from_cache=True, cache_path=index_path)
             return self
@@ -292,6 +313,8 @@ class IvfItemIndex:
         stored: Path | None = index_path
         try:
             _store(index, index_path, sidecar_path, key)
+            for old in _evict(directory, cache_keep):
+                log.info("IVF index cache: removed the least recently used %s", old.name)
         except (OSError, RuntimeError) as e:  # read-only/full disk costs the cache, not the start
             log.warning("IVF index not cached at %s (%s); using the built index", index_path, e)
             stored = None

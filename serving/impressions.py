@@ -211,7 +211,9 @@ class ImpressionLogger:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             target = self.directory / f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
             with atomic_path(target) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
+                # LZ4: spool files live until they are published into the warehouse, and LZ4 costs half
+                # zstd's CPU (10 vs 21 ms a 50k-row flush) on a box the service shares with its requests.
+                pq.write_table(table, tmp, compression="lz4")
             return target
 
     def _run(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,30 @@ def test_cache_arguments_are_checked_before_any_file_is_touched(tmp_path: Path) 
         IvfItemIndex.build_or_load(items, lists=101, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="probe"):
         IvfItemIndex.build_or_load(items, probe=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="cache_keep"):
+        IvfItemIndex.build_or_load(items, cache_keep=0, cache_dir=tmp_path)
     assert _cache_files(tmp_path) == []
+
+
+def test_the_cache_keeps_only_the_most_recently_used_indexes(tmp_path: Path) -> None:
+    items = _clustered(400, 8, 4, seed=16)
+
+    def start(seed: int) -> IvfItemIndex:
+        return IvfItemIndex.build_or_load(items, lists=4, seed=seed, cache_dir=tmp_path, cache_keep=2)
+
+    first, second = start(0), start(1)
+    assert first.cache_path is not None and second.cache_path is not None
+    # Make the order unambiguous on coarse-mtime filesystems: the first is older, then a load touches it.
+    os.utime(first.cache_path, (1_000_000, 1_000_000))
+    os.utime(second.cache_path, (2_000_000, 2_000_000))
+    assert start(0).loaded_from_cache
+    third = start(2)
+    assert third.cache_path is not None
+    # seed 1 was the least recently used: it goes, with its sidecar; the reloaded seed 0 stays.
+    kept = [first.cache_path, third.cache_path]
+    names = [p.name for p in kept] + [p.with_suffix(".json").name for p in kept]
+    assert _cache_files(tmp_path) == sorted(names)
+    assert start(0).loaded_from_cache and not start(1).loaded_from_cache
 
 
 @pytest.fixture(scope="module")
