@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -29,9 +29,14 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def stream_sha256(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 of what is left to read in an open binary file (read in chunks)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    with open(path, "rb") as f:
+        return stream_sha256(f, chunk)

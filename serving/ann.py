@@ -64,7 +64,7 @@ import numpy as np
 
 from core.atomic import atomic_path
 from core.config import PathsConfig
-from core.hashing import file_sha256, stable_hash
+from core.hashing import file_sha256, stable_hash, stream_sha256
 
 __all__ = ["AnnSearch", "IvfCacheKey", "IvfItemIndex", "default_cache_dir", "default_lists"]
 
@@ -164,11 +164,8 @@ def _read_verified(index_path: Path, expected_sha256: object) -> Any:
     import faiss
 
     with open(index_path, "rb") as f:
-        digest = hashlib.sha256()
-        while block := f.read(1 << 20):
-            digest.update(block)
-        if digest.hexdigest() != expected_sha256:
-            got = digest.hexdigest()
+        got = stream_sha256(f)
+        if got != expected_sha256:
             raise _CacheMiss(f"sha256 of {index_path.name} is {got}, sidecar says {expected_sha256}")
         f.seek(0)
         try:
