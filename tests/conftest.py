@@ -20,7 +20,7 @@ os.environ["RECSYS_HOME"] = str(_TEST_HOME)
 os.environ["PREFECT_HOME"] = str(_TEST_HOME / "prefect")
 atexit.register(shutil.rmtree, _TEST_HOME, ignore_errors=True)
 
-import core  # noqa: E402,F401  (applies the telemetry-off defaults)
+import recsys.core  # noqa: E402,F401  (applies the telemetry-off defaults)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
-from training.continual import ContinualTrainConfig
-from training.loop import LoopConfig
-from warehouse import Warehouse
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import build_examples
+from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.synthetic.generator import generate
+from recsys.synthetic.warehouse_load import load_into_warehouse
+from recsys.training.continual import ContinualTrainConfig
+from recsys.training.loop import LoopConfig
+from recsys.warehouse import Warehouse
 
 
 @pytest.fixture(autouse=True)

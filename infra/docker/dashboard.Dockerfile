@@ -36,21 +36,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
 
 COPY prefect.toml ./
 COPY .streamlit/ .streamlit/
-COPY core/ core/
-COPY warehouse/ warehouse/
-COPY ingest/ ingest/
-COPY synthetic/ synthetic/
-COPY features/ features/
-COPY models/ models/
-COPY evaluation/ evaluation/
-COPY training/ training/
-COPY experiments/ experiments/
-COPY flows/ flows/
-COPY serving/ serving/
-COPY dashboard/ dashboard/
-COPY simulation/ simulation/
-COPY benchmarks/ benchmarks/
-# Editable: the project root stays /app, where serving/build.py finds pyproject.toml and the bento context.
+COPY recsys/ recsys/
+# Editable: the project root stays /app, where recsys/serving/build.py finds pyproject.toml and the bento context.
 RUN pip install --no-deps -e .
 
 USER recsys
@@ -59,4 +46,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4)"]
 # The repository's .streamlit/config.toml binds 127.0.0.1 (a laptop default); a container must listen on all
 # interfaces, hence --server.address.
-CMD ["streamlit", "run", "dashboard/app.py", "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.address", "0.0.0.0", "--server.port", "8501"]
+CMD ["streamlit", "run", "recsys/dashboard/app.py", "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.address", "0.0.0.0", "--server.port", "8501"]

@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# The recommendation service (BentoML) from source: `bentoml serve serving.service:RecommendationService`.
+# The recommendation service (BentoML) from source: `bentoml serve recsys.serving.service:RecommendationService`.
 # Build from the repository root:  docker build -f infra/docker/service.Dockerfile -t recsys-service:0.1.0 .
 # Models come from the BentoML store under $BENTOML_HOME (a volume); pick them with RECSYS_SERVING_RETRIEVER
-# (and RECSYS_SERVING_RANKER, ...: every ServingConfig field, see serving/service.py). The API key, if any,
+# (and RECSYS_SERVING_RANKER, ...: every ServingConfig field, see recsys/serving/service.py). The API key, if any,
 # is given at run time (RECSYS_SERVING_API_KEY), never baked into the image.
 FROM python:3.11-slim
 
@@ -38,21 +38,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && rm /tmp/requirements.txt
 
 COPY prefect.toml ./
-COPY core/ core/
-COPY warehouse/ warehouse/
-COPY ingest/ ingest/
-COPY synthetic/ synthetic/
-COPY features/ features/
-COPY models/ models/
-COPY evaluation/ evaluation/
-COPY training/ training/
-COPY experiments/ experiments/
-COPY flows/ flows/
-COPY serving/ serving/
-COPY dashboard/ dashboard/
-COPY simulation/ simulation/
-COPY benchmarks/ benchmarks/
-# Editable: the project root stays /app, where serving/build.py finds pyproject.toml and the bento context.
+COPY recsys/ recsys/
+# Editable: the project root stays /app, where recsys/serving/build.py finds pyproject.toml and the bento context.
 RUN pip install --no-deps -e .
 
 USER recsys
@@ -60,4 +47,4 @@ EXPOSE 3000
 # /readyz is BentoML's GET readiness route; it calls RecommendationService.__is_ready__ (models loaded).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4)"]
-CMD ["bentoml", "serve", "serving.service:RecommendationService", "--host", "0.0.0.0", "--port", "3000"]
+CMD ["bentoml", "serve", "recsys.serving.service:RecommendationService", "--host", "0.0.0.0", "--port", "3000"]

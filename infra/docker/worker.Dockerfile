@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The Prefect process worker: polls the work pool `recsys-process` and runs the deployments of prefect.yaml
-# (flows/*) from this image's copy of the project (/app = RECSYS_PROJECT_DIR, the pull step's directory).
+# (recsys/flows/*) from this image's copy of the project (/app = RECSYS_PROJECT_DIR, the pull step's directory).
 # Build from the repository root:  docker build -f infra/docker/worker.Dockerfile -t recsys-worker:0.1.0 .
 # Needs PREFECT_API_URL (e.g. http://prefect-server:4200/api). The same image runs `prefect deploy --all`.
 FROM python:3.11-slim
@@ -37,21 +37,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && rm /tmp/requirements.txt
 
 COPY prefect.toml prefect.yaml ./
-COPY core/ core/
-COPY warehouse/ warehouse/
-COPY ingest/ ingest/
-COPY synthetic/ synthetic/
-COPY features/ features/
-COPY models/ models/
-COPY evaluation/ evaluation/
-COPY training/ training/
-COPY experiments/ experiments/
-COPY flows/ flows/
-COPY serving/ serving/
-COPY dashboard/ dashboard/
-COPY simulation/ simulation/
-COPY benchmarks/ benchmarks/
-# Editable: the project root stays /app, where serving/build.py finds pyproject.toml and the bento context.
+COPY recsys/ recsys/
+# Editable: the project root stays /app, where recsys/serving/build.py finds pyproject.toml and the bento context.
 RUN pip install --no-deps -e .
 
 USER recsys

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.time_to_quality import (
+from recsys.benchmarks.time_to_quality import (
     curve_from_fit,
     format_table,
     parse_args,
@@ -16,7 +16,7 @@ from benchmarks.time_to_quality import (
     summary_rows,
     threshold_from,
 )
-from warehouse.runs import RunLog
+from recsys.warehouse.runs import RunLog
 
 
 def _history(valid: list[float], epoch_s: float = 10.0) -> list[dict[str, float]]:

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.atomic import atomic_path
-from core.config import PathsConfig
-from core.environment import TELEMETRY_OFF
-from core.hashing import stable_hash
+from recsys.core.atomic import atomic_path
+from recsys.core.config import PathsConfig
+from recsys.core.environment import TELEMETRY_OFF
+from recsys.core.hashing import stable_hash
 
 
 def test_telemetry_is_off_after_import() -> None:

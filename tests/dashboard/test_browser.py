@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard import data
+from recsys.dashboard import data
 from tests.dashboard.test_data import Built, built_warehouse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def server(
         "-m",
         "streamlit",
         "run",
-        "dashboard/app.py",
+        "recsys/dashboard/app.py",
         "--server.address=127.0.0.1",
         f"--server.port={port}",
         "--server.headless=true",

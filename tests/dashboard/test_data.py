@@ -14,11 +14,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dashboard import data
-from simulation import stats
-from simulation.off_policy import OPEConfig, evaluate_log
-from warehouse import Warehouse
-from warehouse.runs import RunLog
+from recsys.dashboard import data
+from recsys.simulation import stats
+from recsys.simulation.off_policy import OPEConfig, evaluate_log
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 
 PROTOCOL = "leave-one-out, full ranking; history 50"
 RETRIEVAL_TEST_NDCG = {  # (model, seed) -> test/ndcg@10 of the run that counts

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import data
+from recsys.dashboard import data
 from tests.dashboard.test_data import (
     CONTINUAL_AUC,
     DISTILL_TEST_AUC,
@@ -20,7 +20,7 @@ from tests.dashboard.test_data import (
     built_warehouse,
 )
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "recsys" / "dashboard" / "app.py")
 TIMEOUT = 120  # generous: the first run imports the app's modules on a loaded 2-core box
 
 
@@ -162,8 +162,8 @@ def test_continual_page_shows_forgetting_matrices(monkeypatch: pytest.MonkeyPatc
 
 
 def test_continual_page_names_a_broken_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from recsys.warehouse import Warehouse
     from tests.dashboard.test_data import continual_frame
-    from warehouse import Warehouse
 
     path = tmp_path / "wh.duckdb"
     with Warehouse(path) as wh:
@@ -226,7 +226,7 @@ def test_serving_page_charts_benchmark_latency(monkeypatch: pytest.MonkeyPatch, 
         (None, "recsys pipeline"),
         ("views/offline.py", "recsys pipeline"),
         ("views/ab_results.py", "ab_experiments"),
-        ("views/serving.py", "benchmarks.serving_load"),
+        ("views/serving.py", "recsys.benchmarks.serving_load"),
         ("views/continual.py", "continual_results"),
     ],
 )

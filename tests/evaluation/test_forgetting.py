@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.forgetting import forgetting_matrix, format_matrix, summarize_forgetting
+from recsys.evaluation.forgetting import forgetting_matrix, format_matrix, summarize_forgetting
 
 # AUC after step i (rows) on period j (columns); period 1 improves at step 2 before it is forgotten.
 TOY = {

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from evaluation.ranking import (
+from recsys.evaluation.ranking import (
     auc,
     calibration,
     expected_calibration_error,

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import torch
 
-from evaluation.retrieval import (
+from recsys.evaluation.retrieval import (
     EvalBatch,
     evaluate_retrieval,
     leave_one_out,

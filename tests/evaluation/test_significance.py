@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from evaluation.significance import paired_t_over_seeds, paired_tests_over_users, summarize
+from recsys.evaluation.significance import paired_t_over_seeds, paired_tests_over_users, summarize
 
 
 def test_summary_mean_and_sample_std() -> None:

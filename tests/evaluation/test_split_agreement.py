@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.retrieval import leave_one_out
-from features.config import FeatureConfig
-from features.sequences import build_sequences, load_sequences, num_items
-from features.splits import build_split_loo
-from ingest.movielens import ingest_movielens
-from warehouse import Warehouse
+from recsys.evaluation.retrieval import leave_one_out
+from recsys.features.config import FeatureConfig
+from recsys.features.sequences import build_sequences, load_sequences, num_items
+from recsys.features.splits import build_split_loo
+from recsys.ingest.movielens import ingest_movielens
+from recsys.warehouse import Warehouse
 
 
 def test_in_memory_split_matches_the_recorded_split(ml100k_dir: Path, warehouse_path: Path) -> None:

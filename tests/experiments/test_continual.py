@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from core.config import PathsConfig
-from experiments.continual import (
+from recsys.core.config import PathsConfig
+from recsys.experiments.continual import (
     RESULT_COLUMNS,
     RESULTS_TABLE,
     ContinualConfig,
@@ -21,10 +21,10 @@ from experiments.continual import (
     read_results,
     run_continual,
 )
-from synthetic.config import SyntheticConfig
+from recsys.synthetic.config import SyntheticConfig
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 from tests.fixtures import tiny_continual_train, tiny_synthetic
-from warehouse import Warehouse
-from warehouse.runs import RunLog
 
 TINY = tiny_synthetic(seed=6, n_items=120, n_users=20, requests_per_user=15, horizon_days=30, n_creators=15)
 TRAIN = tiny_continual_train(replay_buffer=200)

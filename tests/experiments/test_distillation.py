@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from core.config import PathsConfig
-from experiments.distillation import (
+from recsys.core.config import PathsConfig
+from recsys.experiments.distillation import (
     RoleResult,
     TeacherStudentConfig,
     TeacherStudentResult,
@@ -19,10 +19,10 @@ from experiments.distillation import (
     goal_line,
     run_teacher_student,
 )
+from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 from tests.fixtures import EXPERIMENT_SYNTHETIC, one_epoch_loop
-from training.ranking import RankingDataConfig, RankingTrainConfig
-from warehouse import Warehouse
-from warehouse.runs import RunLog
 
 
 def tiny_config(**overrides: object) -> TeacherStudentConfig:

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from core.config import PathsConfig
-from experiments.ranking import (
+from recsys.core.config import PathsConfig
+from recsys.experiments.ranking import (
     EXPECTED_PAIRS,
     RankingExperimentConfig,
     app,
     format_table,
     run_ranking_experiment,
 )
+from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
+from recsys.warehouse.runs import RunLog
 from tests.fixtures import EXPERIMENT_SYNTHETIC, one_epoch_loop
-from training.ranking import RankingDataConfig, RankingTrainConfig
-from warehouse.runs import RunLog
 
 
 def test_experiment_writes_the_report_and_records_runs(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from core.config import PathsConfig
-from experiments.retrieval import RetrievalExperimentConfig, app, run_retrieval_experiment
-from training.loop import LoopConfig
-from training.retrieval import RetrievalTrainConfig
-from warehouse.runs import RunLog
+from recsys.core.config import PathsConfig
+from recsys.experiments.retrieval import RetrievalExperimentConfig, app, run_retrieval_experiment
+from recsys.training.loop import LoopConfig
+from recsys.training.retrieval import RetrievalTrainConfig
+from recsys.warehouse.runs import RunLog
 
 
 @pytest.fixture

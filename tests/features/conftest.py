@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from warehouse import Warehouse
+from recsys.warehouse import Warehouse
 
 DAY = 86_400
 

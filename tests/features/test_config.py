@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from features.config import DAY_S, FeatureConfig
+from recsys.features.config import DAY_S, FeatureConfig
 
 
 def test_defaults_and_column_names() -> None:

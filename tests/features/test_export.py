@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.config import FeatureConfig
-from features.export import (
+from recsys.features.config import FeatureConfig
+from recsys.features.export import (
     export_features,
     history_window,
     latest_export,
@@ -15,11 +15,11 @@ from features.export import (
     read_manifest,
     read_sequences,
 )
-from features.point_in_time import build_examples
-from features.sequences import load_sequences
-from features.splits import build_split_loo
+from recsys.features.point_in_time import build_examples
+from recsys.features.sequences import load_sequences
+from recsys.features.splits import build_split_loo
+from recsys.warehouse import Warehouse
 from tests.features.conftest import items_for, publish_dataset, random_events, users_for
-from warehouse import Warehouse
 
 CFG = FeatureConfig(max_seq_len=8)
 

@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from features.config import FeatureConfig
-from features.partitioned import PartitionConfig, build_partitioned, user_partition
-from features.point_in_time import build_examples
+from recsys.features.config import FeatureConfig
+from recsys.features.partitioned import PartitionConfig, build_partitioned, user_partition
+from recsys.features.point_in_time import build_examples
+from recsys.warehouse import Warehouse
 from tests.features.conftest import (
     DAY,
     clicks_as_events,
@@ -21,7 +22,6 @@ from tests.features.conftest import (
     random_impressions,
     users_for,
 )
-from warehouse import Warehouse
 
 CFG = FeatureConfig(decay_half_lives_s=(DAY, 30 * DAY))
 

@@ -8,9 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.config import FeatureConfig
-from features.point_in_time import build_examples, feature_columns, with_attributes_sql
-from features.sequences import load_sequences
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import build_examples, feature_columns, with_attributes_sql
+from recsys.features.sequences import load_sequences
+from recsys.warehouse import Warehouse, WarehouseError
 from tests.features.conftest import (
     DAY,
     clicks_as_events,
@@ -21,7 +22,6 @@ from tests.features.conftest import (
     tiny_events,
     users_for,
 )
-from warehouse import Warehouse, WarehouseError
 
 CFG = FeatureConfig(decay_half_lives_s=(DAY, 30 * DAY))
 BEHAVIOUR = [

@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from features.config import FeatureConfig
-from features.point_in_time import BuildResources, build_examples
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import BuildResources, build_examples
+from recsys.warehouse import Warehouse
 from tests.features.conftest import (
     DAY,
     clicks_as_events,
@@ -19,7 +20,6 @@ from tests.features.conftest import (
     random_impressions,
     users_for,
 )
-from warehouse import Warehouse
 
 CFG = FeatureConfig(decay_half_lives_s=(DAY, 30 * DAY))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from features.sequences import (
+from recsys.features.sequences import (
     build_item_index,
     build_sequences,
     build_user_index,
@@ -11,8 +11,8 @@ from features.sequences import (
     num_items,
     num_users,
 )
+from recsys.warehouse import Warehouse, WarehouseError
 from tests.features.conftest import publish_dataset, random_events, tiny_events
-from warehouse import Warehouse, WarehouseError
 
 
 def test_indexes_are_dense_by_id_and_cover_the_catalogue(tiny: Warehouse) -> None:

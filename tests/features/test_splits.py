@@ -5,12 +5,12 @@ import json
 import polars as pl
 import pytest
 
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
-from features.sequences import build_sequences, load_sequences
-from features.splits import build_split_loo, temporal_cut
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import build_examples
+from recsys.features.sequences import build_sequences, load_sequences
+from recsys.features.splits import build_split_loo, temporal_cut
+from recsys.warehouse import Warehouse
 from tests.features.conftest import publish_dataset, random_events
-from warehouse import Warehouse
 
 
 def test_leave_one_out_positions(tiny: Warehouse) -> None:

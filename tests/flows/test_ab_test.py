@@ -10,16 +10,16 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from core.config import PathsConfig
-from dashboard import data
-from flows.ab_test import ABTestFlowConfig, app
-from models.registry import build_model
-from serving.registry import register_model
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
-from warehouse import Warehouse
-from warehouse.runs import RunLog
+from recsys.core.config import PathsConfig
+from recsys.dashboard import data
+from recsys.flows.ab_test import ABTestFlowConfig, app
+from recsys.models.registry import build_model
+from recsys.serving.registry import register_model
+from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.synthetic.generator import generate
+from recsys.synthetic.warehouse_load import load_into_warehouse
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 
 
 def _dataset() -> tuple[str, str]:

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from features.config import FeatureConfig
-from flows.build_features import (
+from recsys.features.config import FeatureConfig
+from recsys.flows.build_features import (
     DatasetSpec,
     build_features_flow,
     examples,
@@ -19,8 +19,8 @@ from flows.build_features import (
     sequences,
     splits,
 )
-from ingest.events import EventSchema
-from warehouse import Warehouse
+from recsys.ingest.events import EventSchema
+from recsys.warehouse import Warehouse
 
 FEATURE_TABLES = ("sequences", "item_index", "user_index", "split_loo", "examples")
 

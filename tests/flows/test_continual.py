@@ -3,12 +3,12 @@ flow finds nothing new; the nightly deployment's schedule and parameters."""
 
 from __future__ import annotations
 
-from core.config import PathsConfig
-from experiments.continual import ContinualConfig, read_results
-from flows.continual import NIGHTLY_CRON, continual_flow, nightly_deployment, nightly_incremental_flow
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.core.config import PathsConfig
+from recsys.experiments.continual import ContinualConfig, read_results
+from recsys.flows.continual import NIGHTLY_CRON, continual_flow, nightly_deployment, nightly_incremental_flow
+from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.training.continual import ContinualTrainConfig
 from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.continual import ContinualTrainConfig
 
 TINY = SyntheticConfig(
     seed=7,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.distillation import TeacherStudentConfig
-from flows.distill import _summary_key, artifact_markdown, prepare, teacher_student_flow
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.experiments.distillation import TeacherStudentConfig
+from recsys.flows.distill import _summary_key, artifact_markdown, prepare, teacher_student_flow
+from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.training.loop import LoopConfig
+from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.loop import LoopConfig
-from training.ranking import RankingDataConfig, RankingTrainConfig
-from warehouse import Warehouse
-from warehouse.runs import RunLog
 
 TINY = SyntheticConfig(
     seed=6,

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import polars as pl
 
-from features.config import FeatureConfig
-from features.partitioned import PartitionConfig
-from features.point_in_time import build_examples
-from features.splits import build_split_loo
-from flows.parallel_features import run_parallel_features
+from recsys.features.config import FeatureConfig
+from recsys.features.partitioned import PartitionConfig
+from recsys.features.point_in_time import build_examples
+from recsys.features.splits import build_split_loo
+from recsys.flows.parallel_features import run_parallel_features
+from recsys.warehouse import Warehouse
 from tests.features.conftest import (
     clicks_as_events,
     items_for,
@@ -18,7 +19,6 @@ from tests.features.conftest import (
     random_impressions,
     users_for,
 )
-from warehouse import Warehouse
 
 CFG = FeatureConfig()
 KEY = ["ts", "request_id", "position"]

@@ -20,12 +20,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from core.config import PathsConfig
-from core.hashing import file_sha256
-from experiments.distillation import ServedStudent, TeacherStudentResult, run_teacher_student
-from flows.build_features import DatasetSpec
-from flows.package import register_distilled_ranker
-from flows.pipeline import (
+from recsys.core.config import PathsConfig
+from recsys.core.hashing import file_sha256
+from recsys.experiments.distillation import ServedStudent, TeacherStudentResult, run_teacher_student
+from recsys.flows.build_features import DatasetSpec
+from recsys.flows.package import register_distilled_ranker
+from recsys.flows.pipeline import (
     STAGES,
     PipelineConfig,
     PipelineResult,
@@ -34,13 +34,13 @@ from flows.pipeline import (
     package_stage,
     summary_markdown,
 )
-from models.registry import build_model, model_config
-from serving.registry import load_model, resolve
-from serving.schemas import RankRequest, RecommendRequest
-from serving.service import Recommender, ServingConfig
+from recsys.models.registry import build_model, model_config
+from recsys.serving.registry import load_model, resolve
+from recsys.serving.schemas import RankRequest, RecommendRequest
+from recsys.serving.service import Recommender, ServingConfig
+from recsys.training.checkpoint import save_weights, weights_path
+from recsys.warehouse import Warehouse
 from tests.flows.test_distill import CONFIG as TINY_DISTILL
-from training.checkpoint import save_weights, weights_path
-from warehouse import Warehouse
 
 DATASET = "syn_pkg"  # its own store names (syn-pkg-*): the BentoML store is shared by the test session
 PIPELINE = PipelineConfig(dataset=DatasetSpec(kind="synthetic", name=DATASET))

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stage_cache import history
-from warehouse import Warehouse
-from warehouse.runs import RunLog
+from recsys.flows.stage_cache import history
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -40,7 +40,7 @@ CONFIG = {
     },
     "torch_threads": 1,
 }
-RECSYS = [sys.executable, "-m", "flows.cli"]
+RECSYS = [sys.executable, "-m", "recsys.flows.cli"]
 
 
 def _env(home: Path) -> dict[str, str]:

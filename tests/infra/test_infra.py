@@ -30,7 +30,7 @@ PREFECT_YAML = ROOT / "prefect.yaml"
 COMPOSE = INFRA / "compose.yaml"
 K8S = INFRA / "k8s"
 DOCKERFILES = sorted((INFRA / "docker").glob("*.Dockerfile"))
-SERVICE_REF = "serving.service:RecommendationService"
+SERVICE_REF = "recsys.serving.service:RecommendationService"
 
 
 @functools.cache
@@ -83,7 +83,7 @@ def k8s_one(kind: str) -> dict[str, Any]:
 @functools.cache
 def service_routes() -> dict[str, set[str]]:
     """HTTP path -> methods, from the BentoML service's own OpenAPI document (its APIs + BentoML's routes)."""
-    from serving.service import RecommendationService
+    from recsys.serving.service import RecommendationService
 
     paths = RecommendationService.openapi_spec.asdict()["paths"]
     return {path: {m.upper() for m in ops} for path, ops in paths.items()}
@@ -172,7 +172,7 @@ def check_command(argv: list[str], where: str) -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["bentoml", "serve", "serving.service:NoSuchService"],
+        ["bentoml", "serve", "recsys.serving.service:NoSuchService"],
         ["streamlit", "run", "dashboard/no_such_app.py"],
         ["no-such-tool", "start"],
     ],
@@ -222,7 +222,7 @@ def test_deployment_entrypoint_is_a_flow_and_its_parameters_validate(name: str):
 
 
 def test_pipeline_quick_deployment_runs_the_quick_profile():
-    from flows.pipeline import PipelineConfig
+    from recsys.flows.pipeline import PipelineConfig
 
     flow = load_flow(deployment("pipeline-quick")["entrypoint"])
     hydrated = flow.validate_parameters(deployment("pipeline-quick")["parameters"])["config"]
@@ -352,7 +352,7 @@ def test_there_is_a_dockerfile_per_component():
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_structure(path: Path):
-    from core.environment import TELEMETRY_OFF
+    from recsys.core.environment import TELEMETRY_OFF
 
     ins = dockerfile_instructions(path)
     keywords = [k for k, _ in ins]
@@ -397,7 +397,7 @@ def test_dockerfile_commands_are_the_components():
     assert cmds["service.Dockerfile"][:3] == ["bentoml", "serve", SERVICE_REF]
     assert cmds["worker.Dockerfile"][:3] == ["prefect", "worker", "start"]
     assert option(cmds["worker.Dockerfile"], "--pool") == deployments()[0]["work_pool"]["name"]
-    assert cmds["dashboard.Dockerfile"][:3] == ["streamlit", "run", "dashboard/app.py"]
+    assert cmds["dashboard.Dockerfile"][:3] == ["streamlit", "run", "recsys/dashboard/app.py"]
     assert option(cmds["dashboard.Dockerfile"], "--browser.gatherUsageStats") == "false"
     assert option(cmds["dashboard.Dockerfile"], "--server.headless") == "true"
     copies = " ".join(
@@ -435,7 +435,7 @@ def test_compose_wiring():
         assert services[name]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert option(services["worker"]["command"], "--pool") == deployments()[0]["work_pool"]["name"]
     assert services["service"]["command"][:3] == ["bentoml", "serve", SERVICE_REF]
-    assert services["dashboard"]["command"][2] == "dashboard/app.py"
+    assert services["dashboard"]["command"][2] == "recsys/dashboard/app.py"
 
     volumes = set(compose()["volumes"])
     for name in ("worker", "deploy", "service", "dashboard"):
@@ -449,7 +449,7 @@ def test_compose_wiring():
 
 
 def test_compose_serving_settings_are_serving_config_fields():
-    from serving.service import ENV_PREFIX, ServingConfig
+    from recsys.serving.service import ENV_PREFIX, ServingConfig
 
     env = compose()["services"]["service"]["environment"]
     fields = {ENV_PREFIX + f.upper() for f in ServingConfig.model_fields}
@@ -517,7 +517,7 @@ def test_k8s_selectors_ports_and_references():
 
 
 def test_k8s_probes_hit_real_get_routes_of_the_service():
-    from serving.service import RecommendationService
+    from recsys.serving.service import RecommendationService
 
     routes = service_routes()
     api_routes = {api.route for api in RecommendationService.apis.values()}
@@ -534,7 +534,7 @@ def test_k8s_probes_hit_real_get_routes_of_the_service():
 
 
 def test_k8s_serving_settings_validate_and_keep_the_key_secret():
-    from serving.service import ENV_PREFIX, ServingConfig
+    from recsys.serving.service import ENV_PREFIX, ServingConfig
 
     data = k8s_one("ConfigMap")["data"]
     assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings"

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from ingest.events import EventSchema, ingest_events
-from ingest.schema import IngestError, SchemaError
-from warehouse import Warehouse
+from recsys.ingest.events import EventSchema, ingest_events
+from recsys.ingest.schema import IngestError, SchemaError
+from recsys.warehouse import Warehouse
 
 GOOD_CSV = """uid,iid,ts_unix,kind,rating,device
 1,10,1700000000,view,4,ios

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from core.hashing import file_sha256
-from ingest.movielens import (
+from recsys.core.hashing import file_sha256
+from recsys.ingest.movielens import (
     ML100K_FILES,
     IngestError,
     MovieLensFormatError,
@@ -22,7 +22,7 @@ from ingest.movielens import (
     ingest_movielens,
     load_movielens_100k,
 )
-from warehouse import Warehouse
+from recsys.warehouse import Warehouse
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.batch import FeatureSpec, RankingBatch, SequenceBatch, synthetic_batch
+from recsys.models.batch import FeatureSpec, RankingBatch, SequenceBatch, synthetic_batch
 
 ModelFactory = Callable[[FeatureSpec], nn.Module]
 

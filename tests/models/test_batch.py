@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.batch import (
+from recsys.models.batch import (
     FeatureSpec,
     SequenceBatch,
     SequenceSpec,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.batch import demo_spec, synthetic_batch
-from models.deepfm import DeepFM, DeepFMConfig
+from recsys.models.batch import demo_spec, synthetic_batch
+from recsys.models.deepfm import DeepFM, DeepFMConfig
 from tests.models import ranking_checks as checks
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 

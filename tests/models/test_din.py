@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.batch import FeatureSpec, demo_spec
-from models.din import DIN, DINConfig, TargetAttention
+from recsys.models.batch import FeatureSpec, demo_spec
+from recsys.models.din import DIN, DINConfig, TargetAttention
 from tests.models import ranking_checks as checks
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 

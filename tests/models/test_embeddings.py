@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batch import demo_spec, synthetic_batch
-from models.embeddings import FeatureEmbedding, SemanticTokenizer, symlog, time_gap_bucket
+from recsys.models.batch import demo_spec, synthetic_batch
+from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer, symlog, time_gap_bucket
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.hstu import HSTU, HSTUConfig
-from models.registry import build_model, model_config
+from recsys.models.hstu import HSTU, HSTUConfig
+from recsys.models.registry import build_model, model_config
 
 
 def _config(**kw: object) -> HSTUConfig:
@@ -182,7 +182,7 @@ def test_shared_attention_index_matches_the_per_block_formulation_with_grads() -
 def test_attention_index_is_built_once_per_forward_for_the_reference_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import models.hstu as hstu_module
+    import recsys.models.hstu as hstu_module
 
     calls = []
     real = hstu_module.hstu_attention_index

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.batch import demo_spec, synthetic_batch
-from models.hyformer import HyFormer, HyFormerConfig
+from recsys.models.batch import demo_spec, synthetic_batch
+from recsys.models.hyformer import HyFormer, HyFormerConfig
 from tests.models import ranking_checks as checks
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import (
+from recsys.models.layers import (
     MLP,
     MultiHeadAttention,
     PerTokenFFN,

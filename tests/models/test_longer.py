@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.batch import RankingBatch, SequenceBatch, demo_spec, synthetic_batch
-from models.longer import Longer, LongerConfig, LongerRankMixerConfig
+from recsys.models.batch import RankingBatch, SequenceBatch, demo_spec, synthetic_batch
+from recsys.models.longer import Longer, LongerConfig, LongerRankMixerConfig
 from tests.models import ranking_checks as checks
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 

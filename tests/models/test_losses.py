@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.losses import SampledSoftmaxConfig, sample_uniform_negatives, sampled_softmax_loss
+from recsys.models.losses import SampledSoftmaxConfig, sample_uniform_negatives, sampled_softmax_loss
 
 
 def test_value_by_hand_and_positive_equal_negative_masked() -> None:
@@ -66,7 +66,7 @@ def _bce(p: float, q: float) -> float:
 def test_distillation_loss_equals_formula_on_fixed_inputs() -> None:
     import math
 
-    from models.losses import distillation_loss
+    from recsys.models.losses import distillation_loss
 
     z_s = torch.tensor([0.5, -1.0, 2.0])
     z_t = torch.tensor([1.0, -0.5, 0.0])
@@ -90,7 +90,7 @@ def test_distillation_loss_equals_formula_on_fixed_inputs() -> None:
 
 
 def test_distillation_loss_gradient_does_not_reach_teacher_and_rejects_bad_input() -> None:
-    from models.losses import distillation_loss
+    from recsys.models.losses import distillation_loss
 
     z_s = torch.zeros(4, requires_grad=True)
     z_t = torch.ones(4, requires_grad=True)
@@ -105,7 +105,7 @@ def test_distillation_loss_gradient_does_not_reach_teacher_and_rejects_bad_input
 def test_self_distillation_loss_equals_formula_with_forward_kl() -> None:
     import math
 
-    from models.losses import self_distillation_loss
+    from recsys.models.losses import self_distillation_loss
 
     z, z_priv, z_teacher = torch.tensor([0.3, -2.0]), torch.tensor([1.0, -1.0]), torch.tensor([0.8, -0.2])
     y = torch.tensor([1.0, 0.0])

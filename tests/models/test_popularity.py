@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.popularity import Popularity, PopularityConfig
+from recsys.models.popularity import Popularity, PopularityConfig
 
 
 def test_scores_are_the_counts_for_every_user() -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.batch import demo_spec, synthetic_batch
-from models.layers import token_mixing
-from models.rankmixer import MoEConfig, RankMixer, RankMixerConfig, RankMixerStack
+from recsys.models.batch import demo_spec, synthetic_batch
+from recsys.models.layers import token_mixing
+from recsys.models.rankmixer import MoEConfig, RankMixer, RankMixerConfig, RankMixerStack
 from tests.models import ranking_checks as checks
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 

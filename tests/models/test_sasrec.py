@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.registry import build_model
-from models.sasrec import SASRec, SASRecConfig
+from recsys.models.registry import build_model
+from recsys.models.sasrec import SASRec, SASRecConfig
 
 
 def _batch(items: list[list[int]], width: int) -> tuple[torch.Tensor, ...]:

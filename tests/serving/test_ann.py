@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.ann import AnnSearch, IvfItemIndex, default_cache_dir, default_lists
-from serving.registry import load_model
-from serving.schemas import RecommendRequest
-from serving.service import Recommender, ServingConfig
+from recsys.serving.ann import AnnSearch, IvfItemIndex, default_cache_dir, default_lists
+from recsys.serving.registry import load_model
+from recsys.serving.schemas import RecommendRequest
+from recsys.serving.service import Recommender, ServingConfig
 from tests.serving.test_service import ITEM_OFFSET, NOW, TinyModels, _history, train_and_register
 
 
@@ -141,7 +141,7 @@ def test_a_damaged_cache_file_is_caught_by_its_sha256_and_rebuilt(
     else:
         data = bytearray()
     built.cache_path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="serving.ann"):
+    with caplog.at_level(logging.WARNING, logger="recsys.serving.ann"):
         rebuilt = IvfItemIndex.build_or_load(items, lists=15, probe=3, cache_dir=tmp_path)
     assert not rebuilt.loaded_from_cache
     assert "sha256" in caplog.text and "rebuilding" in caplog.text
@@ -163,12 +163,12 @@ def test_a_bad_or_missing_sidecar_or_an_unwritable_cache_still_gives_the_index(
     assert built.cache_path is not None
     sidecar = built.cache_path.with_suffix(".json")
     sidecar.write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="serving.ann"):
+    with caplog.at_level(logging.WARNING, logger="recsys.serving.ann"):
         index = IvfItemIndex.build_or_load(items, lists=8, probe=2, cache_dir=tmp_path)
     assert not index.loaded_from_cache and "sidecar" in caplog.text
     sidecar.unlink()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="serving.ann"):
+    with caplog.at_level(logging.WARNING, logger="recsys.serving.ann"):
         index = IvfItemIndex.build_or_load(items, lists=8, probe=2, cache_dir=tmp_path)
     assert not index.loaded_from_cache and "incomplete" in caplog.text
     _same(index.search(users, 5), fresh)
@@ -177,7 +177,7 @@ def test_a_bad_or_missing_sidecar_or_an_unwritable_cache_still_gives_the_index(
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="serving.ann"):
+    with caplog.at_level(logging.WARNING, logger="recsys.serving.ann"):
         index = IvfItemIndex.build_or_load(items, lists=8, probe=2, cache_dir=blocked / "ann")
     assert not index.loaded_from_cache and index.cache_path is None and "not cached" in caplog.text
     _same(index.search(users, 5), fresh)

@@ -8,8 +8,8 @@ from pathlib import Path
 import bentoml
 import yaml
 
-from serving.build import build_bento, effective_bentofile, pinned_requirements
-from serving.service import ServingConfig
+from recsys.serving.build import build_bento, effective_bentofile, pinned_requirements
+from recsys.serving.service import ServingConfig
 from tests.serving.test_service import train_and_register
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,8 @@ def test_bento_is_built_offline_with_pinned_models_and_packages() -> None:
     root = Path(bento.path)
     info = yaml.safe_load((root / "bento.yaml").read_text())
     assert [m["tag"] for m in info["models"]] == [models.retriever]
-    assert (root / "src" / "serving" / "service.py").exists() and not (root / "src" / "tests").exists()
+    assert (root / "src" / "recsys" / "serving" / "service.py").exists()
+    assert not (root / "src" / "tests").exists()
     requirements = (root / "env" / "python" / "requirements.txt").read_text().splitlines()
     assert set(pinned_requirements()) <= set(requirements)
     assert not (root / "env" / "python" / "requirements.lock.txt").exists()
@@ -50,11 +51,11 @@ def test_cli_registers_weights_with_the_warehouse_catalogue(tmp_path: Path) -> N
     import torch
     from typer.testing import CliRunner
 
-    from models.registry import build_model
-    from serving.build import app
-    from serving.registry import load_model
-    from training.checkpoint import save_weights
-    from warehouse import Warehouse
+    from recsys.models.registry import build_model
+    from recsys.serving.build import app
+    from recsys.serving.registry import load_model
+    from recsys.training.checkpoint import save_weights
+    from recsys.warehouse import Warehouse
 
     warehouse = tmp_path / "wh.duckdb"
     with Warehouse(warehouse) as wh:

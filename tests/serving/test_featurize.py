@@ -15,21 +15,28 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from experiments.ranking import build_model as build_ranker
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
-from models.batch import RankingBatch
-from models.registry import build_model
-from serving.featurize import ITEMS_FILE, FeaturizerError, RankingFeaturizer
-from serving.registry import RegistryError, load_model, register_model, register_ranker, resolve, verify
-from serving.schemas import RankRequest, RecommendRequest
-from serving.service import InvalidRequest, Recommender, ServingConfig
-from synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import generate
-from synthetic.warehouse_load import load_into_warehouse
+from recsys.experiments.ranking import build_model as build_ranker
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import build_examples
+from recsys.models.batch import RankingBatch
+from recsys.models.registry import build_model
+from recsys.serving.featurize import ITEMS_FILE, FeaturizerError, RankingFeaturizer
+from recsys.serving.registry import (
+    RegistryError,
+    load_model,
+    register_model,
+    register_ranker,
+    resolve,
+    verify,
+)
+from recsys.serving.schemas import RankRequest, RecommendRequest
+from recsys.serving.service import InvalidRequest, Recommender, ServingConfig
+from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.synthetic.generator import generate
+from recsys.synthetic.warehouse_load import load_into_warehouse
+from recsys.training.ranking import RankingData, RankingDataConfig, load_ranking_data
+from recsys.warehouse import Warehouse
 from tests.fixtures import one_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.ranking import RankingData, RankingDataConfig, load_ranking_data
-from warehouse import Warehouse
 
 TINY_SYNTHETIC = SyntheticConfig(
     seed=3,

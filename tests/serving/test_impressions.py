@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.impressions import (
+from recsys.serving.impressions import (
     ImpressionLogger,
     plackett_luce_order,
     publish_impressions,
     read_spool,
     spool_files,
 )
-from warehouse import Warehouse
+from recsys.warehouse import Warehouse
 
 
 def test_greedy_policy_sorts_by_score_with_propensity_one() -> None:

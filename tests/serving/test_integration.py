@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from serving.impressions import read_spool
+from recsys.serving.impressions import read_spool
 from tests.serving.test_featurize import Served, register_synthetic_ranker, synthetic_warehouse
 from tests.serving.test_service import ITEM_OFFSET, TinyModels, train_and_register
 
@@ -63,7 +63,7 @@ def _start(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen[
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(bentoml_cli), "serve", "serving.service:RecommendationService", "--port", str(port)],
+            [str(bentoml_cli), "serve", "recsys.serving.service:RecommendationService", "--port", str(port)],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,

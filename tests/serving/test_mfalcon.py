@@ -1,15 +1,15 @@
 """M-FALCON: cached-K/V candidate scoring equals the full forward pass with the candidates appended
-(``models.ops.hstu_attention`` with ``num_candidates``) and the naive per-candidate forward passes."""
+(``recsys.models.ops.hstu_attention`` with ``num_candidates``) and the naive per-candidate forward passes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.hstu import HSTU
-from models.registry import build_model
-from models.sequential import last_valid
-from serving.mfalcon import (
+from recsys.models.hstu import HSTU
+from recsys.models.registry import build_model
+from recsys.models.sequential import last_valid
+from recsys.serving.mfalcon import (
     MFalconScorer,
     TargetDotHead,
     UserDotHead,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from serving.middleware import ConnectionRecycler
+from recsys.serving.middleware import ConnectionRecycler
 
 
 async def _app(scope: Any, receive: Any, send: Any) -> None:

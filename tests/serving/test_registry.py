@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models.registry import build_model
-from serving.registry import (
+from recsys.models.registry import build_model
+from recsys.serving.registry import (
     HISTORIES_FILE,
     ITEMS_FILE,
     WEIGHTS_FILE,
@@ -24,7 +24,7 @@ from serving.registry import (
     register_model,
     resolve,
 )
-from warehouse import Warehouse
+from recsys.warehouse import Warehouse
 
 
 def _items(n: int = 5) -> pl.DataFrame:

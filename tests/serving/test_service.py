@@ -14,12 +14,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from evaluation.retrieval import leave_one_out
-from models.registry import build_model
-from serving.impressions import ImpressionLogger, read_spool
-from serving.registry import list_models, load_model, register_model, resolve
-from serving.schemas import RankRequest, RankResponse, RecommendRequest
-from serving.service import (
+from recsys.evaluation.retrieval import leave_one_out
+from recsys.models.registry import build_model
+from recsys.serving.impressions import ImpressionLogger, read_spool
+from recsys.serving.registry import list_models, load_model, register_model, resolve
+from recsys.serving.schemas import RankRequest, RankResponse, RecommendRequest
+from recsys.serving.service import (
     AdaptiveBatcher,
     InvalidRequest,
     Recommender,
@@ -27,8 +27,8 @@ from serving.service import (
     ServerProcessConfig,
     ServingConfig,
 )
-from training.loop import LoopConfig, OptimizerConfig, fit
-from training.retrieval import RetrievalTask, RetrievalTrainConfig
+from recsys.training.loop import LoopConfig, OptimizerConfig, fit
+from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig
 
 NUM_ITEMS = 12
 ITEM_OFFSET = 100  # raw item id = ITEM_OFFSET + item_idx: the service must map ids, not pass them through
@@ -250,7 +250,7 @@ def test_rank_for_an_unknown_user_uses_popularity(engine: Recommender) -> None:
 def test_an_hstu_ranker_scores_the_pool_with_m_falcon(tiny: TinyModels) -> None:
     """The trained HSTU registered again as a ranker, with the candidate-state head: recommend's pool is
     re-scored by M-FALCON and the scores equal naive per-candidate forward passes."""
-    from serving.mfalcon import naive_candidate_states
+    from recsys.serving.mfalcon import naive_candidate_states
 
     loaded = load_model(tiny.retriever)
     ranker_tag = register_model(

@@ -1,4 +1,4 @@
-"""simulation.arms: the in-process engine, the reference policies, and ONE integration test of HttpArm
+"""recsys.simulation.arms: the in-process engine, the reference policies, and ONE integration test of HttpArm
 against a real ``bentoml serve`` on 127.0.0.1 (the fixture of tests/serving/test_integration.py)."""
 
 from __future__ import annotations
@@ -7,10 +7,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from serving.schemas import HistoryEvent, RecommendOptions, RecommendRequest
-from simulation.arms import ArmClient, ArmError, HttpArm, InProcessArm, OracleArm, RandomArm, arm_from_tag
-from simulation.response import FittedResponse, FittedResponseConfig
-from simulation.simulator import SimulationConfig, simulate
+from recsys.serving.schemas import HistoryEvent, RecommendOptions, RecommendRequest
+from recsys.simulation.arms import (
+    ArmClient,
+    ArmError,
+    HttpArm,
+    InProcessArm,
+    OracleArm,
+    RandomArm,
+    arm_from_tag,
+)
+from recsys.simulation.response import FittedResponse, FittedResponseConfig
+from recsys.simulation.simulator import SimulationConfig, simulate
 from tests.serving.test_integration import API_KEY, Server, server  # noqa: F401  (the server fixture)
 from tests.serving.test_service import ITEM_OFFSET, NUM_ITEMS
 from tests.simulation.test_experiment import register_tiny_popularity

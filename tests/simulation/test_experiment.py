@@ -11,15 +11,15 @@ import polars as pl
 import pytest
 import torch
 
-from dashboard import data
-from models.registry import build_model
-from serving.registry import register_model
-from serving.schemas import RecommendRequest, RecommendResponse
-from simulation.arms import InProcessArm, OracleArm, RandomArm
-from simulation.experiment import AB_TABLES, ABExperimentConfig, format_lift_table, run_ab_experiment
-from simulation.simulator import SimulationConfig
+from recsys.dashboard import data
+from recsys.models.registry import build_model
+from recsys.serving.registry import register_model
+from recsys.serving.schemas import RecommendRequest, RecommendResponse
+from recsys.simulation.arms import InProcessArm, OracleArm, RandomArm
+from recsys.simulation.experiment import AB_TABLES, ABExperimentConfig, format_lift_table, run_ab_experiment
+from recsys.simulation.simulator import SimulationConfig
+from recsys.warehouse.runs import RunLog
 from tests.simulation.test_simulator import N_ITEMS, tiny_world
-from warehouse.runs import RunLog
 
 SIM = SimulationConfig(days=3, users_per_day=100, session_length=4, pre_period_days=1, k=5, ope_share=0.2)
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from simulation.off_policy import (
+from recsys.simulation.off_policy import (
     OPEConfig,
     OPEEstimate,
     doubly_robust,

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from simulation.power import (
+from recsys.simulation.power import (
     MeanMetric,
     ProportionMetric,
     achieved_power,

@@ -7,16 +7,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from simulation.response import (
+from recsys.simulation.response import (
     FittedResponse,
     FittedResponseConfig,
     ItemPositionCTR,
     SessionBehaviour,
     TrueResponse,
 )
-from synthetic.click_model import ClickModel, sigmoid
+from recsys.synthetic.click_model import ClickModel, sigmoid
+from recsys.warehouse import Warehouse
 from tests.simulation.test_simulator import N_ITEMS, tiny_config, tiny_world
-from warehouse import Warehouse
 
 T0 = 1_704_067_200 + 10 * 86_400
 

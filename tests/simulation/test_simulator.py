@@ -10,12 +10,12 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from serving.schemas import RecommendRequest, RecommendResponse
-from simulation.arms import OracleArm, RandomArm
-from simulation.response import SessionBehaviour, TrueResponse
-from simulation.simulator import EXPERIMENT, PRE, SimulationConfig, simulate
-from simulation.stats import assign_arm, srm_check
-from synthetic.config import CatalogueConfig, SyntheticConfig, UserConfig
+from recsys.serving.schemas import RecommendRequest, RecommendResponse
+from recsys.simulation.arms import OracleArm, RandomArm
+from recsys.simulation.response import SessionBehaviour, TrueResponse
+from recsys.simulation.simulator import EXPERIMENT, PRE, SimulationConfig, simulate
+from recsys.simulation.stats import assign_arm, srm_check
+from recsys.synthetic.config import CatalogueConfig, SyntheticConfig, UserConfig
 
 N_USERS = 300
 N_ITEMS = 100

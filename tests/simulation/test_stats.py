@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from simulation.power import MeanMetric, ProportionMetric, sample_size_per_arm
-from simulation.stats import (
+from recsys.simulation.power import MeanMetric, ProportionMetric, sample_size_per_arm
+from recsys.simulation.stats import (
     ABTestConfig,
     Moments,
     arm_metrics,

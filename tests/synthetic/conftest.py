@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from synthetic.config import SyntheticConfig
-from synthetic.generator import SyntheticManifest, generate
+from recsys.synthetic.config import SyntheticConfig
+from recsys.synthetic.generator import SyntheticManifest, generate
 
 
 @pytest.fixture(scope="session")

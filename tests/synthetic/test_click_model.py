@@ -4,9 +4,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from synthetic.click_model import DAY_S, HOUR_S, AliasSampler, ClickModel
-from synthetic.config import CatalogueConfig, ClickModelConfig, SyntheticConfig
-from synthetic.generator import SyntheticManifest
+from recsys.synthetic.click_model import DAY_S, HOUR_S, AliasSampler, ClickModel
+from recsys.synthetic.config import CatalogueConfig, ClickModelConfig, SyntheticConfig
+from recsys.synthetic.generator import SyntheticManifest
 
 SMALL = SyntheticConfig(catalogue=CatalogueConfig(n_items=500, n_creators=50, n_categories=8))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from synthetic.config import ClickModelConfig, SessionConfig, SyntheticConfig
+from recsys.synthetic.config import ClickModelConfig, SessionConfig, SyntheticConfig
 
 
 def test_data_version_is_the_config_and_seed() -> None:

@@ -7,15 +7,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from synthetic.click_model import HOUR_S, ClickModel, sigmoid
-from synthetic.config import (
+from recsys.synthetic.click_model import HOUR_S, ClickModel, sigmoid
+from recsys.synthetic.config import (
     CatalogueConfig,
     PolicyConfig,
     SessionConfig,
     SyntheticConfig,
     UserConfig,
 )
-from synthetic.generator import SyntheticManifest, auc, generate, oracle_auc, read_manifest
+from recsys.synthetic.generator import SyntheticManifest, auc, generate, oracle_auc, read_manifest
 
 TINY = SyntheticConfig(
     seed=7,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthetic.policy import plackett_luce_slate
+from recsys.synthetic.policy import plackett_luce_slate
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

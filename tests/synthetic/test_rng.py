@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthetic import rng
+from recsys.synthetic import rng
 
 
 def test_uniforms_depend_only_on_their_coordinates() -> None:

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from synthetic.config import CatalogueConfig, PolicyConfig, SessionConfig, SyntheticConfig, UserConfig
-from synthetic.generator import SyntheticManifest, generate
-from synthetic.warehouse_load import SCHEMAS, load_into_warehouse
-from warehouse import Warehouse
+from recsys.synthetic.config import CatalogueConfig, PolicyConfig, SessionConfig, SyntheticConfig, UserConfig
+from recsys.synthetic.generator import SyntheticManifest, generate
+from recsys.synthetic.warehouse_load import SCHEMAS, load_into_warehouse
+from recsys.warehouse import Warehouse
 
 
 def test_load_publishes_the_four_contract_tables(quick_run: SyntheticManifest, warehouse_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic.config import SyntheticConfig
+from recsys.synthetic.config import SyntheticConfig
 from tests.fixtures import (
     build_synthetic_warehouse,
     one_thread,  # noqa: F401  (autouse fixture)

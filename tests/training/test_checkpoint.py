@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import (
+from recsys.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_weights,

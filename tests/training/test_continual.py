@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.ranking import build_model
-from tests.fixtures import build_synthetic_warehouse, tiny_continual_train, tiny_synthetic
-from training.continual import (
+from recsys.experiments.ranking import build_model
+from recsys.training.continual import (
     ContinualData,
     ContinualLearner,
     ContinualTrainConfig,
@@ -20,9 +19,10 @@ from training.continual import (
     period_edges,
     slice_periods,
 )
-from training.loop import seed_everything
-from training.ranking import RankingData, RankingDataConfig, load_ranking_data
-from warehouse import Warehouse
+from recsys.training.loop import seed_everything
+from recsys.training.ranking import RankingData, RankingDataConfig, load_ranking_data
+from recsys.warehouse import Warehouse
+from tests.fixtures import build_synthetic_warehouse, tiny_continual_train, tiny_synthetic
 
 TINY = tiny_synthetic(seed=5, n_items=150, n_users=24, requests_per_user=16, horizon_days=30)
 CONFIG = tiny_continual_train(replay_buffer=300)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.deepfm import DeepFM, DeepFMConfig
-from models.losses import distillation_loss
-from training.checkpoint import save_weights, weights_path
-from training.distillation import (
+from recsys.models.deepfm import DeepFM, DeepFMConfig
+from recsys.models.losses import distillation_loss
+from recsys.training.checkpoint import save_weights, weights_path
+from recsys.training.distillation import (
     DistillationTask,
     DistillConfig,
     TeacherMember,
@@ -27,16 +27,16 @@ from training.distillation import (
     score_logits,
     train_distilled,
 )
-from training.loop import LoopConfig, OptimizerConfig
-from training.ranking import (
+from recsys.training.loop import LoopConfig, OptimizerConfig
+from recsys.training.ranking import (
     RankingData,
     RankingDataConfig,
     RankingTask,
     RankingTrainConfig,
     load_ranking_data,
 )
-from warehouse import Warehouse
-from warehouse.runs import RunLog
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 
 DATA = RankingDataConfig(max_train_examples=300, max_valid_examples=120, max_test_examples=150)
 MAX_LEN = 16

@@ -12,17 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from features.config import FeatureConfig
-from features.export import export_features
-from features.point_in_time import build_examples
-from features.splits import build_split_loo
-from models.losses import SampledSoftmaxConfig
-from models.registry import build_model
+from recsys.features.config import FeatureConfig
+from recsys.features.export import export_features
+from recsys.features.point_in_time import build_examples
+from recsys.features.splits import build_split_loo
+from recsys.models.losses import SampledSoftmaxConfig
+from recsys.models.registry import build_model
+from recsys.training.checkpoint import load_weights
+from recsys.training.distributed import RESULT, WEIGHTS, ShardedRetrievalTask, load_split, torchrun_command
+from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig
 from tests.conftest import REPO_ROOT
 from tests.features.conftest import publish_dataset, random_events
-from training.checkpoint import load_weights
-from training.distributed import RESULT, WEIGHTS, ShardedRetrievalTask, load_split, torchrun_command
-from training.retrieval import RetrievalTask, RetrievalTrainConfig
 
 EMBED, MAX_LEN, BATCH = 16, 20, 16
 TRAIN = RetrievalTrainConfig(
@@ -35,7 +35,7 @@ WEIGHT_TOL, SCORE_TOL = 1e-5, 1e-4
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real feature export of 96 users / 50 items (2,000 rating events)."""
-    from warehouse import Warehouse
+    from recsys.warehouse import Warehouse
 
     root = tmp_path_factory.mktemp("ddp")
     config = FeatureConfig(max_seq_len=MAX_LEN)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.ema import EmaTeacher
+from recsys.training.ema import EmaTeacher
 
 
 def test_ema_update_is_exact_and_teacher_gets_no_gradient() -> None:

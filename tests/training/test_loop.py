@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointError
-from training.loop import LoopConfig, fit, record
-from warehouse.runs import RunLog
+from recsys.training.checkpoint import CheckpointError
+from recsys.training.loop import LoopConfig, fit, record
+from recsys.warehouse.runs import RunLog
 
 
 class ToyTask:

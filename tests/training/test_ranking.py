@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 import torch
 
-from features.config import FeatureConfig
-from features.point_in_time import build_examples
-from models.deepfm import DeepFM, DeepFMConfig
-from training.loop import LoopConfig, OptimizerConfig
-from training.ranking import (
+from recsys.features.config import FeatureConfig
+from recsys.features.point_in_time import build_examples
+from recsys.models.deepfm import DeepFM, DeepFMConfig
+from recsys.training.loop import LoopConfig, OptimizerConfig
+from recsys.training.ranking import (
     RankingData,
     RankingDataConfig,
     RankingTask,
@@ -24,8 +24,8 @@ from training.ranking import (
     load_ranking_data,
     train_ranking,
 )
-from warehouse import Warehouse
-from warehouse.runs import RunLog
+from recsys.warehouse import Warehouse
+from recsys.warehouse.runs import RunLog
 
 
 @pytest.fixture(scope="module")

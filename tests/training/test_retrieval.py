@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 import torch
 
-import training.retrieval as tr
-from evaluation.retrieval import LeaveOneOutSplit, leave_one_out
-from models.registry import build_model
-from training.loop import LoopConfig, OptimizerConfig
-from training.retrieval import RetrievalTask, RetrievalTrainConfig, stochastic_length, train_retrieval
-from warehouse.runs import RunLog
+import recsys.training.retrieval as tr
+from recsys.evaluation.retrieval import LeaveOneOutSplit, leave_one_out
+from recsys.models.registry import build_model
+from recsys.training.loop import LoopConfig, OptimizerConfig
+from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig, stochastic_length, train_retrieval
+from recsys.warehouse.runs import RunLog
 
 NUM_ITEMS = 12
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from warehouse.runs import RunLog
+from recsys.warehouse.runs import RunLog
 
 
 def test_run_lifecycle_is_recorded(warehouse_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from warehouse import Warehouse, WarehouseError
+from recsys.warehouse import Warehouse, WarehouseError
 
 
 def test_publish_records_version_and_lineage(warehouse_path: Path) -> None:

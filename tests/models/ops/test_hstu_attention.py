@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.ops import hstu_attention
-from models.ops.hstu_attention import hstu_attention_index, resolve_backend
-from models.ops.pytorch.hstu_attention import time_bucket, time_bucket_thresholds
-from models.ops.triton import hstu_attention as triton_module
+from recsys.models.ops import hstu_attention
+from recsys.models.ops.hstu_attention import hstu_attention_index, resolve_backend
+from recsys.models.ops.pytorch.hstu_attention import time_bucket, time_bucket_thresholds
+from recsys.models.ops.triton import hstu_attention as triton_module
 
 NUM_BUCKETS = 129
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.ops.unique_pooling import deduplicate, unique_gather
+from recsys.models.ops.unique_pooling import deduplicate, unique_gather
 
 
 def _case(batch: int, seq_len: int, n_items: int, dim: int, seed: int, dtype=torch.float32):

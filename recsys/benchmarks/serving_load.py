@@ -1,0 +1,487 @@
+"""HTTP load test of the recommendation service from a second process (asyncio + aiohttp), loopback only.
+
+    python -m recsys.benchmarks.serving_load  # starts a server on a bench model, 32 clients, 60 s
+    python -m recsys.benchmarks.serving_load --duration 20 --concurrency 16 --rank-candidates 500
+    python -m recsys.benchmarks.serving_load --url http://127.0.0.1:3000 --api-key KEY  # a running server
+    python -m recsys.benchmarks.serving_load --ranker rankmixer  # + a feature ranker (ML-100K features)
+    python -m recsys.benchmarks.serving_load --rate 100,200,300   # open loop: Poisson arrivals at these rates
+    python -m recsys.benchmarks.serving_load --retriever synthetic-retriever:latest \
+        --ranker-tag synthetic-ranker:latest             # what the pipeline packaged (current store)
+
+Scenarios, one after the other: ``recommend`` (k = 10, a random known user) and ``rank`` (1,000 random
+catalogue items for a random known user). Each runs ``--concurrency`` clients that send requests back to
+back for ``--duration`` seconds or until ``--max-requests`` have been sent (whichever comes first), after a
+``--warmup``; it prints p50/p95/p99 latency, requests/s, the error count (non-200 answers and transport
+errors) and, for a server started here, the CPU milliseconds per request of the server's processes and of
+this client (what a request costs, which other jobs on a shared machine move far less than latency).
+Request bodies are serialised before the clock starts, so the client spends its time on HTTP only.
+
+Without ``--url`` the script starts ``bentoml serve`` itself, on a free port of 127.0.0.1, in a temporary
+state directory, with a bench model registered there: HSTU base (2 blocks, d = 50, max_len 200, random
+weights: latency does not depend on them) on the MovieLens-100K catalogue and user histories
+(``../shared/data/ml-100k`` or ``RECSYS_ML100K_DIR``), or on a synthetic catalogue of the same size when
+the files are missing. ``--retriever TAG`` serves a registered model of the current store instead. The
+server and this client share the machine's cores: the figures are for both on one box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class Outcome:
+    latencies_ms: list[float]
+    errors: int
+    wall_s: float
+    server_cpu_s: float = float("nan")  # CPU seconds of the server's processes over the measured part
+    client_cpu_s: float = float("nan")  # CPU seconds of this (client) process over the measured part
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "<status>: <body start>" or the exception
+
+    def summary(self) -> dict[str, float]:
+        lat = sorted(self.latencies_ms)
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
+
+        return {
+            "requests": float(len(lat) + self.errors),
+            "ok": float(len(lat)),
+            "errors": float(self.errors),
+            "rps": len(lat) / self.wall_s if self.wall_s > 0 else 0.0,
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
+            "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+            # CPU per answered request: unlike latency, barely moved by other jobs on a shared machine.
+            "server_cpu_ms": self.server_cpu_s / len(lat) * 1e3 if lat else float("nan"),
+            "client_cpu_ms": self.client_cpu_s / len(lat) * 1e3 if lat else float("nan"),
+        }
+
+
+async def run_load(
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    *,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int,
+    warmup_s: float,
+    headers: dict[str, str],
+    server_cpu: Callable[[], float] | None = None,
+    rate: float | None = None,
+) -> Outcome:
+    """Closed loop (``rate`` None): ``concurrency`` clients send back to back. Open loop: requests arrive
+    as a Poisson process of ``rate`` per second, at most ``concurrency`` in flight (an arrival that finds
+    every connection busy waits, and its latency counts from its arrival: no coordinated omission)."""
+    import aiohttp
+
+    # aiohttp rather than httpx: ~4x less client CPU per request, which this shared box gives the server.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    latencies: list[float] = []
+    errors = 0
+    kinds: dict[str, int] = {}
+    sent = 0
+    rng = random.Random(1)
+    async with aiohttp.ClientSession(
+        base_url=url, connector=connector, timeout=timeout, headers=headers
+    ) as client:
+
+        async def call(body: bytes, started: float) -> None:
+            nonlocal errors
+            try:
+                async with client.post(path, data=body) as response:
+                    text = await response.read()
+                    ok = response.status == 200
+                    kind = f"{response.status}: {text[:200].decode(errors='replace')}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                ok = False
+                kind = f"{type(exc).__name__}: {exc}"[:200]
+            if ok:
+                latencies.append((time.perf_counter() - started) * 1e3)
+            else:
+                errors += 1
+                kinds[kind] = kinds.get(kind, 0) + 1
+
+        warm_end = time.perf_counter() + warmup_s
+        while time.perf_counter() < warm_end:  # warm-up: not measured
+            async with client.post(path, data=random.choice(bodies)) as response:
+                await response.read()
+        latencies.clear()
+        errors = 0
+        kinds.clear()
+        cpu0 = server_cpu() if server_cpu else float("nan")
+        client0 = time.process_time()
+        started = time.perf_counter()
+        stop = started + duration_s
+
+        async def closed_client() -> None:
+            nonlocal sent
+            while time.perf_counter() < stop and sent < max_requests:
+                sent += 1
+                await call(random.choice(bodies), time.perf_counter())
+
+        if rate is None:
+            await asyncio.gather(*(closed_client() for _ in range(concurrency)))
+        else:
+            pending: set[asyncio.Task[None]] = set()
+            next_at = started
+            while next_at < stop and sent < max_requests:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                sent += 1
+                task = asyncio.create_task(call(random.choice(bodies), next_at))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                next_at += rng.expovariate(rate)
+            if pending:
+                await asyncio.gather(*pending)
+        wall = time.perf_counter() - started
+        client_cpu = time.process_time() - client0
+        server = server_cpu() - cpu0 if server_cpu else float("nan")
+    return Outcome(latencies, errors, wall, server, client_cpu, kinds)
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (the server and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+# -- a server of our own ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _register_bench_model(ml100k: Path) -> tuple[str, list[int], list[int]]:
+    """Register HSTU base on the MovieLens-100K catalogue (or a synthetic one); returns tag, users, items."""
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from recsys.models.registry import build_model
+    from recsys.serving.registry import register_model
+
+    if (ml100k / "u.data").exists():
+        events = pl.read_csv(
+            ml100k / "u.data",
+            separator="\t",
+            has_header=False,
+            new_columns=["user_id", "item_id", "rating", "ts"],
+        )
+    else:  # same size as MovieLens-100K: 943 users, 1,682 items, 100,000 events
+        rng = np.random.default_rng(0)
+        events = pl.DataFrame(
+            {
+                "user_id": rng.integers(1, 944, 100_000),
+                "item_id": (rng.zipf(1.3, 100_000) % 1682) + 1,
+                "ts": rng.integers(8 * 10**8, 9 * 10**8, 100_000),
+            }
+        )
+    events = events.with_row_index("src_row").sort(["user_id", "ts", "src_row"])
+    item_ids = np.sort(events["item_id"].unique().to_numpy())
+    counts = events.group_by("item_id").len().sort("item_id")
+    items = pl.DataFrame({"item_id": item_ids, "item_idx": np.arange(1, len(item_ids) + 1)}).join(
+        counts.rename({"len": "popularity"}), on="item_id", how="left"
+    )
+    histories = events.group_by("user_id", maintain_order=True).agg(pl.col("item_id"), pl.col("ts"))
+    torch.manual_seed(0)
+    model = build_model("hstu", num_items=len(item_ids), max_len=200, dropout=0.0)
+    tag = register_model(
+        "bench-hstu",
+        architecture="hstu",
+        task="retrieval",
+        model=model,
+        items=items,
+        data_version="bench",
+        histories=histories,
+    )
+    return tag, histories["user_id"].to_list(), item_ids.tolist()
+
+
+def _register_bench_ranker(ml100k: Path, architecture: str, max_len: int) -> str:
+    """A feature-based ranker (random weights) on MovieLens-100K: ingest, point-in-time examples, the ranking
+    data, then ``register_ranker`` (the featurizer is built from the same warehouse). Needs the files."""
+    import torch
+
+    from recsys.core.config import PathsConfig
+    from recsys.experiments.ranking import build_model as build_ranker
+    from recsys.features.config import FeatureConfig
+    from recsys.features.point_in_time import build_examples
+    from recsys.ingest.movielens import ingest_movielens
+    from recsys.serving.registry import register_ranker
+    from recsys.training.ranking import load_ranking_data
+    from recsys.warehouse import Warehouse
+
+    if not (ml100k / "u.data").exists():
+        raise SystemExit(f"--ranker needs the MovieLens-100K files (not found in {ml100k})")
+    with Warehouse(PathsConfig().warehouse) as wh:
+        ingest_movielens(wh, ml100k, dataset="ml100k")
+        build_examples(wh, "ml100k", FeatureConfig())
+        data = load_ranking_data(wh, "ml100k")
+        torch.manual_seed(0)
+        model, _ = build_ranker(architecture, data, max_len)
+        return register_ranker(
+            f"bench-{architecture}", architecture=architecture, model=model, wh=wh, data=data
+        )
+
+
+def _start_server(tag: str, env_extra: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "RECSYS_SERVING_RETRIEVER": tag, **env_extra}
+    bentoml_cli = Path(sys.executable).with_name("bentoml")
+    root = Path(__file__).resolve().parents[2]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(bentoml_cli), "serve", "recsys.serving.service:RecommendationService", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return process, url
+        time.sleep(0.5)
+    _stop(process)
+    raise RuntimeError(f"server not ready after 300 s: {log.read_text()[-2000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="A running server (loopback only); default: start one.")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--retriever", help="Serve this registered tag (current store) instead of the bench model."
+    )
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--rate",
+        default=None,
+        help="Open loop: Poisson arrivals at this many requests/s (at most --concurrency in flight); a "
+        "comma list runs each rate in turn (e.g. 100,200,300). Default: closed loop, --concurrency "
+        "clients back to back.",
+    )
+    parser.add_argument("--duration", type=float, default=60.0, help="Seconds per scenario.")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="Per scenario.")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--rank-candidates", type=int, default=1000)
+    parser.add_argument("--scenarios", default="recommend,rank")
+    parser.add_argument(
+        "--hstu-head", choices=["user", "target"], default="user", help="For a server started here."
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="Intra-op threads of a server started here (0: torch default).",
+    )
+    parser.add_argument(
+        "--ranker",
+        default=None,
+        help="A server started here also serves a feature-based ranker of this architecture (rankmixer, "
+        "deepfm, din, ...; random weights) built on MovieLens-100K with register_ranker.",
+    )
+    parser.add_argument("--ranker-max-len", type=int, default=100, help="History steps of --ranker.")
+    parser.add_argument(
+        "--ranker-tag",
+        default=None,
+        help="A server started here also serves this registered ranker of the current store (e.g. the "
+        "pipeline's <dataset>-ranker:latest, with --retriever <dataset>-retriever:latest).",
+    )
+    parser.add_argument("--keep-state", action="store_true", help="Keep the server log and bench state.")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="Record the figures as a 'benchmark' run in this warehouse (the dashboard's Serving page).",
+    )
+    parser.add_argument(
+        "--ml100k",
+        type=Path,
+        default=Path(
+            os.environ.get("RECSYS_ML100K_DIR", Path(__file__).resolve().parents[3] / "shared/data/ml-100k")
+        ),
+    )
+    args = parser.parse_args(argv)
+    try:
+        rates: list[float | None] = [float(r) for r in args.rate.split(",")] if args.rate else [None]
+    except ValueError:
+        parser.error(f"--rate: expected numbers separated by commas, got {args.rate!r}")
+    if any(r is not None and r <= 0 for r in rates):
+        parser.error(f"--rate: rates must be > 0, got {args.rate!r}")
+    if args.url and urlparse(args.url).hostname not in LOOPBACK:
+        parser.error(
+            f"--url must be a loopback address ({', '.join(sorted(LOOPBACK))}): this is a local benchmark"
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="recsys-load-"))  # server log (+ state of a bench model)
+    if not args.url and not args.retriever and "RECSYS_HOME" not in os.environ:
+        os.environ["RECSYS_HOME"] = str(scratch / "home")
+    import recsys.core  # noqa: F401  (state dir and BentoML home, after RECSYS_HOME is decided)
+
+    process = None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+            users, items = [], []
+        else:
+            if args.retriever:
+                from recsys.serving.registry import load_model
+
+                loaded = load_model(args.retriever)
+                tag, users = loaded.tag, list(loaded.histories)
+                items = loaded.catalog.item_ids[1:].tolist()
+            else:
+                tag, users, items = _register_bench_model(args.ml100k)
+            env = {"RECSYS_SERVING_HSTU_HEAD": args.hstu_head, "RECSYS_SERVING_MAX_CANDIDATES": "5000"}
+            if args.ranker and args.ranker_tag:
+                parser.error("--ranker and --ranker-tag: give one")
+            if args.ranker_tag:
+                env["RECSYS_SERVING_RANKER"] = args.ranker_tag
+            elif args.ranker:
+                env["RECSYS_SERVING_RANKER"] = _register_bench_ranker(
+                    args.ml100k, args.ranker, args.ranker_max_len
+                )
+            env["RECSYS_SERVING_TORCH_THREADS"] = str(args.torch_threads)
+            if args.api_key:
+                env["RECSYS_SERVING_API_KEY"] = args.api_key
+            process, url = _start_server(tag, env, scratch / "server.log")
+            print(
+                f"server {url} serving {tag}"
+                + (f" + {env['RECSYS_SERVING_RANKER']}" if "RECSYS_SERVING_RANKER" in env else "")
+            )
+        import httpx
+        import uvloop
+
+        headers = {
+            "content-type": "application/json",
+            **({"x-api-key": args.api_key} if args.api_key else {}),
+        }
+        if not users:  # a foreign server: ask it for its catalogue size, use ids 1..n and anonymous histories
+            meta = httpx.post(f"{url}/metadata", headers=headers, timeout=30).json()
+            n = int(meta["retriever"]["num_items"])
+            items, users = list(range(1, n + 1)), []
+        rng = random.Random(0)
+
+        def who() -> dict[str, object]:
+            if users:
+                return {"user_id": rng.choice(users)}
+            return {"history": [{"item_id": rng.choice(items), "ts": 10**9 + i} for i in range(50)]}
+
+        bodies = {
+            "recommend": [json.dumps({**who(), "k": args.k}).encode() for _ in range(256)],
+            "rank": [
+                json.dumps(
+                    {**who(), "candidates": rng.sample(items, min(args.rank_candidates, len(items)))}
+                ).encode()
+                for _ in range(256)
+            ],
+        }
+        print(
+            f"{'scenario':>16} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+            f"{'p99 ms':>8} {'srv cpu':>9} {'cli cpu':>9}   ({args.concurrency} clients, "
+            + ("open loop, " if rates != [None] else "closed loop, ")
+            + f"{args.duration:g} s; cpu = ms of CPU per request)"
+        )
+        figures: dict[str, float] = {}
+        for scenario, rate in [(sc, r) for sc in args.scenarios.split(",") for r in rates]:
+            # uvloop (a serving dependency): the client's own CPU is taken from the server's 2 cores.
+            outcome = uvloop.run(
+                run_load(
+                    url,
+                    f"/{scenario}",
+                    bodies[scenario],
+                    concurrency=args.concurrency,
+                    duration_s=args.duration,
+                    max_requests=args.max_requests,
+                    warmup_s=args.warmup,
+                    headers=headers,
+                    server_cpu=(lambda: _process_tree_cpu(process.pid)) if process is not None else None,
+                    rate=rate,
+                )
+            )
+            s = outcome.summary()
+            label = f"rank@{args.rank_candidates}" if scenario == "rank" else f"rec@k={args.k}"
+            if rate is not None:
+                label += f" @{rate:g}/s"
+            print(
+                f"{label:>16} {int(s['requests']):>9} {int(s['errors']):>7} {s['rps']:>8.1f} "
+                f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f} "
+                f"{s['server_cpu_ms']:>9.2f} {s['client_cpu_ms']:>9.2f}"
+            )
+            for kind, count in outcome.error_kinds.items():
+                print(f"{'':>10} error x{count}: {kind}")
+            keys = ("p50_ms", "p95_ms", "p99_ms", "rps", "server_cpu_ms", "client_cpu_ms", "errors")
+            name = scenario if rate is None else f"{scenario}@{rate:g}"
+            figures |= {f"{name}/{key}": float(s[key]) for key in keys}
+        if args.record is not None:
+            from recsys.warehouse.runs import RunLog
+
+            log = RunLog(args.record)
+            config = {k: str(v) for k, v in vars(args).items() if k != "api_key"}
+            run_id = log.start("benchmark", "serving_load", config=config, data_version=None)
+            log.finish(run_id, metrics=figures)
+            print(f"recorded as run {run_id} in {args.record}")
+    finally:
+        if process is not None:
+            _stop(process)
+        if args.keep_state:
+            print(f"server log and state kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

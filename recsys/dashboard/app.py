@@ -1,0 +1,51 @@
+"""Entry point: ``.venv/bin/streamlit run dashboard/app.py`` (127.0.0.1 per ``.streamlit/config.toml``).
+
+The sidebar chooses the warehouse file (default: ``RECSYS_WAREHOUSE`` or ``$RECSYS_HOME/warehouse.duckdb``)
+and ``st.navigation`` runs one of the pages in ``dashboard/views/``; they read the path from session state.
+The folder is deliberately not called ``pages/``: Streamlit treats a ``pages/`` folder beside the entry script
+as a v1 multipage app and runs its files directly, bypassing this script (and its sidebar) on every run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run recsys/dashboard/app.py` puts recsys/dashboard/ on sys.path, not the repository root.
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+import recsys.core  # noqa: E402,F401  (environment defaults: telemetry off)
+from recsys.dashboard import data  # noqa: E402
+
+st.set_page_config(page_title="recsys platform", page_icon=":material/insights:", layout="wide")
+
+if "warehouse_path" not in st.session_state:
+    st.session_state["warehouse_path"] = str(data.default_warehouse_path())
+st.sidebar.text_input(
+    "Warehouse (DuckDB file)",
+    key="warehouse_path",
+    help=f"Default: ${data.WAREHOUSE_ENV}, else $RECSYS_HOME/warehouse.duckdb. Opened read-only per query.",
+)
+path = Path(st.session_state["warehouse_path"]).expanduser()
+if not path.is_file():
+    st.sidebar.warning(f"No warehouse file at `{path}` yet.")
+
+pages = st.navigation(
+    [
+        st.Page("views/runs.py", title="Runs", icon=":material/list_alt:", default=True),
+        st.Page("views/offline.py", title="Offline comparison", icon=":material/bar_chart:"),
+        st.Page("views/ab_results.py", title="A/B results", icon=":material/science:"),
+        st.Page("views/continual.py", title="Continual training", icon=":material/update:"),
+        st.Page("views/serving.py", title="Serving", icon=":material/speed:"),
+    ]
+)
+try:
+    pages.run()
+except data.WarehouseBusy as exc:
+    st.warning(str(exc))
+except data.ContractError as exc:
+    st.error(str(exc))

@@ -1,0 +1,137 @@
+"""Turn the pipeline's trained checkpoints into registered, servable models (the package stage's library).
+
+The retrieval stage records each model's best checkpoint; here the model is rebuilt from the registry's
+config (the same ``model_config(name, num_items, max_len)`` training used), its best weights loaded, and it is
+registered in the BentoML model store with the dataset's catalogue and histories (``serving.registry``).
+Popularity, the A/B control and cold-start fallback, is refit from the dataset's events. The distill stage
+records its served student (``experiments.distillation.ServedStudent``); ``register_distilled_ranker``
+rebuilds it from that record, checks its weights against the recorded sha256 and registers it as a
+feature-based ranker with the featurizer of the data it was trained on (``serving.registry.register_ranker``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from recsys.core.hashing import file_sha256
+from recsys.models.registry import build_model, entry, model_config
+from recsys.serving.registry import (
+    catalog_from_warehouse,
+    histories_from_warehouse,
+    register_model,
+    register_ranker,
+)
+from recsys.training.checkpoint import load_weights, weights_path
+from recsys.training.ranking import load_ranking_data
+from recsys.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from recsys.experiments.distillation import ServedStudent
+
+
+def _dataset_inputs(warehouse_path: Path, dataset: str):  # noqa: ANN202
+    with Warehouse(warehouse_path, read_only=True) as wh:
+        return (
+            catalog_from_warehouse(wh, dataset),
+            histories_from_warehouse(wh, dataset),
+            wh.version(f"{dataset}.sequences"),
+        )
+
+
+def store_name(dataset: str, model: str) -> str:
+    """The model store name of ``model`` trained on ``dataset`` (lower-case, as the store requires)."""
+    return f"{dataset}-{model}".lower().replace("_", "-")
+
+
+def register_learned_retriever(
+    warehouse_path: Path,
+    dataset: str,
+    name: str,
+    checkpoint_dir: Path,
+    *,
+    num_items: int,
+    max_len: int,
+    metrics: Mapping[str, float] | None = None,
+    store: str | None = None,
+) -> str:
+    """Rebuild ``name`` with its training config, load the best weights, register it under ``store``
+    (default ``<dataset>-<name>``); returns the tag."""
+    best = weights_path(checkpoint_dir, "best")
+    if not best.exists():
+        raise FileNotFoundError(
+            f"checkpoint_dir: no best weights at {best} (did the retrieval stage finish?)"
+        )
+    model = build_model(name, model_config(name, num_items=num_items, max_len=max_len))
+    load_weights(model, best)
+    items, histories, data_version = _dataset_inputs(warehouse_path, dataset)
+    return register_model(
+        store or store_name(dataset, name),
+        architecture=name,
+        task="retrieval",
+        model=model.eval(),
+        items=items,
+        data_version=data_version,
+        metrics=metrics,
+        histories=histories,
+    )
+
+
+def register_popularity(warehouse_path: Path, dataset: str) -> str:
+    """Popularity over the dataset's events (the catalogue's event counts), registered; returns the tag."""
+    items, histories, data_version = _dataset_inputs(warehouse_path, dataset)
+    n = int(items["item_idx"].max())
+    model = build_model("popularity", num_items=n)
+    counts = torch.zeros(n + 1)
+    counts[torch.as_tensor(items["item_idx"].to_numpy())] = torch.as_tensor(
+        items["popularity"].to_numpy(), dtype=torch.float32
+    )
+    model.load_counts(counts)
+    return register_model(
+        store_name(dataset, "popularity"),
+        architecture="popularity",
+        task="retrieval",
+        model=model,
+        items=items,
+        data_version=data_version,
+        histories=histories,
+    )
+
+
+def register_distilled_ranker(warehouse_path: Path, student: ServedStudent, *, store: str) -> str:
+    """Rebuild the distilled ``student`` from its record, load its best weights and register it under
+    ``store`` as a feature-based ranker, with the featurizer of the examples it was trained on (the same
+    ``load_ranking_data`` config, so vocabularies and dense transforms match); returns the tag."""
+    best = student.weights
+    if not best.exists():
+        raise FileNotFoundError(
+            f"student.checkpoint: no best weights at {best} (did the distill stage finish?)"
+        )
+    digest = file_sha256(best)
+    if digest != student.weights_sha256:
+        raise ValueError(
+            f"student.weights_sha256: {best} has sha256 {digest}, the distill stage recorded "
+            f"{student.weights_sha256}: the checkpoint changed since; re-run the distill stage"
+        )
+    config = entry(student.architecture).config_cls(**student.model_config_json)
+    model = build_model(student.architecture, config)
+    load_weights(model, best)
+    with Warehouse(warehouse_path, read_only=True) as wh:
+        data = load_ranking_data(wh, student.dataset, student.data)
+        if data.data_version != student.data_version:
+            raise ValueError(
+                f"student.data_version: the student was trained on {student.dataset}.examples "
+                f"{student.data_version}, the warehouse now holds {data.data_version}: re-run the distill "
+                "stage"
+            )
+        return register_ranker(
+            store,
+            architecture=student.architecture,
+            model=model.eval(),
+            wh=wh,
+            data=data,
+            metrics=student.test,
+        )

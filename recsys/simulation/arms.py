@@ -1,0 +1,376 @@
+"""The arms of a simulated A/B test: anything with ``recommend(RecommendRequest) -> RecommendResponse``.
+
+- ``InProcessArm``: the serving engine (``serving.service.Recommender``) in this process: the same request
+  checks, retrieval, ranker, Plackett-Luce policy and propensities as the BentoML service, without HTTP.
+- ``HttpArm``: a running BentoML service at ``base_url`` (``/recommend``, ``/metadata``), with the optional
+  API key; ``recommend_many`` sends a batch concurrently, so the server's adaptive batcher sees real load.
+- ``OracleArm`` and ``RandomArm``: reference policies that need no model: the true best items of a
+  ``ResponseModel`` (the upper bound of a synthetic world) and a uniformly random slate (the floor). They
+  serve through the same Plackett-Luce policy (``serving.impressions.plackett_luce_order``), so their
+  propensities mean the same thing.
+
+``arm_from_tag`` builds an in-process or HTTP arm from a registered model tag; ``register_pipeline_models``
+registers the pipeline's trained retrieval models (its checkpoints, reused when present) so that they can
+be arms.
+
+OPEN choices and what was picked: every arm exposes ``policy_temperature`` and ``pool_size`` (read from
+``/metadata`` over HTTP) because off-policy estimation re-scores logged requests with the target arm's pool
+and needs its policy; the simulator draws every arm's requests with ``exclude_seen`` as configured.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+import numpy as np
+
+from recsys.serving.impressions import plackett_luce_order
+from recsys.serving.schemas import ModelVersions, RecommendRequest, RecommendResponse, ScoredItem
+from recsys.serving.service import API_KEY_HEADER, Recommender, ServingConfig
+
+
+class ArmError(RuntimeError):
+    """An arm could not answer a request (HTTP error, unreachable server, bad response)."""
+
+
+@runtime_checkable
+class ArmClient(Protocol):
+    """What the simulator needs of an arm."""
+
+    name: str
+    policy_temperature: float
+    pool_size: int
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse: ...
+
+    def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Served models
+# ----------------------------------------------------------------------------------------------------------
+
+
+class InProcessArm:
+    """The serving engine in this process (no server). ``recommend_many`` runs one batched model pass."""
+
+    def __init__(self, engine: Recommender, name: str | None = None) -> None:
+        self.engine = engine
+        self.name = name or engine.versions.retriever
+        self.policy_temperature = float(engine.config.policy_temperature)
+        self.pool_size = int(engine.config.pool_size)
+
+    @classmethod
+    def from_tag(
+        cls,
+        retriever: str,
+        *,
+        ranker: str | None = None,
+        name: str | None = None,
+        policy_temperature: float = 1.0,
+        pool_size: int = 200,
+        device: str = "cpu",
+        seed: int | None = None,
+    ) -> InProcessArm:
+        """Load registered models (checksums verified); the simulator keeps its own impressions log."""
+        config = ServingConfig(
+            retriever=retriever,
+            ranker=ranker,
+            policy_temperature=policy_temperature,
+            pool_size=pool_size,
+            max_k=max(200, pool_size),
+            max_history=100_000,
+            log_impressions=False,
+            device=device,  # type: ignore[arg-type]
+            request_id_seed=seed,  # reproducible Plackett-Luce draws for a seeded simulation
+        )
+        return cls(Recommender.from_config(config), name=name)
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        return self.engine.recommend(request)
+
+    def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+        out: list[RecommendResponse] = []
+        step = self.engine.config.max_batch_size
+        for lo in range(0, len(requests), step):
+            jobs = [self.engine.recommend_job(r) for r in requests[lo : lo + step]]
+            pools = self.engine.recommend_many(jobs)
+            out += [self.engine.finish_recommend(j, p) for j, p in zip(jobs, pools, strict=True)]
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class HttpArm:
+    """A running recommendation service over HTTP (``serving.service.RecommendationService``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        name: str | None = None,
+        timeout_s: float = 30.0,
+        concurrency: int = 8,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.concurrency = concurrency
+        meta = self._post("metadata", None)
+        self.metadata: dict[str, Any] = meta
+        self.name = name or str(meta["retriever"]["tag"])
+        self.policy_temperature = float(meta["policy"]["temperature"])
+        self.pool_size = int(meta["limits"]["pool_size"])
+        self.max_k = int(meta["limits"]["max_k"])
+
+    def _post(self, path: str, body: Any) -> dict[str, Any]:
+        try:
+            response = self._client.post(f"/{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise ArmError(f"{self.base_url}/{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise ArmError(f"{self.base_url}/{path} answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        body = request.model_dump(mode="json", exclude_none=True)
+        return RecommendResponse.model_validate(self._post("recommend", body))
+
+    def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+        if len(requests) <= 1 or self.concurrency == 1:
+            return [self.recommend(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
+            return list(pool.map(self.recommend, requests))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def arm_from_tag(
+    retriever: str,
+    *,
+    ranker: str | None = None,
+    name: str | None = None,
+    http: str | None = None,
+    api_key: str | None = None,
+    policy_temperature: float = 1.0,
+    pool_size: int = 200,
+    seed: int | None = None,
+) -> InProcessArm | HttpArm:
+    """An arm serving a registered model: in process, or through the service at ``http`` (which must serve
+    exactly this retriever; its own temperature, pool size and request ids then apply). ``seed`` fixes an
+    in-process arm's request ids, hence its policy draws: the same seed serves the same slates."""
+    if http is None:
+        return InProcessArm.from_tag(
+            retriever,
+            ranker=ranker,
+            name=name,
+            policy_temperature=policy_temperature,
+            pool_size=pool_size,
+            seed=seed,
+        )
+    from recsys.serving.registry import resolve
+
+    arm = HttpArm(http, api_key=api_key, name=name)
+    served = arm.metadata["retriever"]["tag"]
+    if served != resolve(retriever):
+        arm.close()
+        raise ValueError(f"http: {http} serves {served}, not the retriever {retriever!r} asked for")
+    return arm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference policies (no model)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ScoredArm(ABC):
+    """Scores every catalogue item, keeps the top ``pool_size`` and serves a Plackett-Luce draw."""
+
+    source = "ranker"
+
+    def __init__(
+        self, item_ids: np.ndarray, name: str, policy_temperature: float, pool_size: int | None, seed: int
+    ) -> None:
+        ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+        if ids.size == 0:
+            raise ValueError("item_ids must name at least one item")
+        if policy_temperature < 0:
+            raise ValueError(f"policy_temperature must be >= 0, got {policy_temperature}")
+        self.item_ids = ids
+        self.name = name
+        self.policy_temperature = float(policy_temperature)
+        self.pool_size = int(pool_size or ids.size)
+        self._rng = np.random.default_rng(seed)
+
+    @abstractmethod
+    def scores(self, requests: Sequence[RecommendRequest]) -> np.ndarray:
+        """[len(requests), len(item_ids)] scores of every catalogue item for each request."""
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        return self.recommend_many([request])[0]
+
+    def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+        if not requests:
+            return []
+        scores = np.array(self.scores(requests), dtype=np.float64)
+        out = []
+        for row, request in enumerate(requests):
+            s = scores[row]
+            if request.options.exclude_seen and request.history:
+                seen = np.fromiter((e.item_id for e in request.history), dtype=np.int64)
+                s[np.isin(self.item_ids, seen)] = -np.inf
+            if request.options.exclude_items:
+                s[np.isin(self.item_ids, np.asarray(request.options.exclude_items, dtype=np.int64))] = -np.inf
+            finite = np.flatnonzero(np.isfinite(s))
+            pool = finite[np.argsort(-s[finite], kind="stable")[: self.pool_size]]
+            request_id = int(self._rng.integers(0, 2**63 - 1))
+            items: list[ScoredItem] = []
+            if pool.size:
+                order, prop = plackett_luce_order(
+                    s[pool], self.policy_temperature, min(request.k, pool.size), seed=request_id
+                )
+                items = [
+                    ScoredItem(
+                        item_id=int(self.item_ids[pool[o]]),
+                        score=float(s[pool[o]]),
+                        position=p,
+                        propensity=float(prop[p]),
+                    )
+                    for p, o in enumerate(order)
+                ]
+            out.append(
+                RecommendResponse(
+                    request_id=request_id,
+                    items=items,
+                    source=self.source,  # type: ignore[arg-type]
+                    cold_start=None,
+                    unknown_history_items=[],
+                    models=ModelVersions(retriever=self.name, ranker=None),
+                )
+            )
+        return out
+
+
+class OracleArm(_ScoredArm):
+    """Ranks by the TRUE position-free click logit of a ``ResponseModel`` (needs ``ts`` and ``user_id``)."""
+
+    def __init__(
+        self,
+        response: Any,
+        item_ids: np.ndarray,
+        *,
+        name: str = "oracle",
+        policy_temperature: float = 0.25,
+        pool_size: int | None = 200,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(item_ids, name, policy_temperature, pool_size, seed)
+        self.response = response
+
+    def scores(self, requests: Sequence[RecommendRequest]) -> np.ndarray:
+        if any(r.user_id is None or r.ts is None for r in requests):
+            raise ValueError("OracleArm needs user_id and ts on every request")
+        users = np.array([r.user_id for r in requests], dtype=np.int64)
+        ts = np.array([r.ts for r in requests], dtype=np.int64)
+        items = np.broadcast_to(self.item_ids, (len(requests), self.item_ids.size))
+        return self.response.click_logits(users, items, ts)
+
+
+class RandomArm(_ScoredArm):
+    """A uniformly random slate from the catalogue (propensity 1 / items left at each position)."""
+
+    source = "popularity"
+
+    def __init__(self, item_ids: np.ndarray, *, name: str = "random", seed: int = 0) -> None:
+        super().__init__(item_ids, name, 1.0, None, seed)
+
+    def scores(self, requests: Sequence[RecommendRequest]) -> np.ndarray:
+        return np.zeros((len(requests), self.item_ids.size))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline's trained models as arms
+# ----------------------------------------------------------------------------------------------------------
+
+
+def register_pipeline_models(
+    dataset: str = "synthetic",
+    models: Sequence[str] = ("popularity", "sasrec"),
+    *,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    home: Path | None = None,
+) -> dict[str, str]:
+    """Register the pipeline's retrieval models of ``dataset`` (quick profile) as ``<dataset>-<model>``.
+
+    The checkpoint of a model the pipeline already trained is reused (same key as
+    ``experiments.retrieval``: model, train config, loop config but the epoch cap, data version); a missing
+    one is trained now with the pipeline's quick loop (``max_epochs`` overrides its cap). Returns
+    ``{model: tag}``; registering unchanged weights again returns the same tag.
+    """
+    from recsys.core.config import PathsConfig
+    from recsys.core.hashing import stable_hash
+    from recsys.evaluation.retrieval import leave_one_out
+    from recsys.features.sequences import build_sequences, load_sequences, num_items
+    from recsys.flows.pipeline import PipelineConfig
+    from recsys.models.registry import build_model, model_config
+    from recsys.serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model
+    from recsys.training.checkpoint import load_weights
+    from recsys.training.checkpoint import weights_path as checkpoint_weights_path
+    from recsys.training.loop import LoopConfig
+    from recsys.training.retrieval import RetrievalTrainConfig, fit_popularity, train_retrieval
+    from recsys.warehouse import Warehouse
+
+    paths = PathsConfig(home=home) if home is not None else PathsConfig()
+    pipeline = PipelineConfig()
+    train = RetrievalTrainConfig(max_len=pipeline.features.max_seq_len)
+    loop = pipeline.retrieval_loop
+    if max_epochs is not None:
+        loop = LoopConfig(**{**loop.model_dump(), "max_epochs": max_epochs})
+    with Warehouse(paths.warehouse) as wh:
+        if not wh.has_table(f"{dataset}.events"):
+            raise ValueError(f"dataset {dataset!r} is not in {paths.warehouse}: run the pipeline first")
+        data_version = build_sequences(wh, dataset).version
+        split = leave_one_out(load_sequences(wh, dataset), num_items(wh, dataset))
+        items = catalog_from_warehouse(wh, dataset)
+        histories = histories_from_warehouse(wh, dataset)
+    tags: dict[str, str] = {}
+    for name in models:
+        if name == "popularity":
+            module = fit_popularity(split)
+        else:
+            loop_key = loop.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"})
+            key = stable_hash(name, train, loop_key, data_version, length=12)
+            ckpt = paths.artifacts / "retrieval" / dataset / name / f"seed{seed}-{key}"
+            train_retrieval(
+                name,
+                split,
+                seed=seed,
+                train_config=train,
+                loop_config=loop,
+                checkpoint_dir=ckpt,
+                data_version=data_version,
+                dataset=dataset,
+            )
+            module = build_model(name, model_config(name, num_items=split.num_items, max_len=train.max_len))
+            load_weights(module, checkpoint_weights_path(ckpt, "best"))
+        tags[name] = register_model(
+            f"{dataset.lower().replace('_', '-')}-{name}",
+            architecture=name,
+            task="retrieval",
+            model=module.eval(),
+            items=items,
+            data_version=data_version,
+            histories=histories,
+        )
+    return tags

@@ -1,0 +1,247 @@
+"""Knobs of the synthetic generator. The config and its seed ARE the data version (``data_version()``).
+
+Every coefficient of the click model, the catalogue, the population, the sessions and the logging policy is a
+field here, so two runs with equal configs produce identical files, and any change yields a new version.
+Execution settings that do not change the output (chunk size, worker processes) are arguments of
+``synthetic.generator.generate``, not fields, so they never change the version.
+
+Presets: ``SyntheticConfig.quick()`` (tests and the default pipeline), ``SyntheticConfig.long_history()``
+(>= 1,000 clicks per user for the long-sequence ranking models) and ``SyntheticConfig.for_events(n)``
+(exactly ``n`` click events for the scale benchmark, impressions not logged).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from recsys.core.config import FrozenModel
+from recsys.core.hashing import stable_hash
+
+#: Bumped whenever the generator's algorithm changes what a given config produces.
+GENERATOR_VERSION = "1"
+
+#: Relative session-start intensity per UTC hour (quiet nights, an evening peak).
+DEFAULT_DIURNAL: tuple[float, ...] = (
+    0.5, 0.3, 0.2, 0.15, 0.15, 0.2, 0.4, 0.7, 0.9, 1.0, 1.0, 1.0,
+    1.1, 1.1, 1.0, 1.0, 1.1, 1.3, 1.6, 1.9, 2.0, 1.8, 1.3, 0.8,
+)  # fmt: skip
+
+
+def _vocab(name: str, values: tuple[str, ...]) -> tuple[str, ...]:
+    if not values:
+        raise ValueError(f"{name} must name at least one value")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a value, got {values}")
+    return values
+
+
+class CatalogueConfig(FrozenModel):
+    """Items: category, creator, price band, Zipf exposure popularity, release time and a latent quality."""
+
+    n_items: int = Field(5_000, ge=20, le=50_000_000, description="Catalogue size (item ids 0..n_items-1).")
+    n_categories: int = Field(20, ge=2, le=4_096, description="Number of item categories.")
+    n_creators: int = Field(1_000, ge=1, le=5_000_000, description="Number of creators (item authors).")
+    n_price_bands: int = Field(5, ge=1, le=64, description="Number of price bands.")
+    zipf_exponent: float = Field(0.9, ge=0.0, le=3.0, description="Exposure popularity of rank r ~ r^-s.")
+    creator_zipf_exponent: float = Field(0.6, ge=0.0, le=3.0, description="Creator catalogue sizes ~ r^-s.")
+    creator_focus: float = Field(
+        0.8, ge=0.0, le=1.0, description="Share of a creator's items in the creator's home category."
+    )
+    quality_popularity_corr: float = Field(
+        0.4, ge=-1.0, le=1.0, description="Correlation of the latent quality with log popularity."
+    )
+    back_catalogue_share: float = Field(
+        0.7, ge=0.0, le=1.0, description="Share of items released before the simulation starts."
+    )
+    back_catalogue_days: float = Field(730.0, gt=0.0, description="Back-catalogue release dates span this.")
+
+
+class UserConfig(FrozenModel):
+    """Users: categorical profile (age bucket, gender, region, device) and a sparse long-term taste."""
+
+    n_users: int = Field(2_000, ge=1, le=2_000_000_000, description="Users (ids 0..n_users-1).")
+    age_buckets: tuple[str, ...] = ("18-24", "25-34", "35-44", "45-54", "55+")
+    genders: tuple[str, ...] = ("female", "male", "other")
+    regions: tuple[str, ...] = ("north", "south", "east", "west", "central", "islands")
+    devices: tuple[str, ...] = ("android", "ios", "web")
+    favourite_categories_mean: float = Field(
+        2.0, ge=0.0, description="Mean number of favourite categories beyond the first (Poisson)."
+    )
+    taste_profile_strength: float = Field(
+        1.5, ge=0.0, description="How strongly the profile shapes which categories become favourites."
+    )
+
+    @field_validator("age_buckets", "genders", "regions", "devices")
+    @classmethod
+    def _vocabularies(cls, v: tuple[str, ...], info) -> tuple[str, ...]:  # noqa: ANN001
+        return _vocab(info.field_name, v)
+
+
+class SessionConfig(FrozenModel):
+    """When users come: requests per user, sessions, gaps, the time window, slate and candidate-pool sizes."""
+
+    start_ts: int = Field(1_704_067_200, ge=0, description="Unix seconds of the simulation start (UTC).")
+    horizon_days: float = Field(90.0, gt=0.0, description="Sessions start within this many days.")
+    requests_per_user_mean: float = Field(15.0, ge=1.0, description="Mean requests (slates) per user.")
+    requests_per_user_sigma: float = Field(
+        0.6, ge=0.0, le=3.0, description="Log-normal spread of the requests per user."
+    )
+    requests_per_session_mean: float = Field(6.0, ge=1.0, description="Mean requests per session.")
+    request_gap_mean_s: float = Field(30.0, gt=0.0, description="Mean seconds between requests in a session.")
+    min_session_gap_s: int = Field(1_800, ge=1, description="Minimum seconds between two sessions.")
+    diurnal_weights: tuple[float, ...] = Field(
+        DEFAULT_DIURNAL, description="24 relative session-start intensities, one per UTC hour."
+    )
+    slate_size: int = Field(10, ge=1, le=256, description="Items shown per request (k).")
+    pool_size: int = Field(30, ge=1, le=1_024, description="Candidates the logging policy ranks per request.")
+
+    @field_validator("diurnal_weights")
+    @classmethod
+    def _diurnal(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(v) != 24:
+            raise ValueError(f"diurnal_weights must have 24 values (one per hour), got {len(v)}")
+        if any(w < 0 for w in v) or sum(v) <= 0:
+            raise ValueError("diurnal_weights must be >= 0 with a positive sum")
+        return v
+
+    @model_validator(mode="after")
+    def _slate_fits_pool(self) -> SessionConfig:
+        if self.slate_size > self.pool_size:
+            raise ValueError(f"slate_size ({self.slate_size}) must be <= pool_size ({self.pool_size})")
+        return self
+
+
+class PolicyConfig(FrozenModel):
+    """The logging policy: Plackett-Luce over a noisy score; which requests' impressions are written."""
+
+    logit_weight: float = Field(
+        0.7, description="Weight of the true (position-free) click logit in the score."
+    )
+    popularity_weight: float = Field(0.3, description="Weight of log exposure popularity in the score.")
+    noise_std: float = Field(1.0, ge=0.0, description="Std of the Gaussian score noise (the logger's error).")
+    temperature: float = Field(1.0, gt=0.0, description="Plackett-Luce temperature: P ~ exp(score / T).")
+    impression_log_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of requests whose impressions are written (0 = none)."
+    )
+
+
+class ClickModelConfig(FrozenModel):
+    """Coefficients of the true click model (see synthetic.click_model for the formula)."""
+
+    bias: float = Field(-3.0, description="b: intercept of the click logit.")
+    taste: float = Field(2.0, description="a: weight of the long-term category taste (0..~1.5).")
+    short: float = Field(
+        1.0, description="s: weight of log1p(decayed count of recent clicks in the category)."
+    )
+    short_tau_s: float = Field(900.0, gt=0.0, description="Time constant (s) of the short-term decay.")
+    loyalty: float = Field(1.0, description="l: added when the user ever clicked the item's creator before.")
+    quality: float = Field(0.4, description="q: weight of the item's latent quality (standard normal).")
+    interaction: float = Field(
+        0.6, description="x: weight of W[age, gender, category] + W[region, device, price band] (N(0,1))."
+    )
+    drift: float = Field(0.5, description="d: amplitude of the slow per-category sinusoid.")
+    drift_period_days: tuple[float, float] = Field(
+        (30.0, 120.0), description="Per-category drift periods are drawn uniformly in this range (days)."
+    )
+    hour: float = Field(0.3, description="h: amplitude of the per-category hour-of-day cosine.")
+    position_eta: float = Field(0.8, ge=0.0, description="examine(k) = (1 + k)^-eta, k the 0-based position.")
+
+    @field_validator("drift_period_days")
+    @classmethod
+    def _periods(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError(f"drift_period_days must satisfy 0 < low <= high, got {v}")
+        return v
+
+
+class ResponseConfig(FrozenModel):
+    """Responses given a click: like and dwell, both rising with the true click logit."""
+
+    like_bias: float = Field(-1.0, description="P(like | click) = sigmoid(like_bias + like_slope * logit).")
+    like_slope: float = Field(0.5)
+    dwell_log_mean: float = Field(3.4, description="log dwell ~ N(dwell_log_mean + dwell_slope * logit, sd).")
+    dwell_slope: float = Field(0.3)
+    dwell_log_sd: float = Field(0.8, ge=0.0)
+    dwell_max_s: float = Field(3_600.0, ge=1.0, description="Dwell is clipped to [1, dwell_max_s] seconds.")
+
+
+class SyntheticConfig(FrozenModel):
+    """Everything that defines a synthetic dataset; ``data_version()`` hashes it."""
+
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Master seed: world, users and every draw derive from it."
+    )
+    catalogue: CatalogueConfig = CatalogueConfig()
+    users: UserConfig = UserConfig()
+    sessions: SessionConfig = SessionConfig()
+    policy: PolicyConfig = PolicyConfig()
+    click: ClickModelConfig = ClickModelConfig()
+    response: ResponseConfig = ResponseConfig()
+    max_events: int | None = Field(
+        None, ge=1, description="Stop after exactly this many click events (users in id order; the last cut)."
+    )
+
+    def data_version(self) -> str:
+        """The content version of the data this config generates (config + seed + generator version)."""
+        return stable_hash("synthetic", GENERATOR_VERSION, self)
+
+    # -- presets ---------------------------------------------------------------------------------------
+    @classmethod
+    def quick(cls, seed: int = 0) -> SyntheticConfig:
+        """Tiny: 2,000 users, ~300k impressions, ~40k clicks, seconds to generate: tests, default pipeline."""
+        return cls(seed=seed)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> SyntheticConfig:
+        """300 users, 500 items, ~30k impressions: the pipeline's smoke runs and interruption tests."""
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=500, n_categories=8, n_creators=100),
+            users=UserConfig(n_users=300),
+        )
+
+    @classmethod
+    def long_history(cls, seed: int = 0) -> SyntheticConfig:
+        """3,000 users with >= 1,000 clicks each on average; 2% of requests' impressions are logged.
+
+        Many creators (8,000) so that a creator rarely recurs within the last 50 clicks: loyalty is a signal
+        only the long history reveals.
+        """
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=40_000, n_categories=24, n_creators=8_000),
+            users=UserConfig(n_users=3_000),
+            sessions=SessionConfig(
+                requests_per_user_mean=700.0,
+                requests_per_user_sigma=0.25,
+                requests_per_session_mean=8.0,
+                horizon_days=180.0,
+            ),
+            policy=PolicyConfig(impression_log_rate=0.02),
+        )
+
+    @classmethod
+    def for_events(cls, n_events: int, seed: int = 0, *, log_impressions: bool = False) -> SyntheticConfig:
+        """Exactly ``n_events`` click events (the scale benchmark: 10M, 100M), impressions off by default.
+
+        Users (~120 clicks each) are simulated in id order until ``n_events`` is reached; ``n_users`` is only
+        an upper bound, set with a wide margin.
+        """
+        if n_events < 1:
+            raise ValueError(f"n_events must be >= 1, got {n_events}")
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=200_000, n_categories=32, n_creators=20_000),
+            users=UserConfig(n_users=max(1_000, n_events // 30)),
+            sessions=SessionConfig(requests_per_user_mean=100.0, requests_per_user_sigma=0.5, pool_size=20),
+            policy=PolicyConfig(impression_log_rate=1.0 if log_impressions else 0.0),
+            max_events=n_events,
+        )
+
+    @classmethod
+    def preset(cls, name: str, seed: int = 0) -> SyntheticConfig:
+        """``quick`` or ``long_history``; use ``for_events(n)`` for an exact event count."""
+        presets = {"tiny": cls.tiny, "quick": cls.quick, "long_history": cls.long_history}
+        if name not in presets:
+            raise ValueError(f"unknown synthetic preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name](seed)

@@ -1,0 +1,148 @@
+"""The run registry: every training, evaluation, distillation, A/B or benchmark run, with its config,
+data version, hardware and metrics, where the dashboard reads them.
+
+Each call opens the warehouse briefly and closes it again, because DuckDB lets only one process hold a
+read-write handle; a training loop that kept it open would lock the dashboard out for hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from recsys.core.hashing import _canonical
+from recsys.warehouse.store import Warehouse
+
+_RUNS_DDL = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    kind VARCHAR NOT NULL,
+    name VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    config JSON,
+    data_version VARCHAR,
+    protocol VARCHAR,
+    seed INTEGER,
+    hardware VARCHAR,
+    started_at TIMESTAMP NOT NULL,
+    finished_at TIMESTAMP,
+    wall_time_s DOUBLE,
+    metrics JSON,
+    error VARCHAR
+);
+CREATE TABLE IF NOT EXISTS run_metrics (
+    run_id VARCHAR NOT NULL,
+    step BIGINT NOT NULL,
+    split VARCHAR NOT NULL,
+    name VARCHAR NOT NULL,
+    value DOUBLE,
+    recorded_at TIMESTAMP NOT NULL
+);
+"""
+
+RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+def hardware_description() -> str:
+    """CPU model and core count, or the GPU name: recorded with every result row (evaluation spec, Cost)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} x{os.cpu_count()}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class RunLog:
+    """Records runs into the warehouse at ``path``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with Warehouse(self.path) as wh:
+            wh.con.execute(_RUNS_DDL)
+
+    def start(
+        self,
+        kind: str,
+        name: str,
+        *,
+        config: Mapping[str, Any] | Any,
+        data_version: str | None,
+        protocol: str | None = None,
+        seed: int | None = None,
+    ) -> str:
+        run_id = f"{kind}-{name}-{uuid.uuid4().hex[:12]}"
+        with Warehouse(self.path) as wh:
+            wh.con.execute(
+                "INSERT INTO runs (run_id, kind, name, status, config, data_version, protocol, seed,"
+                " hardware, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    kind,
+                    name,
+                    json.dumps(_canonical(config), default=str),
+                    data_version,
+                    protocol,
+                    seed,
+                    hardware_description(),
+                    _now(),
+                ],
+            )
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int, split: str) -> None:
+        rows = [(run_id, step, split, k, float(v), _now()) for k, v in metrics.items()]
+        if not rows:
+            return
+        with Warehouse(self.path) as wh:
+            wh.con.executemany("INSERT INTO run_metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def finish(
+        self,
+        run_id: str,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        status: str = "finished",
+        error: str | None = None,
+    ) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        with Warehouse(self.path) as wh:
+            wh.con.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, metrics = ?, error = ?,"
+                " wall_time_s = date_diff('millisecond', started_at, ?::TIMESTAMP) / 1000.0 WHERE run_id = ?",
+                [status, _now(), json.dumps(_canonical(metrics or {}), default=str), error, _now(), run_id],
+            )
+
+    def runs(self, kind: str | None = None) -> pl.DataFrame:
+        with Warehouse(self.path) as wh:
+            if kind is None:
+                return wh.sql("SELECT * FROM runs ORDER BY started_at")
+            return wh.sql("SELECT * FROM runs WHERE kind = ? ORDER BY started_at", [kind])
+
+    def metrics(self, run_id: str) -> pl.DataFrame:
+        with Warehouse(self.path) as wh:
+            return wh.sql("SELECT * FROM run_metrics WHERE run_id = ? ORDER BY step, name", [run_id])

@@ -1,5 +1,0 @@
-"""The embedded DuckDB warehouse: versioned tables with lineage, and the run registry the dashboard reads."""
-
-from warehouse.store import TableVersion, Warehouse, WarehouseError
-
-__all__ = ["TableVersion", "Warehouse", "WarehouseError"]
