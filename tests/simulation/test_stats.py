@@ -57,7 +57,7 @@ def test_assign_arm_is_pinned_and_the_same_in_another_process() -> None:
     arms = assign_arm(np.arange(10, dtype=np.int64), ["control", "treatment"], salt="exp-1")
     assert "".join(a[0] for a in arms) == PINNED_EXP1
     code = (
-        "from simulation.stats import assign_arm;"
+        "from recsys.simulation.stats import assign_arm;"
         "print(','.join(assign_arm(list(range(10)), ['control', 'treatment'], salt='exp-1')))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}

@@ -125,7 +125,7 @@ def test_monitor_must_be_a_validation_metric() -> None:
 
 
 def test_record_waits_for_the_warehouse_lock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("training.loop.time.sleep", lambda s: None)
+    monkeypatch.setattr("recsys.training.loop.time.sleep", lambda s: None)
     calls = []
 
     def flaky(x: int) -> int:
