@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.core.atomic import atomic_path
+from recsys.core.atomic import atomic_path, owned_tempdir
 from recsys.core.config import PathsConfig
 from recsys.core.hashing import stable_hash
 from recsys.features.config import FeatureConfig
@@ -98,7 +97,7 @@ def export_features(
         _write_latest(root / dataset, version)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=final.parent))
+    tmp = owned_tempdir(final.parent, version)
     try:
         manifest = _write_files(wh, dataset, config, tmp, version, tables)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

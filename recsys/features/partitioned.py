@@ -37,7 +37,6 @@ OPEN choices and what was picked:
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from recsys.core.atomic import owned_tempdir
 from recsys.core.config import FrozenModel
 from recsys.core.hashing import stable_hash
 from recsys.features.config import FeatureConfig
@@ -236,10 +236,9 @@ def plan_partitioned(
         ex_key = stable_hash(ex_inputs | {seq_name: wh.version(seq_name)}, ex_params)
         fresh = wh.is_fresh(f"{dataset}.examples", ex_key)
     t0 = _time_span(wh, dataset, src)
-    root = partition.work_dir
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-    parts_dir = tempfile.mkdtemp(prefix=f"{dataset}-partitioned-", dir=root)
+    # Beside the warehouse by default: temp space stays under the state directory (swept after a crash).
+    root = partition.work_dir or Path(wh.path).resolve().parent / "tmp"
+    parts_dir = str(owned_tempdir(root, f"{dataset}-partitioned"))
     return PartitionPlan(
         warehouse_path=str(wh.path),
         dataset=dataset,

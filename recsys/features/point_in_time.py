@@ -57,7 +57,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -71,6 +70,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from recsys.core.atomic import owned_tempdir
 from recsys.core.config import FrozenModel
 from recsys.core.hashing import stable_hash
 from recsys.features.config import FeatureConfig
@@ -733,7 +733,7 @@ def build_examples(
             latest = wh.latest(name)
             assert latest is not None
             return latest
-        parts_dir = Path(tempfile.mkdtemp(prefix=f"{dataset}-examples-", dir=parts_root(wh)))
+        parts_dir = owned_tempdir(parts_root(wh), f"{dataset}-examples")
         try:
             parts = write_feature_parts(wh, dataset, config, src, parts_dir, res)
             files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)

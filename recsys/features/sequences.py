@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.core.atomic import owned_tempdir
 from recsys.core.hashing import stable_hash
 from recsys.warehouse import TableVersion, Warehouse, WarehouseError
 
@@ -147,14 +147,14 @@ def _as_lists(events: pa.Table) -> pa.Table:
     )
 
 
-def parts_root(wh: Warehouse) -> Path | None:
+def parts_root(wh: Warehouse) -> Path:
     """Where temp Parquet parts go: DuckDB's temp_directory when it is an absolute path (set by the caller
-    for spilling, e.g. ``BuildResources.temp_directory``), else the system temp dir."""
+    for spilling, e.g. ``BuildResources.temp_directory``), else ``tmp/`` beside the warehouse file, so that
+    all temp space stays under the state directory, where the owner-aware sweep finds it after a crash."""
     spill = str(wh.con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0])
-    if not spill or not Path(spill).is_absolute():
-        return None
-    Path(spill).mkdir(parents=True, exist_ok=True)
-    return Path(spill)
+    root = Path(spill) if spill and Path(spill).is_absolute() else Path(wh.path).resolve().parent / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _list_parts(reader: pa.RecordBatchReader, out_dir: Path, rows_per_part: int) -> list[Path]:
@@ -218,7 +218,7 @@ def build_sequences(wh: Warehouse, dataset: str, *, rows_per_part: int = 2_000_0
         latest = wh.latest(name)
         assert latest is not None
         return latest
-    parts_dir = Path(tempfile.mkdtemp(prefix=f"{dataset}-sequences-", dir=parts_root(wh)))
+    parts_dir = owned_tempdir(parts_root(wh), f"{dataset}-sequences")
     try:
         parts = _list_parts(wh.con.sql(sorted_events_sql(dataset)).arrow(), parts_dir, rows_per_part)
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)

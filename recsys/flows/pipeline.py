@@ -33,6 +33,7 @@ from pydantic import Field
 import recsys.core  # noqa: F401  (telemetry off, Prefect start-up timeout)
 from recsys.core.atomic import atomic_path
 from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.ownership import sweep_stale_temps
 from recsys.features.config import FeatureConfig
 from recsys.flows import stage_cache
 from recsys.flows.build_features import DatasetSpec, build_features_flow
@@ -416,7 +417,7 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
 
         torch.set_num_threads(config.torch_threads)
     with stage_cache.pipeline_lock(paths.home):
-        swept = stage_cache.sweep_stale_temps(paths.home)
+        swept = sweep_stale_temps(paths.home)
         interrupted = stage_cache.close_interrupted_runs(paths.warehouse)
         if swept or interrupted:
             log.info("cleaned up after an interrupted run: %d temp files, %d runs", len(swept), interrupted)

@@ -7,9 +7,9 @@ run would trust. Here a stage's result is a small JSON document stored in the wa
 interrupted stage simply runs again. The key is a ``stable_hash`` of the stage's config and the versions of
 everything it reads, so a changed config or data version re-runs exactly the stages that depend on it.
 
-``pipeline_lock`` keeps two pipelines from writing the same state directory at once; once it is held,
-``sweep_stale_temps`` may delete the ``.<name>.*.tmp`` files that ``core.atomic.atomic_path`` leaves behind
-when a process is killed mid-write (no other writer can own them).
+``pipeline_lock`` keeps two pipelines from writing the same state directory at once. The clean-up after a
+killed process (``recsys.core.ownership.sweep_stale_temps``, ``close_interrupted_runs``) needs no lock: it
+removes only the temp files and relabels only the runs whose owning process is gone.
 """
 
 from __future__ import annotations
@@ -106,27 +106,8 @@ def pipeline_lock(home: Path) -> Iterator[Path]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def sweep_stale_temps(root: Path) -> list[Path]:
-    """Delete the temporary files of writes that were killed (``.<name>.<random>.tmp``); returns them."""
-    removed: list[Path] = []
-    if not root.exists():
-        return removed
-    for path in root.rglob(".*.tmp"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 def close_interrupted_runs(warehouse_path: Path) -> int:
-    """Mark runs left 'running' by a killed process as 'interrupted' (only safe under the pipeline lock)."""
+    """Mark runs left 'running' by a killed process as 'interrupted'; live runs of other processes stay."""
     if not Path(warehouse_path).exists():
         return 0
-    log = RunLog(warehouse_path)
-    frame = log.runs()
-    if frame.is_empty():
-        return 0
-    stale = frame.filter(frame["status"] == "running")["run_id"].to_list()
-    for run_id in stale:
-        log.finish(run_id, status="interrupted")
-    return len(stale)
+    return len(RunLog(warehouse_path).close_orphaned())

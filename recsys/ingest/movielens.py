@@ -25,7 +25,6 @@ import http.client
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.core.atomic import atomic_path
+from recsys.core.atomic import atomic_path, owned_tempdir
 from recsys.core.config import PathsConfig
 from recsys.core.hashing import stable_hash
 from recsys.ingest.schema import IngestError, check_dataset, fresh_versions
@@ -143,7 +142,7 @@ def _fetch_verified(url: str, target: Path, expected: dict[str, str], timeout: f
 
 def _unpack(archive: Path, target: Path, stamp: list[str]) -> None:
     """Extract the ml-100k/ folder of ``archive`` beside ``target`` and rename it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=".ml-100k.", dir=target.parent))
+    staging = owned_tempdir(target.parent, "ml-100k")
     try:
         unpacked = staging / "ml-100k"
         unpacked.mkdir()

@@ -1,13 +1,17 @@
 """Checkpoints: weights as safetensors (no pickle), optimizer + loop state in a weights_only-loadable file.
 
-A checkpoint ``<tag>`` in a directory is two files, each written to a temporary path and renamed:
-``<tag>.safetensors`` (the model's state dict) and ``<tag>.state.pt`` (optimizer state dict and the loop's
-plain-Python state). Both carry the same random ``token``; a pair whose tokens differ (a crash between the
-two renames) is reported instead of being resumed from silently.
+A checkpoint ``<tag>`` in a directory is ONE unit: a directory ``<tag>@<token>/`` holding
+``weights.safetensors`` (the model's state dict) and ``state.pt`` (optimizer state dict and the loop's
+plain-Python state), and a symlink ``<tag>`` naming it. A save writes the new unit in an owned temporary
+directory, renames it to ``<tag>@<token>``, then swaps the symlink with one atomic rename: a process killed
+at any point leaves either the previous checkpoint or the new one, never half of each, so a re-run resumes.
+Units the link no longer names are removed by the next save (or the owner-aware temp sweep).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recsys.core.atomic import atomic_path
+from recsys.core.atomic import atomic_dir, atomic_path, temp_prefix
+
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "state.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -25,11 +32,11 @@ class CheckpointError(RuntimeError):
 
 
 def weights_path(directory: str | Path, tag: str) -> Path:
-    return Path(directory) / f"{tag}.safetensors"
+    return Path(directory) / tag / WEIGHTS_FILE
 
 
 def state_path(directory: str | Path, tag: str) -> Path:
-    return Path(directory) / f"{tag}.state.pt"
+    return Path(directory) / tag / STATE_FILE
 
 
 def has_checkpoint(directory: str | Path, tag: str) -> bool:
@@ -70,7 +77,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<tag>.state.pt`` (optimizer + loop state), then ``<tag>.safetensors``; returns the latter."""
+    """Write checkpoint ``tag`` as one unit (see the module docstring); returns its weights file."""
     directory = Path(directory)
     token = uuid.uuid4().hex
     payload = {
@@ -78,9 +85,31 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer else None,
         "state": state or {},
     }
-    with atomic_path(state_path(directory, tag)) as tmp:
-        torch.save(payload, tmp)
-    return save_weights(model, weights_path(directory, tag), metadata={"token": token, "tag": tag})
+    unit = directory / f"{tag}@{token}"
+    with atomic_dir(directory, tag) as staging:
+        torch.save(payload, staging / STATE_FILE)
+        save_weights(model, staging / WEIGHTS_FILE, metadata={"token": token, "tag": tag})
+        os.rename(staging, unit)
+    _point(directory, tag, unit)
+    for old in directory.glob(f"{tag}@*"):
+        if old != unit:
+            shutil.rmtree(old, ignore_errors=True)
+    return weights_path(directory, tag)
+
+
+def _point(directory: Path, tag: str, unit: Path) -> None:
+    """Make the symlink ``directory/tag`` name ``unit`` with one atomic rename."""
+    link = directory / tag
+    if link.is_dir() and not link.is_symlink():
+        # A plain directory (weights written by hand with ``save_weights``) cannot be renamed over.
+        shutil.rmtree(link)
+    tmp = directory / f"{temp_prefix(link)}{uuid.uuid4().hex[:8]}.tmp"
+    os.symlink(unit.name, tmp)
+    try:
+        os.replace(tmp, link)
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink()
 
 
 def load_checkpoint(
@@ -98,7 +127,7 @@ def load_checkpoint(
     if metadata.get("token") != payload.get("token"):
         raise CheckpointError(
             f"checkpoint {tag!r} in {directory}: weights and state files come from different saves; "
-            "delete the directory to start over"
+            "the checkpoint was not written by save_checkpoint"
         )
     if optimizer is not None and payload.get("optimizer") is not None:
         optimizer.load_state_dict(payload["optimizer"])

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 
 from recsys.core.hashing import _canonical
+from recsys.core.ownership import is_alive, owner_tag
 from recsys.warehouse.store import Warehouse
 
 _RUNS_DDL = """
@@ -38,6 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics JSON,
     error VARCHAR
 );
+-- The process that runs it (pid + start time, recsys.core.ownership): only a gone owner's run is interrupted.
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR;
 CREATE TABLE IF NOT EXISTS run_metrics (
     run_id VARCHAR NOT NULL,
     step BIGINT NOT NULL,
@@ -98,7 +101,7 @@ class RunLog:
         with Warehouse(self.path) as wh:
             wh.con.execute(
                 "INSERT INTO runs (run_id, kind, name, status, config, data_version, protocol, seed,"
-                " hardware, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                " hardware, started_at, owner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     kind,
@@ -109,6 +112,7 @@ class RunLog:
                     seed,
                     hardware_description(),
                     _now(),
+                    owner_tag(),
                 ],
             )
         return run_id
@@ -136,6 +140,19 @@ class RunLog:
                 " wall_time_s = date_diff('millisecond', started_at, ?::TIMESTAMP) / 1000.0 WHERE run_id = ?",
                 [status, _now(), json.dumps(_canonical(metrics or {}), default=str), error, _now(), run_id],
             )
+
+    def close_orphaned(self) -> list[str]:
+        """Mark 'interrupted' the runs left 'running' by a process that is gone; returns their ids.
+
+        A run whose owner still runs (another pipeline, the nightly job, a benchmark) is never touched, so
+        any process may call this at any time. Runs recorded before owners were (owner NULL) count as gone.
+        """
+        with Warehouse(self.path) as wh:
+            rows = wh.con.execute("SELECT run_id, owner FROM runs WHERE status = 'running'").fetchall()
+        stale = [run_id for run_id, owner in rows if owner is None or not is_alive(owner)]
+        for run_id in stale:
+            self.finish(run_id, status="interrupted", error="its process ended without finishing it")
+        return stale
 
     def runs(self, kind: str | None = None) -> pl.DataFrame:
         with Warehouse(self.path) as wh:

@@ -33,7 +33,9 @@ def test_round_trip_restores_weights_buffers_optimizer_and_state(tmp_path: Path)
     save_checkpoint(
         tmp_path, "last", model, opt, {"epoch": 3, "history": [{"loss": 1.5}], "best": float("nan")}
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors", "last.state.pt"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "last" and names[1].startswith("last@") and len(names) == 2
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["state.pt", "weights.safetensors"]
 
     other = _model(1)
     other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
@@ -59,3 +61,37 @@ def test_missing_files_and_wrong_model_are_reported(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="do not fit"):
         load_weights(nn.Linear(2, 2), tmp_path / "w.safetensors")
     assert not state_path(tmp_path, "w").exists()
+
+
+@pytest.mark.parametrize("crash_at", ["weights", "rename", "link"])
+def test_a_save_killed_at_any_step_leaves_the_previous_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    import recsys.training.checkpoint as ckpt
+
+    first = _model(0)
+    save_checkpoint(tmp_path, "last", first, None, {"epoch": 1})
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: nothing after it runs, no except clause catches it."""
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    target = {"weights": "save_weights", "rename": "os.rename", "link": "_point"}[crash_at]
+    if target == "os.rename":
+        monkeypatch.setattr(ckpt.os, "rename", die)
+    else:
+        monkeypatch.setattr(ckpt, target, die)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, "last", _model(1), None, {"epoch": 2})
+    monkeypatch.undo()
+
+    restored = _model(2)
+    assert load_checkpoint(tmp_path, "last", restored)["epoch"] == 1
+    for (k, a), (_, b) in zip(first.state_dict().items(), restored.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    # The next save replaces it and leaves one unit behind.
+    save_checkpoint(tmp_path, "last", _model(3), None, {"epoch": 3})
+    assert load_checkpoint(tmp_path, "last", _model(4))["epoch"] == 3
+    assert len(list(tmp_path.glob("last@*"))) == 1

@@ -33,3 +33,23 @@ def test_unknown_status_is_rejected(warehouse_path: Path) -> None:
     run_id = log.start("eval", "x", config={}, data_version=None)
     with pytest.raises(ValueError, match="status must be one of"):
         log.finish(run_id, status="done")
+
+
+def test_only_runs_of_gone_processes_are_marked_interrupted(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "warehouse.duckdb"
+    log = RunLog(path)
+    mine = log.start("retrieval", "sasrec", config={}, data_version="v1")
+    code = (
+        "import sys; from recsys.warehouse.runs import RunLog; "
+        "print(RunLog(sys.argv[1]).start('ranking', 'din', config={}, data_version='v1'))"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    assert log.close_orphaned() == [killed]
+    status = dict(zip(log.runs()["run_id"], log.runs()["status"], strict=True))
+    assert status == {mine: "running", killed: "interrupted"}
