@@ -13,6 +13,15 @@ Choices left open by the brief, and what was picked:
   "+12", "1e3" or "1.0": TRY_CAST alone would round "1.5" to 2); otherwise every raw id string (trimmed) maps
   to a dense id 1..n in sorted raw-id order, published as ``<dataset>.user_ids`` / ``<dataset>.item_ids``.
   The dense ids change when new ids arrive; keep the raw_id tables to join back.
+- Unix timestamps: ``timestamp_format='unix'`` detects the unit from the magnitude of the largest value
+  (seconds below 1e11, i.e. up to the year 5138; milliseconds below 1e14; microseconds below 1e17;
+  nanoseconds above) and refuses a column whose values span two units (an error naming the column, the
+  smallest and largest value and the explicit formats); ``unix_s``, ``unix_ms``, ``unix_us`` and
+  ``unix_ns`` name the unit. The unit read is in the report. A negative unix time is rejected
+  (``bad_timestamp``): event logs start after 1970.
+- A CSV line with too many or too few fields (a ragged line) is rejected as ``malformed_row`` with DuckDB's
+  finding and the line's text; the rest of the file is ingested. Its row is its line in the file minus the
+  header (blank lines, which the other rows do not count, are counted there).
 - Timestamps are floored to whole seconds (the contract's resolution). ISO-8601 text without an offset, and
   strptime formats without %z, are read as UTC; text with 'Z' or +hh:mm is converted to UTC. Parquet
   TIMESTAMP/DATE columns are used as they are, whatever ``timestamp_format`` says.
@@ -52,6 +61,7 @@ from recsys.warehouse import Warehouse
 
 LOADER_VERSION = "events/1"
 REJECT_REASONS = (
+    "malformed_row",
     "missing_user_id",
     "bad_user_id",
     "missing_item_id",
@@ -65,6 +75,14 @@ REJECT_REASONS = (
     "duplicate_user_id",
     "duplicate_item_id",
 )
+# Seconds per unit of each explicit unix format, and the exclusive upper bound of the largest value that
+# ``unix`` reads in that unit (a time before the year 5138).
+UNIX_UNITS: dict[str, tuple[int, float]] = {
+    "unix_s": (1, 1e11),
+    "unix_ms": (1_000, 1e14),
+    "unix_us": (1_000_000, 1e17),
+    "unix_ns": (1_000_000_000, float("inf")),
+}
 _CSV_SUFFIXES: dict[str, str | None] = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".txt": None}
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _TIMESTAMP_TYPES = ("TIMESTAMP", "DATE")
@@ -92,7 +110,10 @@ class EventSchema(FrozenModel):
     )
     timestamp_format: str = Field(
         "unix",
-        description="'unix' (integer seconds), 'iso8601', or a strptime format such as '%d/%m/%Y %H:%M'.",
+        description=(
+            "'unix' (integer epoch time, unit detected from the magnitude), 'unix_s', 'unix_ms', 'unix_us',"
+            " 'unix_ns', 'iso8601', or a strptime format such as '%d/%m/%Y %H:%M'."
+        ),
     )
     default_event: str = Field("interaction", min_length=1)
     user_id_kind: IdKind = "auto"
@@ -118,9 +139,10 @@ class EventSchema(FrozenModel):
                 f"user_id, item_id, timestamp, event and value must be different columns, got {roles}"
             )
         fmt = self.timestamp_format
-        if fmt not in ("unix", "iso8601") and "%" not in fmt:
+        if fmt not in ("unix", "iso8601", *UNIX_UNITS) and "%" not in fmt:
             raise ValueError(
-                f"timestamp_format must be 'unix', 'iso8601' or a strptime format with '%', got {fmt!r}"
+                f"timestamp_format must be 'unix', one of {list(UNIX_UNITS)}, 'iso8601' or a strptime format "
+                f"with '%', got {fmt!r}"
             )
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ValueError(f"delimiter must be one character, got {self.delimiter!r}")
@@ -160,6 +182,9 @@ class IngestReport(FrozenModel):
     user_ids_mapped: bool
     item_ids_mapped: bool
     versions: dict[str, str] = Field(description="Published table -> version.")
+    timestamp_unit: str | None = Field(
+        None, description="The unix unit the timestamps were read in (unix_s, unix_ms, ...); None: not unix."
+    )
 
     @property
     def rows_rejected(self) -> int:
@@ -176,6 +201,7 @@ class _Source:
     is_csv: bool
     reader: str  # a DuckDB table expression
     columns: dict[str, str]  # name -> DuckDB type
+    rejects: str | None = None  # CSV: the temp table where DuckDB stores the malformed lines
 
     @property
     def label(self) -> str:
@@ -223,11 +249,14 @@ def _open(con: duckdb.DuckDBPyConnection, path: Path, role: str, schema: EventSc
         raise SchemaError(f"{role} file {path}: set EventSchema.delimiter for a {suffix} file")
     columns = dict.fromkeys(_csv_header(path, role, delim), "VARCHAR")
     spec = ", ".join(f"{quote_literal(c)}: 'VARCHAR'" for c in columns)
+    # Malformed lines (too many or too few fields) go to a rejects table instead of aborting the read.
+    rejects = f"__ingest_rejects_{uuid.uuid4().hex[:10]}"
     reader = (
         f"read_csv({lit}, header=true, auto_detect=false, delim={quote_literal(delim)}, quote='\"', "
-        f"escape='\"', columns={{{spec}}})"
+        f"escape='\"', columns={{{spec}}}, ignore_errors=true, store_rejects=true, "
+        f"rejects_table='{rejects}', rejects_scan='{rejects}_scan')"
     )
-    return _Source(path, role, True, reader, columns)
+    return _Source(path, role, True, reader, columns, rejects)
 
 
 def _first_lines(exc: Exception, n: int = 3) -> str:
@@ -273,7 +302,7 @@ def _ts_expr(col: str, col_type: str, fmt: str) -> str:
     if col_type.startswith(_TIMESTAMP_TYPES):
         return f"CAST(floor(epoch({quote_ident(col)})) AS BIGINT)"
     t = f"upper({_text(col)})"
-    if fmt == "unix":
+    if fmt == "unix" or fmt in UNIX_UNITS:  # the raw integer: its unit is applied after staging
         return f"CASE WHEN regexp_full_match({t}, '{_INT_TEXT}') THEN TRY_CAST({t} AS BIGINT) END"
     if fmt == "iso8601":
         # DuckDB's TIMESTAMP cast silently drops an offset or a zone name, hence the explicit shapes.
@@ -412,7 +441,7 @@ class _Entity:
 
 @dataclass(frozen=True)
 class _Staged:
-    """One file staged once as a temp table whose rowid is the 0-based data row (DuckDB keeps file order
+    """One file staged once as a temp table with ``__row``, the 0-based data row (DuckDB keeps file order
     through a projection), plus what the checks found."""
 
     src: _Source
@@ -420,13 +449,38 @@ class _Staged:
     checked: str  # subquery: the staged columns + __row, __r0 (reason or NULL), __d0 (detail)
     dups: str  # temp table (__row, __first): passing rows that repeat the key of row __first
     dup_reason: str
+    malformed: str | None  # temp table (__row, detail) of the file's malformed lines, or None
 
 
-def _stage(run: _Run, src: _Source, name: str, select: list[str]) -> str:
+def _stage(run: _Run, src: _Source, name: str, select: list[str]) -> tuple[str, str | None]:
+    """The file as a temp table with ``__row``, and the temp table of its malformed lines (CSV), if any."""
     try:
-        return run.temp(name, f"SELECT {', '.join(select)} FROM {src.reader}")
+        raw = run.temp(f"{name}_raw", f"SELECT {', '.join(select)} FROM {src.reader}")
     except duckdb.Error as exc:
         raise IngestError(f"{src.role} file {src.label} cannot be read: {_first_lines(exc)}") from exc
+    if src.rejects is None:
+        return run.temp(name, f"SELECT rowid AS __row, * FROM {raw}"), None
+    # DuckDB's ``line`` counts the header: data row (0-based) = line - 2.
+    malformed = run.temp(
+        f"{name}_malformed",
+        f"SELECT DISTINCT ON (line) CAST(line - 2 AS BIGINT) AS __row, "
+        f"lower(CAST(error_type AS VARCHAR)) || ': ' || coalesce(csv_line, '') AS detail "
+        f"FROM {src.rejects} ORDER BY line",
+    )
+    for table in (src.rejects, f"{src.rejects}_scan"):
+        run.con.execute(f"DROP TABLE IF EXISTS {table}")
+    # The k-th read row (0-based) is data row k + (malformed rows before it): the j-th malformed row r_j
+    # (1-based j) sits before every read row k >= r_j - (j - 1).
+    gaps = (
+        f"SELECT __row - (row_number() OVER (ORDER BY __row) - 1) AS k0, "
+        f"row_number() OVER (ORDER BY __row) AS skipped FROM {malformed}"
+    )
+    staged = run.temp(
+        name,
+        f"SELECT r.rowid + coalesce(g.skipped, 0) AS __row, r.* FROM {raw} r "
+        f"ASOF LEFT JOIN ({gaps}) g ON r.rowid >= g.k0 ORDER BY r.rowid",
+    )
+    return staged, malformed
 
 
 def _id_select(text: str, alias: str) -> list[str]:
@@ -448,7 +502,7 @@ def _checked(table: str, checks: list[tuple[str, str, str]]) -> str:
     """``table`` with ``__row`` and the first failing check's reason (``__r0``) and detail (``__d0``)."""
     reason = "CASE " + " ".join(f"WHEN {c} THEN '{r}'" for c, r, _ in checks) + " END"
     detail = "CASE " + " ".join(f"WHEN {c} THEN {d}" for c, _, d in checks) + " END"
-    return f"SELECT rowid AS __row, *, {reason} AS __r0, {detail} AS __d0 FROM {table}"
+    return f"SELECT *, {reason} AS __r0, {detail} AS __d0 FROM {table}"
 
 
 def _id_checks(col: str, integer: bool, id_col: str) -> list[tuple[str, str, str]]:
@@ -473,6 +527,26 @@ def _duplicates(run: _Run, name: str, checked: str, keys: list[str]) -> str:
     )
 
 
+def _unix_unit(run: _Run, events: str, fmt: str, column: str) -> str:
+    """The unit of the staged raw unix times: ``fmt`` when explicit, else read from their magnitude."""
+    if fmt in UNIX_UNITS:
+        return fmt
+    lo, hi = run.rows(f"SELECT min(__ts) FILTER (WHERE __ts > 0), max(__ts) FROM {events}")[0]
+    if hi is None or hi <= 0:
+        return "unix_s"
+
+    def unit_of(value: int) -> str:
+        return next(u for u, (_, upper) in UNIX_UNITS.items() if value < upper)
+
+    if unit_of(lo) != unit_of(hi):
+        raise SchemaError(
+            f"timestamp column {column} mixes units: its smallest positive value {lo} reads as "
+            f"{unit_of(lo)} and its largest {hi} as {unit_of(hi)}; set timestamp_format to one of "
+            f"{list(UNIX_UNITS)} (rows out of range are then rejected or read in that unit)"
+        )
+    return unit_of(hi)
+
+
 def _ingest(
     wh: Warehouse,
     run: _Run,
@@ -494,7 +568,7 @@ def _ingest(
     v_text = _text(schema.value) if schema.value else "CAST(NULL AS VARCHAR)"
     v = f"TRY_CAST({v_text} AS DOUBLE)"
     v_bad = f"{v_text} IS NOT NULL AND ({v} IS NULL OR NOT isfinite({v}))"  # text that is not a finite number
-    events = _stage(
+    events, ev_malformed = _stage(
         run,
         ev,
         "events",
@@ -509,13 +583,21 @@ def _ingest(
             *(quote_ident(c) for c in ev_extras),
         ],
     )
-    attrs = {
+    attr_staged = {
         e.table: _stage(
             run, e.src, e.table, [*_id_select(_text(e.key), "__id"), *map(quote_ident, attr_cols[e.table])]
         )
         for e in entities
         if e.src is not None
     }
+    attrs = {table: staged for table, (staged, _) in attr_staged.items()}
+    unit = None
+    if not ev.columns[schema.timestamp].startswith(_TIMESTAMP_TYPES) and (
+        schema.timestamp_format == "unix" or schema.timestamp_format in UNIX_UNITS
+    ):
+        unit = _unix_unit(run, events, schema.timestamp_format, f"{ev.label}: {schema.timestamp!r}")
+        if UNIX_UNITS[unit][0] > 1:
+            run.con.execute(f"UPDATE {events} SET __ts = __ts // {UNIX_UNITS[unit][0]}")
 
     # 2. Integer or string ids; one reason per row (the first failing check); duplicates among the rest.
     integer = {e.table: _integer_ids(run, e, events, attrs.get(e.table)) for e in entities}
@@ -526,6 +608,7 @@ def _ingest(
             *_id_checks("__i", integer["items"], "item_id"),
             ("__ts IS NULL AND __ts_bad IS NULL", "missing_timestamp", "NULL"),
             ("__ts IS NULL", "bad_timestamp", "__ts_bad"),
+            ("__ts < 0", "bad_timestamp", "'before 1970: ' || CAST(__ts AS VARCHAR)"),
             ("__event IS NULL", "missing_event", "NULL"),
             ("__v_bad IS NOT NULL", "bad_value", "__v_bad"),
             ("__v < 0", "negative_value", "CAST(__v AS VARCHAR)"),
@@ -539,6 +622,7 @@ def _ingest(
             ev_checked,
             _duplicates(run, "events_dups", ev_checked, [key["users"], key["items"], "__ts", "__event"]),
             "duplicate_event",
+            ev_malformed,
         )
     ]
     for e in entities:
@@ -546,7 +630,8 @@ def _ingest(
             checked = _checked(attrs[e.table], _id_checks("__id", integer[e.table], e.id_col))
             dups = _duplicates(run, f"{e.table}_dups", checked, ["__id_int" if integer[e.table] else "__id"])
             assert e.src is not None
-            staged.append(_Staged(e.src, name[e.table], checked, dups, f"duplicate_{e.id_col}"))
+            malformed = attr_staged[e.table][1]
+            staged.append(_Staged(e.src, name[e.table], checked, dups, f"duplicate_{e.id_col}", malformed))
     accepted = {
         s.table: f"SELECT c.* FROM ({s.checked}) c ANTI JOIN {s.dups} x USING (__row) WHERE c.__r0 IS NULL"
         for s in staged
@@ -577,6 +662,12 @@ def _ingest(
         f"__d0 AS detail FROM ({s.checked}) WHERE __r0 IS NOT NULL UNION ALL "
         f"SELECT {k}, {quote_literal(s.src.label)}, __row + 1, '{s.dup_reason}', "
         f"'same key as row ' || (__first + 1) FROM {s.dups}"
+        + (
+            f" UNION ALL SELECT {k}, {quote_literal(s.src.label)}, __row + 1, 'malformed_row', detail "
+            f"FROM {s.malformed}"
+            if s.malformed
+            else ""
+        )
         for k, s in enumerate(staged)
     )
     rejects = run.temp("rejects", f"SELECT * FROM ({rejected}) ORDER BY __f, row")
@@ -594,6 +685,8 @@ def _ingest(
     for k, s in enumerate(staged):
         counts = dict(run.rows(f"SELECT reason, count(*) FROM {rejects} WHERE __f = {k} GROUP BY 1"))
         read = run.rows(f"SELECT count(*) FROM ({s.checked})")[0][0]
+        if s.malformed:
+            read += run.rows(f"SELECT count(*) FROM {s.malformed}")[0][0]
         rejected_n = sum(counts.values())
         files.append(
             FileCounts(
@@ -621,6 +714,7 @@ def _ingest(
         user_ids_mapped="users" in maps,
         item_ids_mapped="items" in maps,
         versions={table: v.version for table, v in versions.items()},
+        timestamp_unit=unit,
     )
 
 

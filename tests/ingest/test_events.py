@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from recsys.ingest.events import EventSchema, ingest_events
-from recsys.ingest.schema import IngestError, SchemaError
+from recsys.ingest.schema import SchemaError
 from recsys.warehouse import Warehouse
 
 GOOD_CSV = """uid,iid,ts_unix,kind,rating,device
@@ -223,14 +223,55 @@ def test_wrong_columns_raise_before_anything_is_written(tmp_path: Path, warehous
         ingest_events(wh, "shop", clash)
 
 
-def test_unreadable_csv_is_an_error_naming_the_file(tmp_path: Path, warehouse_path: Path) -> None:
-    ragged = _write(tmp_path / "ragged.csv", "user_id,item_id,timestamp\n1,2,3\n1,2,3,4,5\n")
+def test_ragged_lines_and_millisecond_times_are_read_and_rejected_without_changing_the_rest(
+    tmp_path: Path, warehouse_path: Path
+) -> None:
+    seconds = _write(
+        tmp_path / "seconds.csv",
+        "user_id,item_id,timestamp\n1,2,1700000000\n1,3,1700000100\n2,2,1700000200\n3,4,1700000300\n",
+    )
+    # The same events in milliseconds (sub-second parts floored away), with one line too long and one short.
+    millis = _write(
+        tmp_path / "millis.csv",
+        "user_id,item_id,timestamp\n1,2,1700000000250\n1,2,3,4,5\n1,3,1700000100999\n"
+        "2,2,1700000200000\n9,9\n3,4,1700000300000\n",
+    )
     with Warehouse(warehouse_path) as wh:
-        with pytest.raises(IngestError, match=r"events file .*ragged\.csv cannot be read"):
-            ingest_events(wh, "shop", ragged)
+        plain = ingest_events(wh, "plain", seconds)
+        report = ingest_events(wh, "shop", millis)
+        events = wh.sql("SELECT * EXCLUDE (src_row) FROM shop.events ORDER BY ts")
+        expected = wh.sql("SELECT * EXCLUDE (src_row) FROM plain.events ORDER BY ts")
+        assert events.equals(expected)
+        rejects = wh.sql("SELECT row, reason FROM shop.rejects ORDER BY row").rows()
+        src_rows = wh.sql("SELECT src_row FROM shop.events ORDER BY src_row")["src_row"].to_list()
+    assert plain.timestamp_unit == "unix_s" and report.timestamp_unit == "unix_ms"
+    assert rejects == [(2, "malformed_row"), (5, "malformed_row")]
+    assert src_rows == [0, 2, 3, 5]  # data rows (0-based) of the accepted lines, the malformed ones skipped
+    assert report.rows_read == 6 and report.rows_accepted == 4 and report.rejected == {"malformed_row": 2}
+    assert {e.detail.split(":")[0] for e in report.examples} == {"too many columns", "missing columns"}
+
+
+def test_timestamp_units_mixed_explicit_and_negative(tmp_path: Path, warehouse_path: Path) -> None:
+    mixed = _write(tmp_path / "mixed.csv", "user_id,item_id,timestamp\n1,2,1700000000\n1,3,1700000000000\n")
+    with Warehouse(warehouse_path) as wh:
+        with pytest.raises(SchemaError, match=r"'timestamp' mixes units.*unix_s.*unix_ms"):
+            ingest_events(wh, "shop", mixed)
         assert not wh.has_table("shop.events")
+        report = ingest_events(wh, "shop", mixed, schema=EventSchema(timestamp_format="unix_ms"))
+        assert wh.sql("SELECT ts FROM shop.events ORDER BY ts")["ts"].to_list() == [1700000, 1700000000]
+        assert report.timestamp_unit == "unix_ms"
+        negative = _write(tmp_path / "neg.csv", "user_id,item_id,timestamp\n1,2,-5\n1,3,100\n")
+        report = ingest_events(wh, "neg", negative)
+        assert wh.sql("SELECT row, reason FROM neg.rejects").rows() == [(1, "bad_timestamp")]
+        assert report.examples[0].detail == "before 1970: -5"
+    with pytest.raises(ValidationError, match="timestamp_format"):
+        EventSchema(timestamp_format="unix_minutes")
+
+
+def test_missing_files_are_errors_naming_them(tmp_path: Path, warehouse_path: Path) -> None:
+    good = _write(tmp_path / "good.csv", "user_id,item_id,timestamp\n1,2,3\n")
     with pytest.raises(FileNotFoundError, match="users file"), Warehouse(warehouse_path) as wh:
-        ingest_events(wh, "shop", ragged, users=tmp_path / "nope.csv")
+        ingest_events(wh, "shop", good, users=tmp_path / "nope.csv")
 
 
 def test_string_ids_are_mapped_to_dense_ids(tmp_path: Path, warehouse_path: Path) -> None:
