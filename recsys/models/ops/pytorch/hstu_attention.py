@@ -53,11 +53,22 @@ def _thresholds_cpu(num_buckets: int) -> Tensor:
     return torch.tensor([*values, _INT64_MAX], dtype=torch.int64)
 
 
+@lru_cache(maxsize=64)
+def _thresholds_on(num_buckets: int, device: torch.device) -> Tensor:
+    # One host-to-device copy per (size, device) for the process, not one per block of every forward.
+    return _thresholds_cpu(num_buckets).to(device)
+
+
 def time_bucket_thresholds(num_buckets: int, device: torch.device | str = "cpu") -> Tensor:
-    """[num_buckets + 1] int64: entry k = ceil(e^(0.301 k)), the first gap of bucket >= k; last int64 max."""
+    """[num_buckets + 1] int64: entry k = ceil(e^(0.301 k)), the first gap of bucket >= k; last int64 max.
+
+    Cached per device: callers must not modify it in place."""
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    return _thresholds_cpu(num_buckets).to(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _thresholds_on(num_buckets, device)
 
 
 def time_bucket(gap_seconds: Tensor, num_buckets: int) -> Tensor:
