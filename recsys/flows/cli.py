@@ -34,7 +34,7 @@ SUBAPPS: dict[str, tuple[str, str]] = {
     "ab": ("recsys.flows.ab_test", "Simulated A/B tests between served models."),
     "parallel-features": ("recsys.flows.parallel_features", "Feature build partitioned over a Dask cluster."),
     "train-ddp": ("recsys.training.distributed", "DistributedDataParallel training launched by torchrun."),
-    "users": ("recsys.experiments.user_representation", "User representations: GG-SM mask schedules, probes."),
+    "users": ("recsys.experiments.user_representation", "User representations: GG-SM mask schedules."),
 }
 
 
