@@ -331,6 +331,7 @@ class ImpressionLogger:
         """Stop the background thread and write what is left (logged and counted as dropped if that
         last write fails: a shutdown does not wait on a broken disk)."""
         self._stop.set()
+        self._full.set()  # wake the thread now, not at the end of its wait
         self._thread.join(timeout=10.0)
         try:
             self.flush()

@@ -5,7 +5,9 @@ content types, error bodies, readiness and the impressions spool's failure surfa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -19,10 +21,13 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from recsys.serving.errors import ErrorResponse
 from recsys.serving.impressions import read_spool
+from recsys.serving.middleware import Readiness
+from recsys.serving.service import AdaptiveBatcher
 from tests.serving.test_service import TinyModels, train_and_register
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -302,6 +307,67 @@ def test_a_failing_spool_makes_the_service_unready_until_it_recovers(server: Cli
         time.sleep(0.3)
     rows = read_spool(spool)
     assert 5150 in rows["user_id"].to_list()  # the rows kept through the failure were written
+
+
+# -- batching isolation and readiness (in process) ----------------------------------------------------------
+def test_one_bad_request_fails_alone_in_its_batch() -> None:
+    def double(jobs: list[int]) -> list[int]:
+        if any(j < 0 for j in jobs):
+            raise ValueError(f"bad jobs {[j for j in jobs if j < 0]}")
+        return [2 * j for j in jobs]
+
+    async def burst() -> tuple[list[object], list[int]]:
+        batcher = AdaptiveBatcher(double, max_batch_size=8)
+        results = await asyncio.gather(
+            *(batcher.submit(j) for j in [1, -1, 2, -3, 4]), return_exceptions=True
+        )
+        return results, batcher.batch_sizes
+
+    results, sizes = asyncio.run(burst())
+    assert sizes[0] == 5  # they did share a batch
+    assert [results[0], results[2], results[4]] == [2, 4, 8]
+    assert isinstance(results[1], ValueError) and str(results[1]) == "bad jobs [-1]"  # its own error
+    assert isinstance(results[3], ValueError) and str(results[3]) == "bad jobs [-3]"
+
+
+def test_ready_only_once_the_models_are_loaded_and_warmed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from recsys.serving import service
+
+    models = train_and_register()
+    monkeypatch.setenv("RECSYS_SERVING_RETRIEVER", models.retriever)
+    monkeypatch.setenv("RECSYS_SERVING_IMPRESSIONS_DIR", str(tmp_path))
+    readiness = Readiness()
+    monkeypatch.setattr(service, "READINESS", readiness)
+    calls: list[tuple[str, int, str | None]] = []
+    for name in ("recommend_many", "rank_many"):
+        real = getattr(service.Recommender, name)
+
+        def spy(self: object, jobs: list, real: object = real, name: str = name) -> object:
+            calls.append((name, len(jobs), readiness.reason()))
+            return real(self, jobs)  # type: ignore[operator]
+
+        monkeypatch.setattr(service.Recommender, name, spy)
+    assert readiness.reason() is not None  # not ready before the service exists
+    switch, threshold, threads = sys.getswitchinterval(), gc.get_threshold(), torch.get_num_threads()
+    instance = service.RecommendationService.inner()
+    try:
+        warming = "starting: warming up"
+        assert calls == [("recommend_many", 1, warming), ("rank_many", 1, warming)]
+        assert readiness.reason() is None and instance.__is_ready__()
+        assert (
+            instance.engine.logger is not None and instance.engine.logger.rows_written == 0
+        )  # nothing logged
+        instance.engine.logger._error = "impressions spool writer failing (OSError: disk full)"
+        assert readiness.reason() == instance.engine.logger._error and not instance.__is_ready__()
+    finally:
+        instance._close()
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(switch)
+        torch.set_num_threads(threads)
+    assert readiness.reason() == "shutting down"
 
 
 # -- signals (last: they stop the module's server) -----------------------------------------------------------
