@@ -141,6 +141,20 @@ class Readiness:
         return None
 
 
+def _content_type_verdict(raw_type: bytes) -> tuple[int, str] | tuple[()]:
+    """(status, message) refusing a JSON endpoint's Content-Type, or () when it is acceptable."""
+    try:
+        media, params = parse_media_type(raw_type.decode("latin-1"))
+    except ValueError as exc:
+        return 400, f"Content-Type: {exc}"
+    if media != JSON_MEDIA_TYPE:
+        return 415, f"Content-Type: {media} is not supported; send {JSON_MEDIA_TYPE}"
+    charset = params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        return 415, f"Content-Type: charset {charset} is not supported; send UTF-8"
+    return ()
+
+
 async def _respond(send: Send, status: int, message: str) -> None:
     body = error_body(status, message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -216,6 +230,7 @@ class RequestGuard:
         self.readiness = readiness
         self.openapi = openapi
         self._openapi_body: bytes | None = None
+        self._type_verdicts: dict[bytes, tuple[int, str] | tuple[()]] = {}
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -273,16 +288,12 @@ class RequestGuard:
         if raw_type is None:
             has_body = (length or 0) > 0 or (raw_length is None and b"transfer-encoding" in headers)
             return (415, f"Content-Type: missing; send the body as {JSON_MEDIA_TYPE}") if has_body else None
-        try:
-            media, params = parse_media_type(raw_type.decode("latin-1"))
-        except ValueError as exc:
-            return 400, f"Content-Type: {exc}"
-        if media != JSON_MEDIA_TYPE:
-            return 415, f"Content-Type: {media} is not supported; send {JSON_MEDIA_TYPE}"
-        charset = params.get("charset", "utf-8").lower()
-        if charset not in ("utf-8", "utf8"):
-            return 415, f"Content-Type: charset {charset} is not supported; send UTF-8"
-        return None
+        verdict = self._type_verdicts.get(raw_type)
+        if verdict is None:  # clients send one or two distinct values: parse each once
+            verdict = _content_type_verdict(raw_type)
+            if len(self._type_verdicts) < 256:
+                self._type_verdicts[raw_type] = verdict
+        return verdict or None
 
     async def _read_capped(self, receive: Receive, send: Send) -> Receive | None:
         """Reads a body without a Content-Length up to the cap; a receive that replays it (None: 413 sent)."""
