@@ -1,14 +1,16 @@
-"""Supervise a child server (``recsys serve``, ``recsys dashboard``): the child runs in its own session and
-process group, SIGTERM and SIGINT received by the supervisor are forwarded to that whole group, a stop is
-waited for ``grace_s`` seconds, then whatever is left of the group is killed, and the supervisor exits with
-the child's status.
+"""Supervise a child server (``recsys serve``, ``recsys dashboard``): the child runs in a session and
+process group of its own; SIGTERM and SIGINT received by the supervisor are forwarded to that process group,
+a stop is waited for ``grace_s`` seconds, then whatever is left of the session is killed, and the supervisor
+exits with the child's status.
 
-Why a process group: a server such as ``bentoml serve`` forks worker processes. Signalling only the direct
-child (or nothing at all, when the supervisor itself is killed) leaves the workers running, re-parented to
-init and still holding the port. A Ctrl-C in a terminal reaches only the foreground process group, which the
-child has left, so it is forwarded too; a second signal while the stop is under way kills the group at once.
-On Linux the child also gets SIGTERM if the supervisor dies without forwarding anything (parent-death
-signal).
+Why a session of its own: a server such as ``bentoml serve`` forks worker processes. Signalling only the
+direct child (or nothing at all, when the supervisor itself is killed) leaves the workers running,
+re-parented to init and still holding the port. The graceful stop goes to the child's process group (the
+server stops its workers itself); killing, and the clean-up after the child has exited, reach every process
+of the session, since BentoML moves its workers to process groups of their own. A Ctrl-C in a terminal
+reaches only the foreground process group, which the child has left, so it is forwarded too; a second
+signal while the stop is under way kills the session at once. On Linux the child also gets SIGTERM if the
+supervisor dies without forwarding anything (parent-death signal).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1
 
@@ -35,20 +39,28 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child, 
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` still exists (zombies count until reaped)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member we may not signal still exists
-        return True
-    return True
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: the child and everything it started, including
+    workers that moved to process groups of their own (BentoML's do) or were re-parented to init."""
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.append(pid)
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
+    return members
 
 
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
+
+
+def _signal_session(sid: int, signum: int) -> None:
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
 
 
 def exit_status(returncode: int) -> int:
@@ -57,7 +69,7 @@ def exit_status(returncode: int) -> int:
 
 
 class Supervisor:
-    """Runs ``argv`` as the leader of a new process group and stops the whole group on a signal."""
+    """Runs ``argv`` as the leader of a new session and process group, and stops all of it on a signal."""
 
     def __init__(
         self,
@@ -86,11 +98,13 @@ class Supervisor:
             self._deadline = time.monotonic() + self.grace_s
         if self.process is None:  # not started yet: run() forwards it once it is
             return
-        # a second Ctrl-C / SIGTERM: stop waiting
-        _signal_group(self.process.pid, signum if first else signal.SIGKILL)
+        if first:
+            _signal_group(self.process.pid, signum)
+        else:  # a second Ctrl-C / SIGTERM: stop waiting
+            _signal_session(self.process.pid, signal.SIGKILL)
 
     def run(self) -> int:
-        """Start the child, wait for it (forwarding signals), clean its group up; the exit status."""
+        """Start the child, wait for it (forwarding signals), clean its session up; the exit status."""
         previous = {s: signal.getsignal(s) for s in FORWARDED}
         # Handlers first: a signal that arrives between the fork and the wait is still forwarded.
         for s in FORWARDED:
@@ -110,7 +124,7 @@ class Supervisor:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.process is not None:
-                self._reap_group(self.process.pid)
+                self._reap_session(self.process.pid)
         return exit_status(returncode)
 
     def _wait(self) -> int:
@@ -121,22 +135,22 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
             if self._deadline is not None and time.monotonic() > self._deadline:
-                _signal_group(self.process.pid, signal.SIGKILL)
+                _signal_session(self.process.pid, signal.SIGKILL)
                 return self.process.wait()
 
-    def _reap_group(self, pgid: int) -> None:
-        """Stop what the leader left behind (workers of a leader that died first): SIGTERM, then SIGKILL
+    def _reap_session(self, sid: int) -> None:
+        """Stop what the child left behind (workers of a child that exited first): SIGTERM, then SIGKILL
         after the grace period."""
         if self.process is not None and self.process.poll() is None:
-            _signal_group(pgid, signal.SIGKILL)
+            _signal_session(sid, signal.SIGKILL)
             self.process.wait()
-        if not group_alive(pgid):
+        if not session_members(sid):
             return
-        _signal_group(pgid, signal.SIGTERM)
+        _signal_session(sid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
-        while group_alive(pgid) and time.monotonic() < deadline:
+        while session_members(sid) and time.monotonic() < deadline:
             time.sleep(self.poll_s)
-        _signal_group(pgid, signal.SIGKILL)
+        _signal_session(sid, signal.SIGKILL)
 
 
 def run_supervised(

@@ -24,6 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from recsys.core.process import session_members
 from recsys.serving.errors import ErrorResponse
 from recsys.serving.impressions import read_spool
 from recsys.serving.middleware import Readiness
@@ -35,6 +36,7 @@ API_KEY = "ops-key-456"
 BODY_CAP = 64 * 1024
 READY_TIMEOUT_S = 240.0
 POST_ROUTES = ("health", "metadata", "rank", "recommend")
+SESSIONS: dict[int, set[int]] = {}  # CLI pid -> the session ids of its tree once it was ready
 
 
 @dataclass
@@ -77,6 +79,9 @@ def start_cli_server(env: dict[str, str], port: int, log: Path, retriever: str) 
             pytest.fail(f"recsys serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code == 200:
+                # Every session of the tree, for kill_tree: the server has a session of its own.
+                tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+                SESSIONS[process.pid] = {os.getsid(p.pid) for p in tree}
                 return process
         except httpx.HTTPError:
             pass
@@ -87,11 +92,14 @@ def start_cli_server(env: dict[str, str], port: int, log: Path, retriever: str) 
 
 
 def kill_tree(process: subprocess.Popen[bytes]) -> None:
-    """Teardown of last resort: SIGKILL the CLI's session (the supervisor's child has its own group)."""
+    """Teardown of last resort: SIGKILL every process of the sessions the server's tree had at start."""
+    sessions = SESSIONS.pop(process.pid, {process.pid})
     try:
         tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
+    for sid in sessions:
+        tree += [psutil.Process(pid) for pid in session_members(sid) if psutil.pid_exists(pid)]
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -409,13 +417,13 @@ def test_sigterm_stops_the_server_and_its_workers(server: CliServer) -> None:
 
 
 def test_supervisor_exit_status_and_group_cleanup(tmp_path: Path) -> None:
-    """A leader that exits leaving a child in its group: the supervisor removes the child too, and exits
-    with the leader's status."""
+    """A leader that exits leaving a child in a process group of its own (as BentoML's workers are): the
+    supervisor removes the child too, and exits with the leader's status."""
     script = tmp_path / "leader.py"
     pidfile = tmp_path / "child.pid"
     script.write_text(
         "import subprocess, sys\n"
-        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], process_group=0)\n"
         f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
         "sys.exit(3)\n"
     )
