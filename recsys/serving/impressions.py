@@ -259,7 +259,8 @@ class ImpressionLogger:
             except Exception as exc:
                 self._requeue(parts, rows)
                 self.flush_errors += 1
-                self._error = f"impressions spool writer failing ({type(exc).__name__}: {exc})"
+                # The type only: /readyz answers without a key and the message may name paths (logged).
+                self._error = f"impressions spool writer failing ({type(exc).__name__}; see the service log)"
                 raise
             self.rows_written += rows
             self.files_written += 1
