@@ -98,6 +98,8 @@ def test_concurrent_writers_lose_no_row(tmp_path: Path) -> None:
     def writer(offset: int) -> None:
         for r in range(50):
             _log(logger, offset + r, [1, 2, 3])
+            if r == 25:  # half-way, let the spool thread write at least once while the others still log
+                _wait(lambda: logger.files_written >= 1)
 
     threads = [threading.Thread(target=writer, args=(1000 * t,)) for t in range(4)]
     for t in threads:
