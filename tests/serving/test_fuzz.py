@@ -73,7 +73,7 @@ def test_generated_requests_get_declared_answers(
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
         max_examples=EXAMPLES_PER_ROUTE,
-        derandomize=True,  # the same requests every run
+        derandomize=True,  # the same valid requests every run (negative mutations vary a little)
         deadline=None,
         phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as found
         suppress_health_check=list(HealthCheck),
