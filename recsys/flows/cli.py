@@ -116,12 +116,43 @@ def serve_command(
     ranker: Annotated[str | None, typer.Option(help="Ranker tag (default: the pipeline's, if any).")] = None,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 3000,
     host: Annotated[str, typer.Option(help="Bind address; loopback by default.")] = "127.0.0.1",
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Allow a non-loopback --host without RECSYS_SERVING_API_KEY (anyone who reaches the port "
+            "can call every endpoint).",
+        ),
+    ] = False,
+    grace: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a graceful stop may take before the server is killed.")
+    ] = 20.0,
 ) -> None:
-    """Serve the recommendation endpoint (BentoML) with the packaged models."""
+    """Serve the recommendation endpoint (BentoML) with the packaged models.
+
+    SIGTERM and SIGINT stop the server and its workers (recsys.core.process)."""
     import os
-    import subprocess
     import sys
 
+    from recsys.core.process import run_supervised
+    from recsys.serving.middleware import API_KEY_ENV, is_loopback_host, validate_api_key
+
+    try:
+        key = validate_api_key(os.environ.get(API_KEY_ENV))
+    except ValueError as exc:
+        console.print(f"[red]{API_KEY_ENV}: {exc}[/red]")
+        raise typer.Exit(2) from None
+    if key is None and not is_loopback_host(host):
+        if not insecure_no_auth:
+            console.print(
+                f"[red]refusing to bind {host} without an API key: set {API_KEY_ENV}, bind a loopback "
+                "address, or pass --insecure-no-auth[/red]"
+            )
+            raise typer.Exit(2)
+        console.print(
+            f"[bold red]WARNING: serving on {host} WITHOUT AUTHENTICATION (--insecure-no-auth): anyone who "
+            "can reach this port can call every endpoint.[/bold red]"
+        )
     if retriever is None:
         packaged = _last_package()
         if packaged is None:
@@ -136,7 +167,7 @@ def serve_command(
         f"serving retriever {retriever}" + (f", ranker {ranker}" if ranker else "") + f" on {host}:{port}"
     )
     argv = [sys.executable, "-m", "bentoml", "serve", "recsys.serving.service:RecommendationService"]
-    raise typer.Exit(subprocess.call([*argv, "--host", host, "--port", str(port)], env=env))
+    raise typer.Exit(run_supervised([*argv, "--host", host, "--port", str(port)], env=env, grace_s=grace))
 
 
 def _last_package() -> dict | None:
@@ -156,11 +187,11 @@ def dashboard_command(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8501,
     host: Annotated[str, typer.Option(help="Bind address; loopback by default.")] = "127.0.0.1",
 ) -> None:
-    """Open the Streamlit dashboard on the warehouse (read-only)."""
-    import subprocess
+    """Open the Streamlit dashboard on the warehouse (read-only); SIGTERM and SIGINT stop it."""
     import sys
 
     from recsys.core.environment import PROJECT_ROOT
+    from recsys.core.process import run_supervised
 
     argv = [
         sys.executable,
@@ -178,7 +209,7 @@ def dashboard_command(
         "false",
     ]
     console.print(f"dashboard on http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(argv))
+    raise typer.Exit(run_supervised(argv))
 
 
 @app.command("runs")

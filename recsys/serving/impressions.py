@@ -16,13 +16,23 @@ support outside the served lists). The pool is what the policy chose from: recom
 Spool: rows are buffered in memory and written by a background thread as one Parquet file per batch under
 ``<state dir>/serving/impressions/`` (``part-<utc time>-<pid>-<seq>.parquet``), each written to a hidden
 temporary file beside it and renamed, so a reader never sees half a file and several worker processes can
-write at once. ``publish_impressions`` loads the spool into the warehouse table ``serving_impressions`` (the
+write at once.
+
+The writer is supervised: a failed flush (disk full, directory gone) is logged, counted and retried every
+``flush_interval_s`` with the rows kept; ``failure()`` reports the last error until a flush succeeds again
+(the service's readiness probe answers 503 with it). Memory stays bounded: ``log()`` never waits for the
+writer; a served list that would take the buffer past ``max_buffered_rows`` is dropped and counted
+(``dropped_rows``, ``dropped_lists``), as are the oldest rows when rows kept after a failed flush overflow
+it. The counters are exported as Prometheus text by ``prometheus()``.
+
+``publish_impressions`` loads the spool into the warehouse table ``serving_impressions`` (the
 ``<ds>.impressions`` columns plus the serving ones) through ``Warehouse.publish``; the service itself never
 opens the warehouse, so it never holds DuckDB's write lock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from datetime import UTC, datetime
@@ -41,6 +51,7 @@ from recsys.core.hashing import stable_hash
 from recsys.warehouse import TableVersion, Warehouse
 
 SPOOL_GLOB = "part-*.parquet"
+log = logging.getLogger(__name__)
 
 SPOOL_SCHEMA = pa.schema(
     [
@@ -94,14 +105,27 @@ class ImpressionLogger:
     """Buffers served lists and spools them to Parquet (one file per flush); thread-safe."""
 
     def __init__(
-        self, directory: str | Path | None = None, *, flush_rows: int = 50_000, flush_interval_s: float = 2.0
+        self,
+        directory: str | Path | None = None,
+        *,
+        flush_rows: int = 50_000,
+        flush_interval_s: float = 2.0,
+        max_buffered_rows: int = 500_000,
     ) -> None:
-        if flush_rows < 1 or flush_interval_s <= 0:
-            raise ValueError("flush_rows must be >= 1 and flush_interval_s > 0")
+        if flush_rows < 1 or flush_interval_s <= 0 or max_buffered_rows < 1:
+            raise ValueError("flush_rows and max_buffered_rows must be >= 1 and flush_interval_s > 0")
         self.directory = Path(directory) if directory is not None else default_spool_dir()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
+        self.max_buffered_rows = max_buffered_rows
+        # Counters (read by prometheus() and tests; written under self._lock or by the spool thread only).
+        self.rows_written = 0
+        self.files_written = 0
+        self.flush_errors = 0
+        self.dropped_rows = 0
+        self.dropped_lists = 0
+        self._error: str | None = None  # the last flush error, until a flush succeeds
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._parts: list[dict[str, Any]] = []
@@ -144,9 +168,22 @@ class ImpressionLogger:
             "policy_temperature": float(policy_temperature),
         }
         with self._lock:
-            self._parts.append(part)
-            self._rows += n
-            full = self._rows >= self.flush_rows
+            if self._rows + n > self.max_buffered_rows:
+                self.dropped_rows += n
+                self.dropped_lists += 1
+                first = self.dropped_lists == 1
+                full = True
+            else:
+                self._parts.append(part)
+                self._rows += n
+                full = self._rows >= self.flush_rows
+                first = False
+        if first:
+            log.error(
+                "impressions buffer full (%d rows): dropping served lists until the spool writer catches up "
+                "(counted in recsys_impressions_dropped_rows_total)",
+                self.max_buffered_rows,
+            )
         if full:  # written by the spool thread: a request never waits for a Parquet write
             self._full.set()
 
@@ -200,34 +237,110 @@ class ImpressionLogger:
         )
 
     def flush(self) -> Path | None:
-        """Write everything buffered as one new spool file; its path, or None when nothing was buffered."""
+        """Write everything buffered as one new spool file; its path, or None when nothing was buffered.
+
+        On an error the rows go back to the front of the buffer (the oldest dropped past
+        ``max_buffered_rows``), the error is recorded for ``failure()`` and raised."""
         with self._flush_lock:
             with self._lock:
                 parts, self._parts, self._rows = self._parts, [], 0
             if not parts:
                 return None
-            table = self._table(parts)
-            self._seq += 1
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-            target = self.directory / f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
-            with atomic_path(target) as tmp:
-                # LZ4: spool files live until they are published into the warehouse, and LZ4 costs half
-                # zstd's CPU (10 vs 21 ms a 50k-row flush) on a box the service shares with its requests.
-                pq.write_table(table, tmp, compression="lz4")
+            rows = sum(len(p["item_id"]) for p in parts)
+            try:
+                table = self._table(parts)
+                self._seq += 1
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+                target = self.directory / f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+                with atomic_path(target) as tmp:
+                    # LZ4: spool files live until they are published into the warehouse, and LZ4 costs half
+                    # zstd's CPU (10 vs 21 ms a 50k-row flush) on a box the service shares with its requests.
+                    pq.write_table(table, tmp, compression="lz4")
+            except Exception as exc:
+                self._requeue(parts, rows)
+                self.flush_errors += 1
+                # The type only: /readyz answers without a key and the message may name paths (logged).
+                self._error = f"impressions spool writer failing ({type(exc).__name__}; see the service log)"
+                raise
+            self.rows_written += rows
+            self.files_written += 1
+            if self._error is not None:
+                log.warning("impressions spool writer recovered: wrote %d rows to %s", rows, target)
+            self._error = None
             return target
+
+    def _requeue(self, parts: list[dict[str, Any]], rows: int) -> None:
+        with self._lock:
+            self._parts = parts + self._parts
+            self._rows += rows
+            while self._rows > self.max_buffered_rows and self._parts:  # keep the newest rows
+                oldest = self._parts.pop(0)
+                self._rows -= len(oldest["item_id"])
+                self.dropped_rows += len(oldest["item_id"])
+                self.dropped_lists += 1
+
+    def failure(self) -> str | None:
+        """Why the spool is not being written (None: healthy): the last flush error, or a dead writer."""
+        if self._error is not None:
+            return self._error
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "impressions spool writer thread is not running"
+        return None
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._rows
+
+    def prometheus(self, labels: dict[str, str] | None = None) -> str:
+        """The counters in Prometheus text format (``recsys_impressions_*``)."""
+        tag = "{" + ",".join(f'{k}="{v}"' for k, v in (labels or {}).items()) + "}" if labels else ""
+        series = [
+            ("rows_written_total", "counter", "Impression rows written to spool files.", self.rows_written),
+            ("files_written_total", "counter", "Spool files written.", self.files_written),
+            ("flush_errors_total", "counter", "Failed spool flushes (retried).", self.flush_errors),
+            ("dropped_rows_total", "counter", "Impression rows dropped (buffer full).", self.dropped_rows),
+            ("dropped_lists_total", "counter", "Served lists dropped (buffer full).", self.dropped_lists),
+            ("buffered_rows", "gauge", "Rows waiting for the spool writer.", self._rows),
+            (
+                "writer_healthy",
+                "gauge",
+                "1 while the spool is being written, else 0.",
+                int(self.failure() is None),
+            ),
+        ]
+        lines = []
+        for name, kind, help_text, value in series:
+            lines += [
+                f"# HELP recsys_impressions_{name} {help_text}",
+                f"# TYPE recsys_impressions_{name} {kind}",
+                f"recsys_impressions_{name}{tag} {value}",
+            ]
+        return "\n".join(lines) + "\n"
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._full.wait(self.flush_interval_s)
             self._full.clear()
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                break
+            try:
                 self.flush()
+            except Exception:  # recorded by flush(); the rows are kept and the next round retries
+                log.exception("impressions spool flush failed (%d rows kept, retrying)", self._rows)
 
     def close(self) -> None:
-        """Stop the background thread and write what is left."""
+        """Stop the background thread and write what is left (logged and counted as dropped if that
+        last write fails: a shutdown does not wait on a broken disk)."""
         self._stop.set()
+        self._full.set()  # wake the thread now, not at the end of its wait
         self._thread.join(timeout=10.0)
-        self.flush()
+        try:
+            self.flush()
+        except Exception:
+            with self._lock:
+                lost, self._parts, self._rows = self._rows, [], 0
+                self.dropped_rows += lost
+            log.exception("impressions spool: the last flush failed at close; %d rows lost", lost)
 
 
 def spool_files(directory: str | Path | None = None) -> list[Path]:

@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
-import hmac
 import itertools
 import os
 import secrets
@@ -68,15 +67,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Generic, Literal, Self, TypeVar
 
 import bentoml
 import numpy as np
 import torch
-from bentoml.exceptions import BentoMLException, InvalidArgument
-from pydantic import Field, ValidationError
+from bentoml.exceptions import InvalidArgument
+from pydantic import Field, ValidationError, field_validator
 
 import recsys.core  # noqa: F401  (environment defaults)
 from recsys.core.config import FrozenModel
@@ -85,10 +83,17 @@ from recsys.models.popularity import Popularity
 from recsys.models.sasrec import SASRec
 from recsys.models.sequential import last_valid, valid_mask
 from recsys.serving.ann import IvfItemIndex
+from recsys.serving.errors import document_service
 from recsys.serving.featurize import RankingFeaturizer, UserFeatures
 from recsys.serving.impressions import ImpressionLogger, plackett_luce_order
 from recsys.serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_user, truncate_history
-from recsys.serving.middleware import ConnectionRecycler
+from recsys.serving.middleware import (
+    OPEN_PATHS,
+    ConnectionRecycler,
+    Readiness,
+    RequestGuard,
+    validate_api_key,
+)
 from recsys.serving.registry import LoadedModel, load_model
 from recsys.serving.schemas import (
     HealthResponse,
@@ -139,6 +144,23 @@ class ServerProcessConfig(FrozenModel):
         description="BentoML's Prometheus request metrics (GET /metrics). They cost ~4% of a rank request's "
         "CPU under load; a deployment that scrapes nothing can turn them off.",
     )
+    api_key: str | None = Field(
+        None,
+        description="If set, every route but GET /livez, /healthz and /readyz needs header X-API-Key "
+        "(checked before the body is read, serving.middleware.RequestGuard). Unset: no authentication; "
+        "set but empty: an error.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        description="Largest request body (413 above it, before it is read). 1 MiB is ~6x the largest "
+        "request the default limits allow (1000 history events with values, 2000 candidates).",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        return validate_api_key(value)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -146,7 +168,8 @@ class ServerProcessConfig(FrozenModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
+            # An empty variable means "unset", except the API key: an empty key must not turn auth off.
+            if raw is not None and (raw != "" or name == "api_key"):
                 values[name] = raw
         try:
             return cls(**values)
@@ -164,7 +187,6 @@ class ServingConfig(ServerProcessConfig):
         min_length=1, description="Tag of the retrieval model (name:version or name:latest)."
     )
     ranker: str | None = Field(None, description="Tag of the ranker; None = rank by retrieval scores.")
-    api_key: str | None = Field(None, description="If set, every call but health needs header X-API-Key.")
     max_history: int = Field(1000, ge=1, description="Most history events a request may send.")
     max_candidates: int = Field(2000, ge=1, description="Most candidates (and excluded items) per request.")
     max_k: int = Field(200, ge=1, description="Largest k of recommend.")
@@ -197,6 +219,12 @@ class ServingConfig(ServerProcessConfig):
     impressions_max_positions: int = Field(
         100, ge=1, description="Positions of a served list that are logged."
     )
+    impressions_max_buffered_rows: int = Field(
+        500_000,
+        ge=1,
+        description="Most impression rows held in memory awaiting the spool writer; lists past it are "
+        "dropped and counted (recsys_impressions_dropped_rows_total), never waited for.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(
         1,
@@ -220,10 +248,6 @@ class InvalidRequest(InvalidArgument):
     def __init__(self, field_name: str, problem: str) -> None:
         super().__init__(f"{field_name}: {problem}")
         self.field = field_name
-
-
-class Unauthorized(BentoMLException):
-    error_code = HTTPStatus.UNAUTHORIZED
 
 
 # -- one served model --------------------------------------------------------------------------------------
@@ -564,14 +588,31 @@ class AdaptiveBatcher(Generic[J, R]):
             self.batch_sizes = [*self.batch_sizes[-999:], len(live)]
             try:
                 results = self.fn([j for j, _ in live])
-            except Exception as exc:  # every caller of the batch sees the error
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
+            except Exception as exc:
+                if len(live) == 1:
+                    if not live[0][1].done():
+                        live[0][1].set_exception(exc)
+                    continue
+                # One bad request must not fail the others: run each job of the failed batch alone, so
+                # each caller gets its own result or its own error.
+                results = None
+            if results is None:
+                self._run_alone(live)
                 continue
             for (_, f), result in zip(live, results, strict=True):
                 if not f.done():
                     f.set_result(result)
+
+    def _run_alone(self, live: list[tuple[J, asyncio.Future[R]]]) -> None:
+        for job, future in live:
+            try:
+                (result,) = self.fn([job])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
 
 
 class RequestIds:
@@ -995,6 +1036,7 @@ def _with_prior(scores: np.ndarray, known: np.ndarray) -> np.ndarray:
 # -- the BentoML service -----------------------------------------------------------------------------------
 # Read when BentoML imports this module (serve and build), before the models are known.
 _PROCESS = ServerProcessConfig.from_env()
+READINESS = Readiness()  # this worker process's readiness, answered by RequestGuard at GET /readyz
 
 
 @bentoml.service(
@@ -1013,11 +1055,22 @@ class RecommendationService:
     """Endpoints /recommend, /rank, /health, /metadata (POST, JSON); BentoML adds GET /readyz and /livez."""
 
     def __init__(self) -> None:
+        READINESS.set("starting: loading models")
         self.config = ServingConfig.from_env()
         if self.config.torch_threads > 0:  # a deployment setting of this server process only
             torch.set_num_threads(self.config.torch_threads)
-        logger = ImpressionLogger(self.config.impressions_dir) if self.config.log_impressions else None
+        logger = (
+            ImpressionLogger(
+                self.config.impressions_dir, max_buffered_rows=self.config.impressions_max_buffered_rows
+            )
+            if self.config.log_impressions
+            else None
+        )
         self.engine = Recommender.from_config(self.config, logger)
+        if logger is not None:
+            READINESS.add_check(logger.failure)
+        READINESS.set("starting: warming up")
+        warm_up(self.engine)
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._recommend = AdaptiveBatcher(
             self.engine.recommend_many, self.config.max_batch_size, self.config.batch_wait_ms
@@ -1037,28 +1090,27 @@ class RecommendationService:
         # default 5 ms switch interval a 50k-row flush took ~160 ms and stalled the loop ~50 ms in all, at
         # 0.5 ms 30 ms and ~10 ms (measured). Only matters while another thread waits for the GIL.
         sys.setswitchinterval(0.0005)
+        READINESS.set(None)
 
     def __is_ready__(self) -> bool:
-        return self.engine is not None
+        return READINESS.reason() is None
 
-    def _authorize(self, ctx: bentoml.Context) -> None:
-        expected = self.config.api_key
-        if expected is None:
-            return
-        given = ctx.request.headers.get(API_KEY_HEADER, "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Unauthorized("missing or wrong X-API-Key header")
+    def __metrics__(self, content: str) -> str:
+        """BentoML's metrics plus this worker's impressions spool counters (per worker process: labelled
+        with its pid; a scrape reaches one worker)."""
+        logger = self.engine.logger
+        if logger is None:
+            return content
+        return content + logger.prometheus(labels={"worker_pid": str(os.getpid())})
 
     @bentoml.api
     async def recommend(self, request: RecommendRequest, /, ctx: bentoml.Context) -> RecommendResponse:
-        self._authorize(ctx)
         job = self.engine.recommend_job(request)
         pool = await self._recommend.submit(job)
         return self.engine.finish_recommend(job, pool)
 
     @bentoml.api
     async def rank(self, request: RankRequest, /, ctx: bentoml.Context) -> RankResponse:
-        self._authorize(ctx)
         job = self.engine.rank_job(request)
         pool = await self._rank.submit(job)
         return self.engine.finish_rank(job, pool)
@@ -1069,7 +1121,6 @@ class RecommendationService:
 
     @bentoml.api
     def metadata(self, ctx: bentoml.Context) -> MetadataResponse:
-        self._authorize(ctx)
         c = self.config
         return MetadataResponse(
             service="recsys-recommender",
@@ -1092,7 +1143,38 @@ class RecommendationService:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        READINESS.set("shutting down")
         self.engine.close()
 
 
+def warm_up(engine: Recommender) -> None:
+    """One batched inference through recommend and through rank (nothing logged): readiness then means the
+    models answer, and the first client does not pay the one-off costs (allocations, kernel set-up)."""
+    catalog = engine.retriever.catalog
+    item = catalog.item_ids[1].item() if catalog.num_items else 1
+    history = [{"item_id": item, "ts": 0}]
+    recommend = RecommendRequest.model_validate({"history": history, "k": 1, "ts": 1})
+    engine.recommend_many([engine.recommend_job(recommend)])
+    rank = RankRequest.model_validate({"history": history, "candidates": [item], "ts": 1})
+    engine.rank_many([engine.rank_job(rank)])
+
+
+def openapi_document() -> dict[str, Any]:
+    """The service's OpenAPI document as ``GET /docs.json`` serves it (serving.errors.document_service)."""
+    spec = RecommendationService.openapi_spec.asdict()
+    apis = {
+        "/" + method.route.lstrip("/"): (method.input_spec, method.output_spec)
+        for method in RecommendationService.apis.values()
+    }
+    return document_service(spec, apis, auth=_PROCESS.api_key is not None, open_paths=OPEN_PATHS)
+
+
 RecommendationService.add_asgi_middleware(ConnectionRecycler, every=_PROCESS.keepalive_requests)
+RecommendationService.add_asgi_middleware(
+    RequestGuard,
+    api_key=_PROCESS.api_key,
+    max_body_bytes=_PROCESS.max_body_bytes,
+    json_routes=frozenset("/" + m.route.lstrip("/") for m in RecommendationService.apis.values()),
+    readiness=READINESS,
+    openapi=openapi_document,
+)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,8 @@ def test_concurrent_writers_lose_no_row(tmp_path: Path) -> None:
     def writer(offset: int) -> None:
         for r in range(50):
             _log(logger, offset + r, [1, 2, 3])
+            if r == 25:  # half-way, let the spool thread write at least once while the others still log
+                _wait(lambda: logger.files_written >= 1)
 
     threads = [threading.Thread(target=writer, args=(1000 * t,)) for t in range(4)]
     for t in threads:
@@ -131,3 +135,63 @@ def test_publish_loads_the_spool_into_an_impressions_compatible_table(tmp_path: 
 def test_publish_of_an_empty_spool_gives_an_empty_table(tmp_path: Path) -> None:
     version = publish_impressions(tmp_path / "wh.duckdb", tmp_path / "nothing-here")
     assert version.row_count == 0
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_failing_flush_is_reported_retried_and_loses_no_row(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    logger = ImpressionLogger(spool, flush_rows=1, flush_interval_s=0.05)
+    parked = tmp_path / "parked"
+    spool.rename(parked)
+    spool.write_text("not a directory")  # every write fails
+    try:
+        _log(logger, 1, [10, 11])
+        _wait(lambda: logger.failure() is not None)
+        assert "impressions spool writer failing" in (logger.failure() or "")
+        _log(logger, 2, [12])  # the writer thread survived: it still takes and retries rows
+        _wait(lambda: logger.flush_errors >= 2)
+        assert logger._thread.is_alive() and logger.buffered_rows == 3
+        assert "recsys_impressions_writer_healthy 0" in logger.prometheus()
+    finally:
+        spool.unlink()
+        parked.rename(spool)
+    _wait(lambda: logger.failure() is None)
+    logger.close()
+    assert sorted(read_spool(spool)["item_id"].to_list()) == [10, 11, 12]
+    assert logger.rows_written == 3 and logger.dropped_rows == 0
+    text = logger.prometheus(labels={"worker_pid": "7"})
+    assert 'recsys_impressions_rows_written_total{worker_pid="7"} 3' in text
+    assert 'recsys_impressions_writer_healthy{worker_pid="7"} 1' in text
+
+
+def test_the_buffer_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    logger = ImpressionLogger(spool, flush_rows=10_000, flush_interval_s=60.0, max_buffered_rows=5)
+    spool.rmdir()
+    spool.write_text("not a directory")
+    _log(logger, 1, [1, 2, 3])
+    _log(logger, 2, [4, 5])
+    _log(logger, 3, [6])  # would make 6 rows: dropped, not waited for
+    assert logger.buffered_rows == 5 and logger.dropped_rows == 1 and logger.dropped_lists == 1
+    with pytest.raises(OSError):
+        logger.flush()
+    assert logger.buffered_rows == 5  # the rows of the failed flush are kept, newest first to go
+    assert "recsys_impressions_dropped_rows_total 1" in logger.prometheus()
+    logger.close()  # its last flush fails too: logged and counted, no exception at shutdown
+    assert logger.dropped_rows == 6 and logger.buffered_rows == 0
+
+
+def test_a_dead_writer_thread_is_reported(tmp_path: Path) -> None:
+    logger = ImpressionLogger(tmp_path / "spool")
+    assert logger.failure() is None
+    logger._stop.set()  # the thread ends as if it had died, without close()
+    logger._full.set()
+    logger._thread.join(5)
+    logger._stop.clear()
+    assert logger.failure() == "impressions spool writer thread is not running"

@@ -127,7 +127,9 @@ def test_binds_to_loopback_only(server: Server) -> None:
 
 def test_health_readiness_and_metadata(server: Server) -> None:
     assert httpx.get(f"{server.url}/livez").status_code == 200
-    health = _post(server, "health", key=None)
+    assert httpx.get(f"{server.url}/readyz").status_code == 200  # the probes need no key
+    assert _post(server, "health", key=None).status_code == 401
+    health = _post(server, "health")
     assert health.status_code == 200 and health.json() == {"status": "ok", "ready": True}
     meta = _post(server, "metadata")
     assert meta.status_code == 200
@@ -196,9 +198,14 @@ def test_malformed_json_and_nan_are_4xx(server: Server) -> None:
 
 
 def test_api_key_is_required(server: Server) -> None:
-    assert _post(server, "recommend", {"user_id": 1}, key=None).status_code == 401
-    assert _post(server, "rank", {"user_id": 1, "candidates": [101]}, key="wrong").status_code == 401
-    assert _post(server, "metadata", key=None).status_code == 401
+    for response in (
+        _post(server, "recommend", {"user_id": 1}, key=None),
+        _post(server, "rank", {"user_id": 1, "candidates": [101]}, key="wrong"),
+        _post(server, "metadata", key=None),
+        httpx.get(f"{server.url}/metrics"),
+    ):
+        assert response.status_code == 401
+        assert response.json() == {"error": "missing or wrong X-API-Key header", "code": "unauthorized"}
 
 
 def test_concurrent_requests_all_succeed(server: Server) -> None:
