@@ -353,3 +353,19 @@ def test_limits_still_apply_with_a_feature_ranker(served: Served) -> None:
     eng = Recommender(config, load_model(served.retriever), load_model(served.ranker))
     with pytest.raises(InvalidRequest, match="^candidates"):
         eng.rank(RankRequest(user_id=served.known_user, candidates=[int(i) for i in served.items[:4]]))
+
+
+def test_serving_imports_no_private_helper_of_training() -> None:
+    """The encodings training and serving share live in recsys.features.encoding; serving never reaches
+    into training's private names."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "recsys" / "serving"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("recsys.training"):
+                offenders += [
+                    f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
+    assert offenders == []

@@ -432,11 +432,10 @@ def user_name(user_idx: int) -> str:
     return f"u_{user_idx:04d}"
 
 
-@pytest.fixture(scope="module")
-def string_engine(tiny: TinyModels) -> Iterator[Recommender]:
+def register_string_twin(tiny: TinyModels) -> str:
     """The tiny HSTU registered for a dataset whose ids are strings: the catalogue carries ``raw_id`` and the
     histories ``raw_user_id`` (what ``catalog_from_warehouse`` / ``histories_from_warehouse`` give for a
-    dataset ingested with string ids)."""
+    dataset ingested with string ids). Internal ids are the integer twin's."""
     loaded = load_model(tiny.retriever)
     internal = loaded.catalog.item_ids[1:]
     items = pl.DataFrame(
@@ -457,7 +456,7 @@ def string_engine(tiny: TinyModels) -> Iterator[Recommender]:
             "raw_user_id": [user_name(u - USER_OFFSET) for u in users],
         }
     )
-    tag = register_model(
+    return register_model(
         "tiny-hstu-strings",
         architecture="hstu",
         task="retrieval",
@@ -466,6 +465,11 @@ def string_engine(tiny: TinyModels) -> Iterator[Recommender]:
         data_version="tinycycle",
         histories=histories,
     )
+
+
+@pytest.fixture(scope="module")
+def string_engine(tiny: TinyModels) -> Iterator[Recommender]:
+    tag = register_string_twin(tiny)
     eng = Recommender(ServingConfig(retriever=tag), load_model(tag))
     yield eng
     eng.close()
