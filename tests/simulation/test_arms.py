@@ -120,7 +120,8 @@ def test_http_arm_against_a_running_bentoml_server(server: Server) -> None:  # n
     treated = log.experiment().filter(pl.col("arm") == "treatment")
     assert treated.height > 0 and set(treated["source"]) == {"retrieval"}
     assert set(treated["item_id"]) <= {ITEM_OFFSET + i for i in range(1, NUM_ITEMS + 1)}
-    assert ((treated["propensity"] > 0) & (treated["propensity"] < 1)).all()  # the explore policy, asked for
+    assert ((treated["propensity"] > 0) & (treated["propensity"] <= 1)).all()
+    assert (treated["propensity"] < 1).any()  # the explore policy, asked for (top-k would log 1.0 only)
     # Off-policy rows: the HTTP arm re-scored the control's requests with its whole pool.
     ope = log.off_policy
     assert ope.height > 0 and ((ope["target_propensity"] >= 0) & (ope["target_propensity"] <= 1)).all()
