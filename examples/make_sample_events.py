@@ -4,7 +4,8 @@
 
 The ``tiny`` synthetic preset (300 users, 500 items) is generated into a temporary folder, and its click
 events are written the way a shop's own export looks: user ids like ``u_0042``, item SKUs like
-``sku-1a2b``, ISO-8601 UTC timestamps. Same seed, same file.
+``sku-1a2b``, ISO-8601 UTC timestamps, and the dwell time of each click in seconds (the ``value`` the
+ranking examples are labelled with: dwell >= 4 s). Same seed, same file.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def sample_events(seed: int = 0, max_users: int = 200) -> pl.DataFrame:
         pl.format("u_{}", pl.col("user_id").cast(pl.Utf8).str.zfill(4)).alias("user_id"),
         pl.col("item_id").map_elements(sku, return_dtype=pl.Utf8).alias("item_id"),
         pl.from_epoch(pl.col("ts"), time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp"),
+        pl.col("value").round(1).alias("dwell_s"),
     )
 
 

@@ -40,7 +40,9 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     with Warehouse(tmp_path_factory.mktemp("wh") / "warehouse.duckdb") as wh:
-        report = ingest_events(wh, "shop", EVENTS, schema=EventSchema(timestamp_format="iso8601"))
+        report = ingest_events(
+            wh, "shop", EVENTS, schema=EventSchema(timestamp_format="iso8601", value="dwell_s")
+        )
         assert report.rejected == {} and report.user_ids_mapped and report.item_ids_mapped
         build_item_index(wh, "shop")
         build_user_index(wh, "shop")
