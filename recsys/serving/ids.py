@@ -89,7 +89,11 @@ class IdMap:
 
 
 def _type_name(value: object) -> str:
-    return "a string" if isinstance(value, str) else "an integer"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"a {type(value).__name__}"
+    return "an integer"
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,16 @@ class IdMaps:
     def items_internal(self, raw: Sequence[RawId], field_name: str) -> HistoryIds:
         """Raw item ids -> internal ids (each checked for its type); unknown strings get placeholders."""
         kind = self.item_type
-        expected = str if kind == "str" else int
-        if not all(type(v) is expected for v in raw):  # one cheap pass; the error names the first misfit
+        if self.items is None:
+            # One vectorised pass on the hot path (rank's candidates): any string makes the array text.
+            arr = np.asarray(raw) if len(raw) else np.zeros(0, dtype=np.int64)
+            if arr.dtype.kind != "i":
+                for value in raw:  # the error names the first misfit
+                    self._check(value, kind, "item", field_name)
+            return HistoryIds(arr.astype(np.int64, copy=False), {})
+        if not all(type(v) is str for v in raw):
             for value in raw:
                 self._check(value, kind, "item", field_name)
-        if self.items is None:
-            return HistoryIds(np.fromiter(raw, dtype=np.int64, count=len(raw)), {})
         lookup = self.items.to_internal
         placeholders: dict[RawId, int] = {}
         out = np.empty(len(raw), dtype=np.int64)
