@@ -8,8 +8,9 @@ as Parquet + JSON files that the registry checksums like every other file (nothi
                                    features (where each comes from, the train split's mean and std of its
                                    symlog), the value-bucket edges of the ``action`` side feature, the decay
                                    half-lives, the batch-width rule;
-- ``features_users.parquet``       ``user_id -> user_idx`` with the encoded profile ids (``u_<attr>``) and the
-                                   raw numeric profile values;
+- ``features_users.parquet``       ``user_id -> user_idx`` with the encoded profile ids (``u_<attr>``), the
+                                   raw numeric profile values and, when the dataset's user ids are strings,
+                                   the users' own ids (``raw_user_id``, ``serving.ids``);
 - ``features_items.parquet``       ``item_id -> item_idx`` with the encoded item attributes (candidate fields
                                    and history side features share them), raw numeric attributes, release_ts;
 - ``features_histories.parquet``   every known user's whole history (item_idx, ts, value), sequence order;

@@ -50,15 +50,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         split = leave_one_out(load_sequences(wh, "shop"), count_items(wh, "shop"))
         items = catalog_from_warehouse(wh, "shop")
         histories = histories_from_warehouse(wh, "shop")
-    torch.set_num_threads(1)
-    result = train_retrieval(
-        "sasrec",
-        split,
-        seed=0,
-        train_config=RetrievalTrainConfig(max_len=50, batch_size=64, ks=(10,)),
-        loop_config=LoopConfig(max_epochs=2, patience=2, progress=False, device="cpu"),
-        model_fields={"embedding_dim": 32, "num_heads": 1, "num_blocks": 1},
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared machine: extra threads only add contention
+    try:
+        result = train_retrieval(
+            "sasrec",
+            split,
+            seed=0,
+            train_config=RetrievalTrainConfig(max_len=50, batch_size=64, ks=(10,)),
+            loop_config=LoopConfig(max_epochs=2, patience=2, progress=False, device="cpu"),
+            model_fields={"embedding_dim": 32, "num_heads": 1, "num_blocks": 1},
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert result.model is not None  # training hands back what it trained
     tag = register_model(
         "shop-sasrec",
@@ -177,3 +181,9 @@ def test_python_api_and_all_users(trained: Trained, offline: pl.DataFrame, tmp_p
     everyone = pl.read_csv(out)
     assert everyone.height == 3 * len(trained.users)
     assert sorted(everyone["user_id"].unique().to_list()) == trained.users
+    neither = CliRunner().invoke(
+        cli, ["recommend", "--model", "shop-sasrec", "--out", str(tmp_path / "x.csv")]
+    )
+    assert neither.exit_code != 0 and "exactly one of --users FILE or --all" in neither.output
+    missing = CliRunner().invoke(cli, ["recommend", "--model", "no-such-model", "--all", "--out", str(out)])
+    assert missing.exit_code == 1 and "no-such-model" in missing.output
