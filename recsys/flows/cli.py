@@ -182,6 +182,53 @@ def _last_package() -> dict | None:
     return None
 
 
+@app.command("recommend")
+def recommend_command(
+    model: Annotated[str, typer.Option(help="Retriever tag: name, name:latest or name:version.")],
+    out: Annotated[
+        Path, typer.Option(help="Output .parquet or .csv: user_id, rank (1-based), item_id, score.")
+    ],
+    users: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Users to serve: a text file with one id per line, or a CSV/Parquet with a user_id column.",
+        ),
+    ] = None,
+    all_users: Annotated[bool, typer.Option("--all", help="Every user the model knows.")] = False,
+    k: Annotated[int, typer.Option(min=1, max=10_000, help="Items per user.")] = 10,
+    ranker: Annotated[str | None, typer.Option(help="A ranker's tag to re-rank each pool.")] = None,
+    include_seen: Annotated[bool, typer.Option(help="Allow items of the user's history.")] = False,
+    ts: Annotated[int | None, typer.Option(help="Request time, unix seconds (default: now).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Users scored per batch.")] = 256,
+) -> None:
+    """Top-k items for users, in the dataset's own ids (the deterministic top-k the service serves)."""
+    from recsys.serving.recommender import Recommender, read_user_ids, write_recommendations
+
+    if (users is None) == (not all_users):
+        raise typer.BadParameter("give exactly one of --users FILE or --all")
+    try:
+        rec = Recommender.load(model, ranker=ranker)
+    except Exception as exc:  # a missing tag or a corrupt model: say which, without a traceback
+        console.print(f"[red]--model {model}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    try:
+        wanted = rec.users if all_users else read_user_ids(users, rec.user_id_type)  # type: ignore[arg-type]
+        frame = rec.recommend(
+            wanted, k, exclude_seen=not include_seen, ts=ts, batch_size=batch_size, progress=True
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        rec.close()
+    path = write_recommendations(frame, out)
+    cold = sum(not rec.knows(u) for u in wanted)
+    note = f" ({cold} unknown: popularity)" if cold else ""
+    console.print(f"{frame.height} rows for {len(wanted)} users{note} from {rec.tag} -> {path}")
+
+
 @app.command("dashboard")
 def dashboard_command(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8501,

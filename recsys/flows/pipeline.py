@@ -38,6 +38,7 @@ from recsys.features.config import FeatureConfig
 from recsys.flows import stage_cache
 from recsys.flows.build_features import DatasetSpec, build_features_flow
 from recsys.training.loop import LoopConfig, OptimizerConfig
+from recsys.training.presets import QUICK_RETRIEVAL_LOOP
 from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
 from recsys.training.retrieval import RetrievalTrainConfig
 
@@ -82,7 +83,7 @@ class PipelineConfig(FrozenModel):
     features: FeatureConfig = FeatureConfig()
     retrieval_models: tuple[str, ...] = ("popularity", "sasrec", "hstu")
     retrieval_train: RetrievalTrainConfig = RetrievalTrainConfig()
-    retrieval_loop: LoopConfig = LoopConfig(max_epochs=20, patience=3, progress=False)
+    retrieval_loop: LoopConfig = QUICK_RETRIEVAL_LOOP
     ranking: RankingStageConfig = RankingStageConfig()
     seeds: tuple[int, ...] = (0,)
     stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")

@@ -8,8 +8,9 @@ as Parquet + JSON files that the registry checksums like every other file (nothi
                                    features (where each comes from, the train split's mean and std of its
                                    symlog), the value-bucket edges of the ``action`` side feature, the decay
                                    half-lives, the batch-width rule;
-- ``features_users.parquet``       ``user_id -> user_idx`` with the encoded profile ids (``u_<attr>``) and the
-                                   raw numeric profile values;
+- ``features_users.parquet``       ``user_id -> user_idx`` with the encoded profile ids (``u_<attr>``), the
+                                   raw numeric profile values and, when the dataset's user ids are strings,
+                                   the users' own ids (``raw_user_id``, ``serving.ids``);
 - ``features_items.parquet``       ``item_id -> item_idx`` with the encoded item attributes (candidate fields
                                    and history side features share them), raw numeric attributes, release_ts;
 - ``features_histories.parquet``   every known user's whole history (item_idx, ts, value), sequence order;
@@ -57,6 +58,7 @@ from pydantic import Field
 
 from recsys.core.atomic import atomic_path
 from recsys.core.config import FrozenModel
+from recsys.features.encoding import ValueBuckets, categorical_columns, encode, symlog, vocabulary
 from recsys.models.batch import FeatureSpec, RankingBatch, SequenceBatch
 
 if TYPE_CHECKING:
@@ -118,27 +120,6 @@ class ContextField(FrozenModel):
     top: int
 
 
-class ValueBuckets(FrozenModel):
-    """``training.ranking._value_buckets`` with its reference values reduced to what it reads: the distinct
-    values (``rank``, at most ``n_buckets`` of them) or the quantile edges (``quantile``)."""
-
-    n_buckets: int = Field(ge=1)
-    mode: Literal["empty", "rank", "quantile"]
-    points: tuple[float, ...] = ()
-
-    def bucket(self, values: np.ndarray) -> np.ndarray:
-        """Event values -> bucket ids 1..n, n + 1 for NULL/NaN."""
-        values = np.asarray(values, dtype=np.float64)
-        out = np.full(values.shape, self.n_buckets + 1, dtype=np.int64)
-        finite = np.isfinite(values)
-        points = np.asarray(self.points, dtype=np.float64)
-        if self.mode == "rank":
-            out[finite] = np.clip(np.searchsorted(points, values[finite], side="right"), 1, self.n_buckets)
-        elif self.mode == "quantile":
-            out[finite] = np.searchsorted(points, values[finite], side="right") + 1
-        return out
-
-
 class FeaturizerManifest(FrozenModel):
     """``features.json``: everything but the tables."""
 
@@ -175,10 +156,6 @@ class UserFeatures:
     gaps: np.ndarray  # [n] int64 seconds before ts
     side: dict[str, np.ndarray]  # side field -> [n] ids
     unknown_history: list[int]  # raw ids of history events the ranker does not know
-
-
-def _symlog(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
 
 
 def _ids_sorted(ids: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +203,12 @@ class RankingFeaturizer:
         n_users = int(user_idx.max()) if user_idx.size else 0
         self.n_users = n_users
         self._user_ids, self._user_idx = _ids_sorted(users["user_id"].to_numpy(), user_idx)
+        # The users' own ids when the dataset's user ids are strings (serving.ids): (raw ids, internal ids).
+        self.user_raw_ids: tuple[list[str], np.ndarray] | None = (
+            (users["raw_user_id"].to_list(), users["user_id"].to_numpy().astype(np.int64))
+            if "raw_user_id" in users.columns
+            else None
+        )
         self._user_cat: dict[str, np.ndarray] = {}
         for f in manifest.user_fields:
             ids = np.zeros(n_users + 1, dtype=np.int64)
@@ -416,7 +399,7 @@ class RankingFeaturizer:
                 dense[:, j] = self._item_num[d.name][item]
             else:
                 dense[:, j] = np.array([u.dense[d.name] for u in users], dtype=np.float64)[row_user]
-        dense = np.nan_to_num((_symlog(dense) - self._dense_mean) / self._dense_std, nan=0.0).astype(
+        dense = np.nan_to_num((symlog(dense) - self._dense_mean) / self._dense_std, nan=0.0).astype(
             np.float32
         )
         # The history window, left-padded to the batch width (training's rule).
@@ -512,11 +495,11 @@ class RankingFeaturizer:
 def _build(
     wh: Warehouse, data: RankingData, spec: FeatureSpec, length_multiple: int, serving_position: int
 ) -> RankingFeaturizer:
-    # Training's own encoders, so that the vocabularies and buckets are the same by construction.
+    # Training's own encoders (features.encoding), so that the vocabularies and buckets are the same by
+    # construction.
     from recsys.features.config import FeatureConfig
     from recsys.features.point_in_time import with_attributes_sql
     from recsys.features.sequences import columns
-    from recsys.training.ranking import _categorical, _encode, _vocabulary
 
     ds = data.dataset
     expected = data.feature_spec(spec.sequence(SEQUENCE).max_len)
@@ -534,8 +517,11 @@ def _build(
     source = with_attributes_sql(wh, ds)
     groups = {f.name: f.group for f in spec.sparse}
 
-    # Users.
+    # Users (with their own ids when those are strings: the service translates requests with them).
     users = wh.sql(f"SELECT user_id, user_idx FROM {ds}.user_index ORDER BY user_idx")
+    if wh.has_table(f"{ds}.user_ids"):
+        raw = wh.sql(f"SELECT user_id, raw_id AS raw_user_id FROM {ds}.user_ids")
+        users = users.join(raw, on="user_id", how="left")
     user_fields = tuple(f for f, g in groups.items() if g == "user" and f != "user")
     user_attr_cols = columns(wh, f"{ds}.users") if wh.has_table(f"{ds}.users") else {}
     if user_attr_cols:
@@ -545,12 +531,12 @@ def _build(
         )
     encoded = {}
     for f in user_fields:
-        vocab = _vocabulary(wh.sql(f'SELECT DISTINCT "{f}" FROM ({source})')[f])
+        vocab = vocabulary(wh.sql(f'SELECT DISTINCT "{f}" FROM ({source})')[f])
         if len(vocab) + 1 != _cardinality(spec, f):
             raise FeaturizerError(
                 f"user field {f}: {len(vocab) + 1} ids now, {_cardinality(spec, f)} in training"
             )
-        encoded[f] = _encode(users[f], vocab)
+        encoded[f] = encode(users[f], vocab)
 
     # Items: the categorical attributes exactly as training encodes them.
     items = wh.sql(f"SELECT item_id, item_idx FROM {ds}.item_index ORDER BY item_idx")
@@ -560,16 +546,16 @@ def _build(
     if item_cols:
         attrs = wh.sql(f"SELECT * FROM {ds}.items")
         items = items.join(attrs, on="item_id", how="left")
-        for c in _categorical(item_cols, ("item_id",)):
+        for c in categorical_columns(item_cols, ("item_id",)):
             if c not in item_fields:
                 continue
             joined = wh.sql(f'SELECT it."{c}" FROM {ds}.item_index ii JOIN {ds}.items it USING (item_id)')
-            vocab = _vocabulary(joined[c])
+            vocab = vocabulary(joined[c])
             if len(vocab) + 1 != _cardinality(spec, c):
                 raise FeaturizerError(
                     f"item field {c}: {len(vocab) + 1} ids now, {_cardinality(spec, c)} in training"
                 )
-            item_encoded[c] = _encode(items[c], vocab)
+            item_encoded[c] = encode(items[c], vocab)
     lost = [f for f in item_fields if f not in item_encoded]
     if lost:
         raise FeaturizerError(f"item fields {lost} are not categorical columns of {ds}.items")
@@ -610,7 +596,7 @@ def _build(
     if spec.dense:
         sel = ", ".join(f'"{n}"::DOUBLE AS "{n}"' for n in spec.dense)
         train = wh.sql(f"SELECT {sel} FROM ({source}) WHERE split = 'train'").to_numpy().astype(np.float64)
-        raw = _symlog(train)
+        raw = symlog(train)
         mean = np.nan_to_num(np.nanmean(raw, axis=0))
         std = np.nanstd(raw, axis=0)
         std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
@@ -626,7 +612,7 @@ def _build(
         if src == "item_attr":
             items = items.with_columns(pl.col(name[2:]).cast(pl.Float64).alias(name))
 
-    # Histories and value buckets (training.ranking's _value_buckets, with its reference reduced).
+    # Histories and value buckets (the reference reduced to what the bucketing reads).
     seq = wh.sql(f"SELECT user_idx, item_idx, ts, value FROM {ds}.sequences ORDER BY user_idx")
     histories = (
         seq.explode(["item_idx", "ts", "value"])
@@ -642,7 +628,7 @@ def _build(
     h_ts = histories["ts"].to_numpy()
     t1_row = wh.con.execute(f"SELECT min(ts) FROM {ds}.examples WHERE split <> 'train'").fetchall()[0][0]
     t1 = int(t1_row) if t1_row is not None else int(h_ts.max()) + 1
-    buckets = _value_bucket_spec(h_value[h_ts < t1], data.config.value_buckets)
+    buckets = ValueBuckets.fit(h_value[h_ts < t1], data.config.value_buckets)
     item_events = (
         histories.select("item_idx", "ts", "value")
         .with_row_index("row")
@@ -654,6 +640,7 @@ def _build(
     user_frame = users.select(
         pl.col("user_id").cast(pl.Int64),
         pl.col("user_idx").cast(pl.Int64),
+        *([pl.col("raw_user_id").cast(pl.Utf8)] if "raw_user_id" in users.columns else []),
         *[pl.Series(f, encoded[f]) for f in user_fields],
         *[pl.col(n) for n, s, _ in sources if s == "user_attr"],
     )
@@ -682,14 +669,3 @@ def _build(
 
 def _cardinality(spec: FeatureSpec, name: str) -> int:
     return next(f.cardinality for f in spec.sparse if f.name == name)
-
-
-def _value_bucket_spec(reference: np.ndarray, n_buckets: int) -> ValueBuckets:
-    ref = reference[np.isfinite(reference)]
-    distinct = np.unique(ref)
-    if distinct.size == 0:
-        return ValueBuckets(n_buckets=n_buckets, mode="empty")
-    if distinct.size <= n_buckets:
-        return ValueBuckets(n_buckets=n_buckets, mode="rank", points=tuple(float(v) for v in distinct))
-    edges = np.quantile(ref, np.linspace(0.0, 1.0, n_buckets + 1)[1:-1])
-    return ValueBuckets(n_buckets=n_buckets, mode="quantile", points=tuple(float(v) for v in edges))

@@ -6,11 +6,13 @@ A registered model is one BentoML model ``<name>:<version>`` (the store lives un
 - ``card.json``           the ``ModelCard``: architecture (a ``models.registry`` name), task, model config,
                           score temperature, data version, metrics, task names;
 - ``weights.safetensors`` the state dict (safetensors: loading never unpickles anything);
-- ``items.parquet``       the item catalogue: ``item_id`` (raw id) -> ``item_idx`` (the model's dense index,
-                          1..n), ``category`` (nullable, for request filters) and ``popularity`` (event count,
-                          the cold-start prior);
+- ``items.parquet``       the item catalogue: ``item_id`` (internal id, the warehouse's) -> ``item_idx`` (the
+                          model's dense index, 1..n), ``category`` (nullable, for request filters),
+                          ``popularity`` (event count, the cold-start prior) and, when the dataset's item ids
+                          are strings, ``raw_id`` (the item's own id: requests and responses use it);
 - ``histories.parquet``   optional: each known user's history (``user_id``, ``item_id`` list, ``ts`` list, in
-                          raw ids, oldest first), so that a request may name a user instead of sending events;
+                          internal ids, oldest first), so that a request may name a user instead of sending
+                          events; when the dataset's user ids are strings, ``raw_user_id`` too;
 - ``features*.json/parquet`` feature-based rankers only: the ``serving.featurize.RankingFeaturizer`` (the
                           vocabularies, dense standardisation, item attribute table, value buckets, stored
                           histories and item event log the ranker's request-time features are built from);
@@ -49,6 +51,7 @@ from recsys.core.config import FrozenModel
 from recsys.core.hashing import file_sha256, stable_hash
 from recsys.models.registry import REGISTRY, build_model, entry
 from recsys.serving.featurize import FEATURES_FILE, RankingFeaturizer
+from recsys.serving.ids import IdMap, IdMaps
 from recsys.warehouse import Warehouse
 
 if TYPE_CHECKING:
@@ -96,6 +99,7 @@ class Catalog:
     popularity: np.ndarray  # [n + 1] float64 event counts; 0 at padding
     category: np.ndarray  # [n + 1] object (str or None)
     index: dict[int, int]  # item_id -> item_idx
+    raw_ids: np.ndarray | None = None  # [n + 1] object: the items' own (string) ids; None: integer ids
 
     @property
     def num_items(self) -> int:
@@ -111,6 +115,7 @@ class LoadedModel:
     histories: dict[int, tuple[np.ndarray, np.ndarray]]  # user_id -> (item_ids, ts), oldest first
     created_at: str
     featurizer: RankingFeaturizer | None = None  # feature-based rankers: request-time features
+    ids: IdMaps = IdMaps()  # raw <-> internal ids (serving.ids); empty: integer ids
 
 
 # -- validation of what gets registered ---------------------------------------------------------------------
@@ -131,7 +136,12 @@ def _check_items(items: pl.DataFrame, num_items: int | None) -> pl.DataFrame:
             if "popularity" in items.columns
             else pl.lit(0.0)
         ).alias("popularity"),
+        *([pl.col("raw_id").cast(pl.Utf8)] if "raw_id" in items.columns else []),
     ).sort("item_idx")
+    if "raw_id" in frame.columns and (
+        frame["raw_id"].null_count() or frame["raw_id"].n_unique() != frame.height
+    ):
+        raise RegistryError("items: raw_id (the items' own string ids) must be unique and not null")
     if frame["item_id"].null_count() or frame["item_idx"].null_count():
         raise RegistryError("items: item_id and item_idx must not be null")
     if frame["item_id"].n_unique() != frame.height:
@@ -154,9 +164,14 @@ def _check_histories(histories: pl.DataFrame) -> pl.DataFrame:
         pl.col("user_id").cast(pl.Int64),
         pl.col("item_id").cast(pl.List(pl.Int64)),
         pl.col("ts").cast(pl.List(pl.Int64)),
+        *([pl.col("raw_user_id").cast(pl.Utf8)] if "raw_user_id" in histories.columns else []),
     )
     if frame["user_id"].null_count() or frame["user_id"].n_unique() != frame.height:
         raise RegistryError("histories: user_id must be unique and not null")
+    if "raw_user_id" in frame.columns and (
+        frame["raw_user_id"].null_count() or frame["raw_user_id"].n_unique() != frame.height
+    ):
+        raise RegistryError("histories: raw_user_id (the users' own string ids) must be unique and not null")
     if not (frame["item_id"].list.len() == frame["ts"].list.len()).all():
         raise RegistryError("histories: item_id and ts lists must have equal lengths per user")
     return frame
@@ -314,9 +329,32 @@ def _catalog(frame: pl.DataFrame) -> Catalog:
     item_ids[idx] = frame["item_id"].to_numpy()
     popularity[idx] = frame["popularity"].to_numpy()
     category[idx] = frame["category"].to_list()
+    raw_ids = None
+    if "raw_id" in frame.columns:
+        raw_ids = np.full(n + 1, None, dtype=object)
+        raw_ids[idx] = frame["raw_id"].to_list()
     return Catalog(
-        item_ids, popularity, category, {int(i): int(x) for i, x in zip(item_ids[1:], idx, strict=True)}
+        item_ids,
+        popularity,
+        category,
+        {int(i): int(x) for i, x in zip(item_ids[1:], idx, strict=True)},
+        raw_ids,
     )
+
+
+def _id_maps(
+    catalog: Catalog, histories: pl.DataFrame | None, featurizer: RankingFeaturizer | None
+) -> IdMaps:
+    items = None
+    if catalog.raw_ids is not None:
+        items = IdMap.from_pairs("item", catalog.raw_ids[1:].tolist(), catalog.item_ids[1:])
+    users = None
+    if histories is not None and "raw_user_id" in histories.columns:
+        users = IdMap.from_pairs("user", histories["raw_user_id"].to_list(), histories["user_id"].to_numpy())
+    if featurizer is not None and featurizer.user_raw_ids is not None:
+        ranker_users = IdMap.from_pairs("user", *featurizer.user_raw_ids)
+        users = users.merged(ranker_users) if users is not None else ranker_users
+    return IdMaps(users=users, items=items)
 
 
 def load_model(tag: str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -334,8 +372,8 @@ def load_model(tag: str, device: str | torch.device = "cpu") -> LoadedModel:
     module.to(device).eval()
     items = pl.read_parquet(root / ITEMS_FILE)
     histories: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if (root / HISTORIES_FILE).exists():
-        frame = pl.read_parquet(root / HISTORIES_FILE)
+    frame = pl.read_parquet(root / HISTORIES_FILE) if (root / HISTORIES_FILE).exists() else None
+    if frame is not None:
         for user, its, ts in zip(
             frame["user_id"].to_list(), frame["item_id"].to_list(), frame["ts"].to_list(), strict=True
         ):
@@ -343,7 +381,19 @@ def load_model(tag: str, device: str | torch.device = "cpu") -> LoadedModel:
     featurizer = RankingFeaturizer.load(root) if (root / FEATURES_FILE).exists() else None
     if featurizer is not None and featurizer.spec != getattr(module.config, "features", None):
         raise RegistryError(f"model {concrete!r}: its featurizer was built for another FeatureSpec")
-    return LoadedModel(concrete, card, module, _catalog(items), histories, card.created_at, featurizer)
+    catalog = _catalog(items)
+    ids = _id_maps(catalog, frame, featurizer)
+    return LoadedModel(concrete, card, module, catalog, histories, card.created_at, featurizer, ids)
+
+
+def load_ids(tag: str) -> IdMaps:
+    """Only the id maps of ``tag`` (checksums verified): what a client of the service needs to translate
+    between its own ids and the model's, without loading the weights."""
+    root = verify(resolve(tag))
+    catalog = _catalog(_check_items(pl.read_parquet(root / ITEMS_FILE), None))
+    histories = pl.read_parquet(root / HISTORIES_FILE) if (root / HISTORIES_FILE).exists() else None
+    featurizer = RankingFeaturizer.load(root) if (root / FEATURES_FILE).exists() else None
+    return _id_maps(catalog, histories, featurizer)
 
 
 def register_ranker(
@@ -384,23 +434,32 @@ def register_ranker(
 
 # -- building the registered files from the warehouse -------------------------------------------------------
 def catalog_from_warehouse(wh: Warehouse, dataset: str) -> pl.DataFrame:
-    """``items.parquet`` content for a dataset: item_index + items.category + event counts."""
+    """``items.parquet`` content for a dataset: item_index + items.category + event counts, and the items'
+    own ids (``raw_id``) when they are strings (``<ds>.item_ids``)."""
     has_items = wh.has_table(f"{dataset}.items")
     category = "it.category" if has_items else "NULL::VARCHAR"
     join = f"LEFT JOIN {dataset}.items it USING (item_id)" if has_items else ""
+    raw, raw_join = "", ""
+    if wh.has_table(f"{dataset}.item_ids"):
+        raw, raw_join = ", m.raw_id", f"LEFT JOIN {dataset}.item_ids m USING (item_id)"
     return wh.sql(
-        f"SELECT ii.item_id, ii.item_idx, {category} AS category, coalesce(c.n, 0)::DOUBLE AS popularity "
-        f"FROM {dataset}.item_index ii {join} "
+        f"SELECT ii.item_id, ii.item_idx, {category} AS category, "
+        f"coalesce(c.n, 0)::DOUBLE AS popularity{raw} "
+        f"FROM {dataset}.item_index ii {join} {raw_join} "
         f"LEFT JOIN (SELECT item_id, count(*) AS n FROM {dataset}.events GROUP BY item_id) c USING (item_id) "
         "ORDER BY ii.item_idx"
     )
 
 
 def histories_from_warehouse(wh: Warehouse, dataset: str) -> pl.DataFrame:
-    """``histories.parquet`` content: every user's whole history in raw item ids, oldest first."""
+    """``histories.parquet`` content: every user's whole history in internal item ids, oldest first, and
+    the users' own ids (``raw_user_id``) when they are strings (``<ds>.user_ids``)."""
+    raw, raw_join = "", ""
+    if wh.has_table(f"{dataset}.user_ids"):
+        raw, raw_join = ", m.raw_id AS raw_user_id", f"LEFT JOIN {dataset}.user_ids m USING (user_id)"
     return wh.sql(
-        "SELECT s.user_id, list_transform(s.item_idx, lambda x: ids[x]) AS item_id, s.ts "
-        f"FROM {dataset}.sequences s, "
+        f"SELECT s.user_id, list_transform(s.item_idx, lambda x: ids[x]) AS item_id, s.ts{raw} "
+        f"FROM {dataset}.sequences s {raw_join}, "
         f"(SELECT list(item_id ORDER BY item_idx) AS ids FROM {dataset}.item_index) "
         "ORDER BY s.user_id"
     )

@@ -1,19 +1,23 @@
 """Request and response models of the recommendation service (pydantic; BentoML turns a validation error
 into HTTP 400 whose ``detail[].loc`` names the field).
 
-Ids and timestamps are strict 64-bit integers: a string, a float (NaN included), a bool or an id outside
-int64 is rejected, never coerced. The static ``max_length`` caps here only bound what is parsed; the
-configurable limits (``ServingConfig.max_history``, ``max_candidates``, ``max_k``) are checked by the
-service, which answers 400 naming the field as well.
+User and item ids are the dataset's own (``serving.ids``): a strict 64-bit integer or a non-empty string, as
+the dataset's ids are; a float (NaN included), a bool or an integer outside int64 is rejected, never
+coerced, and the service answers 400 when the type is not the model's (a string id for a model whose ids
+are integers, or the other way round). Timestamps are strict unix seconds. The static ``max_length`` caps
+here only bound what is parsed; the configurable limits (``ServingConfig.max_history``, ``max_candidates``,
+``max_k``) are checked by the service, which answers 400 naming the field as well.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+#: A user or item id as the dataset has it: an integer, or a string (SKU, UUID, "u_0042").
+RawId = Int64 | Annotated[StrictStr, Field(min_length=1, max_length=512)]
 Timestamp = Annotated[StrictInt, Field(ge=0, le=2**63 - 1, description="Unix seconds (UTC).")]
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -29,7 +33,7 @@ class _Strict(BaseModel):
 
 
 class HistoryEvent(_Strict):
-    item_id: Int64
+    item_id: RawId
     ts: Timestamp
     value: FiniteFloat | None = Field(
         None, description="The event's value (rating, dwell seconds); feature-based rankers read it."
@@ -37,8 +41,10 @@ class HistoryEvent(_Strict):
 
 
 class _UserRequest(_Strict):
-    user_id: Int64 | None = Field(
-        None, description="A known user's stored history is used when no history is sent."
+    user_id: RawId | None = Field(
+        None,
+        description="The user's own id. A known user's stored history is used when no history is sent; "
+        "an unknown one is served the popularity ranking, flagged cold_start 'unknown_user'.",
     )
     history: list[HistoryEvent] | None = Field(
         None,
@@ -59,20 +65,34 @@ class RecommendOptions(_Strict):
     categories: list[str] | None = Field(
         None, min_length=1, max_length=1000, description="Only items whose category is one of these."
     )
-    exclude_items: list[Int64] | None = Field(None, max_length=HARD_MAX_LIST)
+    exclude_items: list[RawId] | None = Field(None, max_length=HARD_MAX_LIST)
+
+
+Policy = Literal["top_k", "explore"]
+POLICY_DESCRIPTION = (
+    "top_k (default): the best-scored items in score order, propensity 1.0 each. explore: a Plackett-Luce "
+    "draw over the scores (the serving policy temperature) with each item's propensity, for A/B tests and "
+    "off-policy evaluation."
+)
 
 
 class RecommendRequest(_UserRequest):
     k: StrictInt = Field(10, ge=1, le=HARD_MAX_K, description="How many items to return.")
     options: RecommendOptions = RecommendOptions()
+    policy: Policy = Field("top_k", description=POLICY_DESCRIPTION)
 
 
 class RankRequest(_UserRequest):
-    candidates: list[Int64] = Field(min_length=1, max_length=HARD_MAX_LIST)
+    candidates: list[RawId] = Field(
+        min_length=1,
+        max_length=HARD_MAX_LIST,
+        description="Item ids; an id the model does not know is a 400.",
+    )
+    policy: Policy = Field("top_k", description=POLICY_DESCRIPTION)
 
 
 class ScoredItem(BaseModel):
-    item_id: int
+    item_id: int | str = Field(description="The item's own id (as the dataset has it).")
     score: float
     position: int
     propensity: float
@@ -90,7 +110,7 @@ class RecommendResponse(BaseModel):
         description="What produced the scores: the ranker, the retrieval model, or the popularity fallback."
     )
     cold_start: ColdStart | None
-    unknown_history_items: list[int] = Field(
+    unknown_history_items: list[int | str] = Field(
         description="History item ids the model does not know (ignored)."
     )
     models: ModelVersions
@@ -99,12 +119,13 @@ class RecommendResponse(BaseModel):
 class RankResponse(BaseModel):
     request_id: int
     scores: dict[str, list[float]] = Field(description="Per task, one score per candidate, in request order.")
-    ranking: list[int] = Field(description="The candidates in served order (the serving policy's draw).")
+    ranking: list[int | str] = Field(
+        description="The candidates in served order (by score, or the explore policy's draw)."
+    )
     propensities: list[float] = Field(description="Propensity of each item of ``ranking`` at its position.")
     source: Literal["ranker", "retrieval", "popularity"]
     cold_start: ColdStart | None
-    unknown_items: list[int] = Field(description="Candidates the model does not know (popularity prior).")
-    unknown_history_items: list[int]
+    unknown_history_items: list[int | str]
     models: ModelVersions
 
 
@@ -122,6 +143,8 @@ class ModelInfo(BaseModel):
     registered_at: str
     num_items: int
     known_users: int
+    user_id_type: Literal["int", "str"] = Field(description="Whether the model's user ids are strings.")
+    item_id_type: Literal["int", "str"] = Field(description="Whether the model's item ids are strings.")
 
 
 class MetadataResponse(BaseModel):
@@ -131,7 +154,9 @@ class MetadataResponse(BaseModel):
     build_time: str | None = Field(description="When the bento was built (None when served from source).")
     started_at: str
     limits: dict[str, int]
-    policy: dict[str, float | str]
+    policy: dict[str, float | str] = Field(
+        description="default (top_k); explore: the sampled policy (plackett-luce, greedy at temperature 0)."
+    )
     retrieval_index: dict[str, bool | int | str] = Field(
         description="How recommend retrieves: kind 'exact' (every item scored) or 'ivf' (lists, probe)."
     )

@@ -7,13 +7,19 @@ Models are loaded once, at start, from pinned tags given by the environment (``S
 
 recommend: the retrieval model scores every catalogue item (exact: one matrix product, then top-N), minus
 the user's history (``exclude_seen``), the excluded items and the items outside the requested categories.
-The top ``pool_size`` form the pool; the ranker (if one is served) re-scores the pool; the serving policy
-(``serving.impressions``: Plackett-Luce over the final scores, temperature ``policy_temperature``) draws the
-k served items and their propensities, which are logged.
+The top ``pool_size`` form the pool; the ranker (if one is served) re-scores the pool; the request's
+``policy`` picks the k served items: ``top_k`` (the default) the k best scores, in score order, each logged
+with propensity 1.0; ``explore`` a draw of the serving policy (``serving.impressions``: Plackett-Luce over
+the final scores, temperature ``policy_temperature``), logged with its propensities (what the A/B simulator
+and off-policy evaluation ask for).
 
 rank: one score per candidate and per task of the scoring model (the ranker, else the retriever), plus the
-served order of all candidates under the same policy. For an HSTU the history is encoded once and the
+served order of all candidates under the same policy choice. For an HSTU the history is encoded once and the
 candidates are scored against its cache (``recsys.serving.mfalcon``, M-FALCON), in micro-batches.
+
+Ids: requests and responses use the dataset's own user and item ids (strings or integers, as ingested);
+``serving.ids`` translates them to the internal ids the models, histories and impressions log use, with the
+maps stored in the registered models. An id of the wrong type is a 400 naming the field.
 
 OPEN choices, and what was picked:
 - HSTU candidate score (``hstu_head``): ``user`` (default) = cos(user vector, item) / temperature, the
@@ -33,9 +39,12 @@ OPEN choices, and what was picked:
   Plackett-Luce draw is a softmax over logits. It reads the history sent with the request (``value`` per
   event optional) or, for a user id without one, its own stored history (with values), else the retriever's.
 - Cold start: a user without a usable history (unknown user id, empty history, or only unknown items) gets
-  the popularity ranking, log(1 + event count), flagged ``cold_start`` with ``source = popularity``.
-  In rank, a candidate the model does not know gets the popularity prior of an item never seen: below
-  every known candidate (its score is the lowest known score minus 1), listed in ``unknown_items``.
+  the popularity ranking, log(1 + event count), flagged ``cold_start`` (``unknown_user`` or
+  ``empty_history``) with ``source = popularity``: an unknown user is served, not refused (a 404 would make
+  every new visitor an error). History items the model does not know are ignored and listed in
+  ``unknown_history_items``. In rank, a candidate the scoring model does not know is a 400 naming it: a
+  score for it would be a guess. When a ranker re-scores recommend's pool, a pool item the ranker does not
+  know gets the prior of a never-seen item (the lowest known score minus 1).
 - History: sorted by ts (stable); the model reads its most recent items (``max_len`` for SASRec,
   ``max_len - 1`` for HSTU, whose next slot is the query/candidate slot); ``exclude_seen`` uses all of it.
 - Batching: requests of each endpoint are batched adaptively (``AdaptiveBatcher``): while one batch runs,
@@ -85,6 +94,7 @@ from recsys.models.sequential import last_valid, valid_mask
 from recsys.serving.ann import IvfItemIndex
 from recsys.serving.errors import document_service
 from recsys.serving.featurize import RankingFeaturizer, UserFeatures
+from recsys.serving.ids import IdError, IdMaps, RawId
 from recsys.serving.impressions import ImpressionLogger, plackett_luce_order
 from recsys.serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_user, truncate_history
 from recsys.serving.middleware import (
@@ -464,6 +474,8 @@ class ModelRuntime:
             registered_at=self.loaded.created_at,
             num_items=self.catalog.num_items,
             known_users=self.featurizer.n_users if self.featurizer else len(self.loaded.histories),
+            user_id_type=self.loaded.ids.user_type,
+            item_id_type=self.loaded.ids.item_type,
         )
 
 
@@ -478,6 +490,7 @@ class UserContext:
     mapped: dict[str, MappedHistory] = field(default_factory=dict)  # model tag -> history in its index
     history_values: np.ndarray | None = None  # event values (NaN: none) of a history sent with the request
     explicit: bool = False  # the history came with the request (else: a stored one)
+    unknown_raw: dict[int, RawId] = field(default_factory=dict)  # placeholder id -> raw id (serving.ids)
 
     def history_for(self, model: ModelRuntime) -> MappedHistory:
         if model.tag not in self.mapped:
@@ -498,6 +511,9 @@ class UserContext:
         return featurizer.user_features(self.user_id, self.request_ts, history)
 
 
+Policy = Literal["top_k", "explore"]
+
+
 @dataclass
 class RecommendJob:
     user: UserContext
@@ -505,12 +521,14 @@ class RecommendJob:
     exclude_seen: bool
     categories: tuple[str, ...] | None
     exclude_items: np.ndarray
+    policy: Policy = "top_k"
 
 
 @dataclass
 class RankJob:
     user: UserContext
-    candidates: np.ndarray  # raw ids, request order
+    candidates: np.ndarray  # internal ids, request order
+    policy: Policy = "top_k"
 
 
 @dataclass
@@ -521,7 +539,6 @@ class Pool:
     scores: np.ndarray
     source: Literal["ranker", "retrieval", "popularity"]
     task_scores: dict[str, np.ndarray] = field(default_factory=dict)  # rank: per task, request order
-    unknown_items: list[int] = field(default_factory=list)
 
 
 J = TypeVar("J")
@@ -684,6 +701,16 @@ class Recommender:
             else RequestIds.seeded(config.request_id_seed, retriever.tag, ranker.tag if ranker else "")
         )
         self.histories = retriever.histories
+        # Raw <-> internal ids: the retriever's maps, with the ranker's users (a user only it knows).
+        self.ids: IdMaps = retriever.ids
+        if ranker is not None:
+            try:
+                retriever.ids.check_item_type(ranker.ids)
+                self.ids = retriever.ids.merged(ranker.ids)
+            except IdError as exc:
+                raise ValueError(
+                    f"{retriever.tag} and {ranker.tag} do not name users/items alike: {exc}"
+                ) from exc
         self.versions = ModelVersions(
             retriever=self.retriever.tag, ranker=self.ranker.tag if self.ranker else None
         )
@@ -695,8 +722,19 @@ class Recommender:
         return cls(config, retriever, ranker, logger)
 
     # -- request checks -------------------------------------------------------------------------------------
+    def _internal_items(self, raw: list[RawId], field_name: str) -> tuple[np.ndarray, dict[int, RawId]]:
+        try:
+            translated = self.ids.items_internal(raw, field_name)
+        except IdError as exc:
+            raise InvalidRequest(exc.field, exc.problem) from None
+        return translated.internal, translated.unknown
+
     def user_context(self, request: RecommendRequest | RankRequest) -> UserContext:
         request_ts = request.ts if request.ts is not None else int(time.time())
+        try:
+            user_id = self.ids.user_internal(request.user_id)  # None: no id, or a raw id nobody knows
+        except IdError as exc:
+            raise InvalidRequest(exc.field, exc.problem) from None
         if request.history is not None:
             if len(request.history) > self.config.max_history:
                 raise InvalidRequest(
@@ -704,9 +742,7 @@ class Recommender:
                     f"{len(request.history)} events exceed the limit of {self.config.max_history} "
                     f"({ENV_PREFIX}MAX_HISTORY)",
                 )
-            ids = np.fromiter(
-                (e.item_id for e in request.history), dtype=np.int64, count=len(request.history)
-            )
+            ids, unknown_raw = self._internal_items([e.item_id for e in request.history], "history.item_id")
             ts = np.fromiter((e.ts for e in request.history), dtype=np.int64, count=len(request.history))
             values = np.fromiter(
                 (np.nan if e.value is None else e.value for e in request.history),
@@ -715,27 +751,26 @@ class Recommender:
             )
             order = np.argsort(ts, kind="stable")
             return UserContext(
-                request.user_id,
+                user_id,
                 ids[order],
                 ts[order],
                 request_ts,
                 unknown_user=False,
                 history_values=values[order],
                 explicit=True,
+                unknown_raw=unknown_raw,
             )
-        stored = self.histories.get(int(request.user_id)) if request.user_id is not None else None
+        stored = self.histories.get(user_id) if user_id is not None else None
         featurizer = self.ranker.featurizer if self.ranker is not None else None
         if stored is None and featurizer is not None:  # a user only the ranker's data knows
-            ranker_history = featurizer.stored_history(request.user_id)
+            ranker_history = featurizer.stored_history(user_id)
             if ranker_history is not None:
                 ids, ts, values = ranker_history
-                return UserContext(
-                    request.user_id, ids, ts, request_ts, unknown_user=False, history_values=values
-                )
+                return UserContext(user_id, ids, ts, request_ts, unknown_user=False, history_values=values)
         if stored is None:
             empty = np.zeros(0, dtype=np.int64)
-            return UserContext(request.user_id, empty, empty, request_ts, unknown_user=True)
-        return UserContext(request.user_id, stored[0], stored[1], request_ts, unknown_user=False)
+            return UserContext(user_id, empty, empty, request_ts, unknown_user=True)
+        return UserContext(user_id, stored[0], stored[1], request_ts, unknown_user=False)
 
     def recommend_job(self, request: RecommendRequest) -> RecommendJob:
         if request.k > self.config.max_k:
@@ -750,12 +785,14 @@ class Recommender:
                 f"({ENV_PREFIX}MAX_CANDIDATES)",
             )
         categories = request.options.categories
+        excluded_ids, _unknown = self._internal_items(excluded, "options.exclude_items")
         return RecommendJob(
             user=self.user_context(request),
             k=request.k,
             exclude_seen=request.options.exclude_seen,
             categories=tuple(sorted(set(categories))) if categories is not None else None,
-            exclude_items=np.asarray(excluded, dtype=np.int64),
+            exclude_items=excluded_ids,  # unknown items (placeholders < 0) cannot be served anyway
+            policy=request.policy,
         )
 
     def rank_job(self, request: RankRequest) -> RankJob:
@@ -765,12 +802,21 @@ class Recommender:
                 "candidates",
                 f"{n} items exceed the limit of {self.config.max_candidates} ({ENV_PREFIX}MAX_CANDIDATES)",
             )
-        candidates = np.fromiter(request.candidates, dtype=np.int64, count=n)
+        candidates, unknown_raw = self._internal_items(request.candidates, "candidates")
         ordered = np.sort(candidates)
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]
         if repeated.size:
-            raise InvalidRequest("candidates", f"duplicate item ids {np.unique(repeated)[:10].tolist()}")
-        return RankJob(user=self.user_context(request), candidates=candidates)
+            names = self.ids.items_raw(np.unique(repeated)[:10], unknown_raw)
+            raise InvalidRequest("candidates", f"duplicate item ids {names}")
+        model = self.ranker or self.retriever
+        unknown = candidates[model.map_items(candidates) == 0]
+        if unknown.size:
+            names = self.ids.items_raw(unknown[:10], unknown_raw)
+            more = f" and {unknown.size - 10} more" if unknown.size > 10 else ""
+            raise InvalidRequest(
+                "candidates", f"unknown item ids {names}{more}: not in the catalogue of {model.tag}"
+            )
+        return RankJob(user=self.user_context(request), candidates=candidates, policy=request.policy)
 
     # -- batched scoring ------------------------------------------------------------------------------------
     def _dropped(self, job: RecommendJob) -> np.ndarray:
@@ -910,14 +956,8 @@ class Recommender:
             source: Literal["ranker", "retrieval", "popularity"] = (
                 "popularity" if model.is_popularity else ("ranker" if model is self.ranker else "retrieval")
             )
-            for i, (per_task, unknown) in zip(warm, scored, strict=True):
-                pools[i] = Pool(
-                    jobs[i].candidates,
-                    per_task[model.tasks[0]],
-                    source,
-                    task_scores=per_task,
-                    unknown_items=unknown,
-                )
+            for i, (per_task, _unknown) in zip(warm, scored, strict=True):  # rank_job refused unknown ones
+                pools[i] = Pool(jobs[i].candidates, per_task[model.tasks[0]], source, task_scores=per_task)
         for i, c in enumerate(cold):
             if c is None:
                 continue
@@ -925,23 +965,28 @@ class Recommender:
             known = idx > 0
             prior = _with_prior(np.log1p(model.catalog.popularity[idx]), known)
             pools[i] = Pool(
-                jobs[i].candidates,
-                prior,
-                "popularity",
-                task_scores={task: prior for task in model.tasks},
-                unknown_items=[int(x) for x in jobs[i].candidates[~known]],
+                jobs[i].candidates, prior, "popularity", task_scores={task: prior for task in model.tasks}
             )
         return [p for p in pools if p is not None]
 
     # -- policy, logging, responses -------------------------------------------------------------------------
     def _serve(
-        self, pool: Pool, k: int, user: UserContext, endpoint: str, cold: str | None, model: ModelRuntime
+        self,
+        pool: Pool,
+        k: int,
+        user: UserContext,
+        endpoint: str,
+        cold: str | None,
+        model: ModelRuntime,
+        policy: Policy = "top_k",
     ) -> tuple[int, np.ndarray, np.ndarray]:
         request_id = self._request_ids.next()
         if len(pool.item_ids) == 0:
             return request_id, np.zeros(0, dtype=np.int64), np.zeros(0)
+        # top_k is the greedy policy: the k best scores in order (stable on ties), each with propensity 1.
+        temperature = self.config.policy_temperature if policy == "explore" else 0.0
         order, propensity = plackett_luce_order(
-            pool.scores, self.config.policy_temperature, min(k, len(pool.item_ids)), seed=request_id
+            pool.scores, temperature, min(k, len(pool.item_ids)), seed=request_id
         )
         if self.logger is not None:
             shown = order[: self.config.impressions_max_positions]
@@ -955,17 +1000,20 @@ class Recommender:
                 endpoint=endpoint,
                 model_version=model.tag,
                 cold_start=cold,
-                policy_temperature=self.config.policy_temperature,
+                policy_temperature=temperature,
             )
         return request_id, order, propensity
 
     def finish_recommend(self, job: RecommendJob, pool: Pool) -> RecommendResponse:
         cold = job.user.cold_start(self.retriever)
         model = self.ranker if pool.source == "ranker" and self.ranker is not None else self.retriever
-        request_id, order, propensity = self._serve(pool, job.k, job.user, "recommend", cold, model)
+        request_id, order, propensity = self._serve(
+            pool, job.k, job.user, "recommend", cold, model, job.policy
+        )
+        raw = self.ids.items_raw(pool.item_ids[order])
         items = [
             ScoredItem(
-                item_id=int(pool.item_ids[o]),
+                item_id=raw[p],
                 score=float(pool.scores[o]),
                 position=p,
                 propensity=float(propensity[p]),
@@ -977,25 +1025,30 @@ class Recommender:
             items=items,
             source=pool.source,
             cold_start=cold,
-            unknown_history_items=job.user.history_for(self.retriever).unknown,
+            unknown_history_items=self._unknown_history(job.user, self.retriever),
             models=self.versions,
         )
+
+    def _unknown_history(self, user: UserContext, model: ModelRuntime) -> list[RawId]:
+        unknown = user.history_for(model).unknown
+        return self.ids.items_raw(np.asarray(unknown, dtype=np.int64), user.unknown_raw) if unknown else []
 
     def finish_rank(self, job: RankJob, pool: Pool) -> RankResponse:
         model = self.ranker or self.retriever
         cold = job.user.cold_start(model)
-        request_id, order, propensity = self._serve(pool, len(pool.item_ids), job.user, "rank", cold, model)
+        request_id, order, propensity = self._serve(
+            pool, len(pool.item_ids), job.user, "rank", cold, model, job.policy
+        )
         # Built from the engine's own arrays: no validation pass over the 3 x M numbers (a test checks that
         # the response still validates).
         return RankResponse.model_construct(
             request_id=request_id,
             scores={task: s.tolist() for task, s in pool.task_scores.items()},
-            ranking=pool.item_ids[order].tolist(),
+            ranking=self.ids.items_raw(pool.item_ids[order]),
             propensities=propensity.tolist(),
             source=pool.source,
             cold_start=cold,
-            unknown_items=pool.unknown_items,
-            unknown_history_items=job.user.history_for(model).unknown,
+            unknown_history_items=self._unknown_history(job.user, model),
             models=self.versions,
         )
 
@@ -1135,7 +1188,8 @@ class RecommendationService:
                 "pool_size": c.pool_size,
             },
             policy={
-                "kind": "plackett-luce" if c.policy_temperature > 0 else "greedy",
+                "default": "top_k",
+                "explore": "plackett-luce" if c.policy_temperature > 0 else "greedy",
                 "temperature": c.policy_temperature,
             },
             retrieval_index=self.engine.retrieval_index(),

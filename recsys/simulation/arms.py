@@ -4,6 +4,13 @@
   checks, retrieval, ranker, Plackett-Luce policy and propensities as the BentoML service, without HTTP.
 - ``HttpArm``: a running BentoML service at ``base_url`` (``/recommend``, ``/metadata``), with the optional
   API key; ``recommend_many`` sends a batch concurrently, so the server's adaptive batcher sees real load.
+
+Both served arms ask for the service's exploration policy (``"policy": "explore"``: a Plackett-Luce draw
+with its propensities; the service's default is the deterministic top-k), because the simulator's slates and
+off-policy estimates need a stochastic logging policy. The simulator speaks the world's ids (the warehouse's
+internal ids); a served model of a dataset with string ids speaks the dataset's own ids, so these arms
+translate requests and responses with the model's id maps (``serving.ids``; over HTTP, read from the local
+model store).
 - ``OracleArm`` and ``RandomArm``: reference policies that need no model: the true best items of a
   ``ResponseModel`` (the upper bound of a synthetic world) and a uniformly random slate (the floor). They
   serve through the same Plackett-Luce policy (``serving.impressions.plackett_luce_order``), so their
@@ -29,8 +36,16 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 import numpy as np
 
+from recsys.serving.ids import IdMaps
 from recsys.serving.impressions import plackett_luce_order
-from recsys.serving.schemas import ModelVersions, RecommendRequest, RecommendResponse, ScoredItem
+from recsys.serving.schemas import (
+    HistoryEvent,
+    ModelVersions,
+    RecommendOptions,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
 from recsys.serving.service import API_KEY_HEADER, Recommender, ServingConfig
 
 
@@ -54,6 +69,43 @@ class ArmClient(Protocol):
 # ----------------------------------------------------------------------------------------------------------
 # Served models
 # ----------------------------------------------------------------------------------------------------------
+
+
+def to_served(request: RecommendRequest, ids: IdMaps) -> RecommendRequest:
+    """A simulator request (internal ids) as the service takes it: the explore policy, the model's own ids.
+    History events and excluded items the model has no id for are left out (it does not know them)."""
+    update: dict[str, object] = {"policy": "explore"}
+    if ids.users is not None and request.user_id is not None:
+        update["user_id"] = ids.user_raw(int(request.user_id))
+    if ids.items is not None:
+        if request.history:
+            raw = ids.items_raw(np.array([e.item_id for e in request.history], dtype=np.int64))
+            update["history"] = [
+                HistoryEvent(item_id=r, ts=e.ts, value=e.value)
+                for r, e in zip(raw, request.history, strict=True)
+                if r is not None
+            ]
+        excluded = request.options.exclude_items
+        if excluded:
+            raw = ids.items_raw(np.asarray(excluded, dtype=np.int64))
+            update["options"] = RecommendOptions(
+                exclude_seen=request.options.exclude_seen,
+                categories=request.options.categories,
+                exclude_items=[r for r in raw if r is not None],
+            )
+    return request.model_copy(update=update)
+
+
+def from_served(response: RecommendResponse, ids: IdMaps) -> RecommendResponse:
+    """A service response back in the world's internal ids."""
+    if ids.items is None:
+        return response
+    internal = ids.items_internal([it.item_id for it in response.items], "items").internal
+    items = [
+        it.model_copy(update={"item_id": int(i)}) for it, i in zip(response.items, internal, strict=True)
+    ]
+    unknown = ids.items_internal(response.unknown_history_items, "unknown_history_items").internal
+    return response.model_copy(update={"items": items, "unknown_history_items": unknown.tolist()})
 
 
 class InProcessArm:
@@ -92,15 +144,19 @@ class InProcessArm:
         return cls(Recommender.from_config(config), name=name)
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        return self.engine.recommend(request)
+        ids = self.engine.ids
+        return from_served(self.engine.recommend(to_served(request, ids)), ids)
 
     def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
+        ids = self.engine.ids
         out: list[RecommendResponse] = []
         step = self.engine.config.max_batch_size
         for lo in range(0, len(requests), step):
-            jobs = [self.engine.recommend_job(r) for r in requests[lo : lo + step]]
+            jobs = [self.engine.recommend_job(to_served(r, ids)) for r in requests[lo : lo + step]]
             pools = self.engine.recommend_many(jobs)
-            out += [self.engine.finish_recommend(j, p) for j, p in zip(jobs, pools, strict=True)]
+            out += [
+                from_served(self.engine.finish_recommend(j, p), ids) for j, p in zip(jobs, pools, strict=True)
+            ]
         return out
 
     def close(self) -> None:
@@ -131,6 +187,15 @@ class HttpArm:
         self.policy_temperature = float(meta["policy"]["temperature"])
         self.pool_size = int(meta["limits"]["pool_size"])
         self.max_k = int(meta["limits"]["max_k"])
+        self.ids = IdMaps()
+        served = [meta["retriever"], *([meta["ranker"]] if meta.get("ranker") else [])]
+        if any(m.get("user_id_type") == "str" or m.get("item_id_type") == "str" for m in served):
+            from recsys.serving.registry import load_ids
+
+            ids = IdMaps()
+            for m in served:  # the served models' maps, from the local model store (checksummed)
+                ids = ids.merged(load_ids(str(m["tag"])))
+            self.ids = ids
 
     def _post(self, path: str, body: Any) -> dict[str, Any]:
         try:
@@ -142,8 +207,8 @@ class HttpArm:
         return response.json()
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        body = request.model_dump(mode="json", exclude_none=True)
-        return RecommendResponse.model_validate(self._post("recommend", body))
+        body = to_served(request, self.ids).model_dump(mode="json", exclude_none=True)
+        return from_served(RecommendResponse.model_validate(self._post("recommend", body)), self.ids)
 
     def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[RecommendResponse]:
         if len(requests) <= 1 or self.concurrency == 1:
@@ -321,20 +386,21 @@ def register_pipeline_models(
     from recsys.core.config import PathsConfig
     from recsys.core.hashing import stable_hash
     from recsys.evaluation.retrieval import leave_one_out
+    from recsys.features.config import FeatureConfig
     from recsys.features.sequences import build_sequences, load_sequences, num_items
-    from recsys.flows.pipeline import PipelineConfig
     from recsys.models.registry import build_model, model_config
     from recsys.serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model
     from recsys.training.checkpoint import load_weights
     from recsys.training.checkpoint import weights_path as checkpoint_weights_path
     from recsys.training.loop import LoopConfig
+    from recsys.training.presets import QUICK_RETRIEVAL_LOOP
     from recsys.training.retrieval import RetrievalTrainConfig, fit_popularity, train_retrieval
     from recsys.warehouse import Warehouse
 
     paths = PathsConfig(home=home) if home is not None else PathsConfig()
-    pipeline = PipelineConfig()
-    train = RetrievalTrainConfig(max_len=pipeline.features.max_seq_len)
-    loop = pipeline.retrieval_loop
+    # The pipeline's quick-profile settings (its PipelineConfig defaults are these same objects).
+    train = RetrievalTrainConfig(max_len=FeatureConfig().max_seq_len)
+    loop = QUICK_RETRIEVAL_LOOP
     if max_epochs is not None:
         loop = LoopConfig(**{**loop.model_dump(), "max_epochs": max_epochs})
     with Warehouse(paths.warehouse) as wh:

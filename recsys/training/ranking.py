@@ -55,6 +55,7 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.evaluation.ranking import RankingMetrics, ranking_metrics
+from recsys.features.encoding import categorical_columns, encode, value_buckets, vocabulary
 from recsys.features.point_in_time import feature_columns, with_attributes_sql
 from recsys.features.sequences import check_dataset, columns, require_table
 from recsys.models.batch import (
@@ -218,37 +219,6 @@ class RankingData:
 # -- loading ------------------------------------------------------------------------------------------------
 
 
-def _vocabulary(values: pl.Series) -> dict[Any, int]:
-    """Sorted distinct non-null values -> 1..V (0 is missing/unknown)."""
-    distinct = values.drop_nulls().unique().sort().to_list()
-    return {v: i + 1 for i, v in enumerate(distinct)}
-
-
-def _encode(values: pl.Series, vocab: dict[Any, int]) -> np.ndarray:
-    return np.asarray([vocab.get(v, 0) for v in values.to_list()], dtype=np.int64)
-
-
-def _categorical(types: dict[str, str], skip: tuple[str, ...]) -> list[str]:
-    return [c for c, t in types.items() if c not in skip and (t == "VARCHAR" or t == "BOOLEAN")]
-
-
-def _value_buckets(values: np.ndarray, reference: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Event value -> bucket id 1..n (n + 1 for NULL/NaN): ranks of the distinct values when there are at
-    most n of them (MovieLens ratings), else quantiles of ``reference`` (the values before validation)."""
-    ref = reference[np.isfinite(reference)]
-    out = np.full(values.shape, n_buckets + 1, dtype=np.int64)
-    finite = np.isfinite(values)
-    distinct = np.unique(ref)
-    if distinct.size == 0:
-        return out
-    if distinct.size <= n_buckets:
-        out[finite] = np.clip(np.searchsorted(distinct, values[finite], side="right"), 1, n_buckets)
-    else:
-        edges = np.quantile(ref, np.linspace(0.0, 1.0, n_buckets + 1)[1:-1])
-        out[finite] = np.searchsorted(edges, values[finite], side="right") + 1
-    return out
-
-
 def _sample_users(user: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     """Indices of whole users (random order) until ``cap`` examples are reached; all when cap is None."""
     if cap is None or cap >= user.size:
@@ -294,7 +264,7 @@ def load_ranking_data(wh: Warehouse, dataset: str, config: RankingDataConfig | N
     item_attr: dict[str, np.ndarray] = {}
     if wh.has_table(f"{ds}.items"):
         types = columns(wh, f"{ds}.items")
-        cats = _categorical(types, ("item_id",))
+        cats = categorical_columns(types, ("item_id",))
         if cats:
             sel = ", ".join(f'it."{c}"' for c in cats)
             items = wh.sql(
@@ -302,11 +272,11 @@ def load_ranking_data(wh: Warehouse, dataset: str, config: RankingDataConfig | N
             )
             idx = items["item_idx"].to_numpy().astype(np.int64)
             for c in cats:
-                vocab = _vocabulary(items[c])
+                vocab = vocabulary(items[c])
                 if len(vocab) > config.id_duplicate_share * max(len(idx), 1):
                     continue  # a near-unique attribute (a title) only duplicates the item id
                 ids = np.zeros(n_items + 1, dtype=np.int64)
-                ids[idx] = _encode(items[c], vocab)
+                ids[idx] = encode(items[c], vocab)
                 item_attr[c] = ids
                 item_fields.append(SparseField(name=c, cardinality=len(vocab) + 1, group="item"))
 
@@ -356,8 +326,8 @@ def load_ranking_data(wh: Warehouse, dataset: str, config: RankingDataConfig | N
     sparse: dict[str, np.ndarray] = {"user": user.copy()}
     sparse_fields = [SparseField(name="user", cardinality=n_users + 1, group="user")]
     for c in user_cats:
-        vocab = _vocabulary(ex[c])
-        sparse[c] = _encode(ex[c], vocab)
+        vocab = vocabulary(ex[c])
+        sparse[c] = encode(ex[c], vocab)
         sparse_fields.append(SparseField(name=c, cardinality=len(vocab) + 1, group="user"))
     item = ex["item_idx"].to_numpy().astype(np.int64)
     for f in item_fields:
@@ -395,7 +365,7 @@ def load_ranking_data(wh: Warehouse, dataset: str, config: RankingDataConfig | N
     side = {a: item_attr[a][h_item] for a in config.side_attributes if a in item_attr}
     cardinality = {f.name: f.cardinality for f in item_fields}
     side_fields = [SideField(name=a, cardinality=cardinality[a]) for a in side]
-    side["action"] = _value_buckets(h_value, h_value[h_ts < t1], config.value_buckets)
+    side["action"] = value_buckets(h_value, h_value[h_ts < t1], config.value_buckets)
     side_fields.append(SideField(name="action", cardinality=config.value_buckets + 2))
     histories = Histories(
         item=h_item,

@@ -230,6 +230,8 @@ class RetrievalRunResult:
     epochs_run: int
     run_id: str | None
     fit: FitResult | None = None
+    #: What was trained, with its best-validation weights (eval mode): ready for ``serving.registry``.
+    model: nn.Module | None = None
 
 
 def fit_popularity(split: LeaveOneOutSplit) -> Popularity:
@@ -292,7 +294,9 @@ def train_retrieval(
         protocol=protocol,
         test_fn=test_fn,
     )
-    return RetrievalRunResult(model_name=name, seed=seed, test=test_eval[-1], **result.run_figures())
+    return RetrievalRunResult(
+        model_name=name, seed=seed, test=test_eval[-1], model=model.eval(), **result.run_figures()
+    )
 
 
 def _run_popularity(
@@ -355,4 +359,5 @@ def _run_popularity(
         best_epoch=0,
         epochs_run=0,
         run_id=run_id,
+        model=model,
     )

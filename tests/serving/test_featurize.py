@@ -302,17 +302,15 @@ def _direct_scores(
 
 def test_rank_scores_candidates_with_the_feature_ranker(engine: Recommender, served: Served) -> None:
     ts = 2_000_000_000
-    candidates = [int(i) for i in served.items[:20]] + [424242]
+    candidates = [int(i) for i in served.items[:20]]
     response = engine.rank(RankRequest(user_id=served.known_user, candidates=candidates, ts=ts))
     assert response.source == "ranker" and response.cold_start is None
     assert set(response.scores) == set(served.data.tasks)
-    assert response.unknown_items == [424242]
-    direct = _direct_scores(engine, served.known_user, ts, np.array(candidates[:-1]))
+    direct = _direct_scores(engine, served.known_user, ts, np.array(candidates))
     for task, want in direct.items():
-        got = np.array(response.scores[task])
-        np.testing.assert_allclose(got[:-1], want, rtol=0, atol=1e-5)
-        assert got[-1] == pytest.approx(want.min() - 1.0)  # the unknown candidate: below every known one
-    assert response.ranking[-1] == 424242
+        np.testing.assert_allclose(np.array(response.scores[task]), want, rtol=0, atol=1e-5)
+    with pytest.raises(InvalidRequest, match=r"unknown item ids \[424242\]"):  # a guess is not a score
+        engine.rank(RankRequest(user_id=served.known_user, candidates=[*candidates, 424242], ts=ts))
 
 
 def test_recommend_reranks_the_pool_with_the_feature_ranker(engine: Recommender, served: Served) -> None:
@@ -355,3 +353,19 @@ def test_limits_still_apply_with_a_feature_ranker(served: Served) -> None:
     eng = Recommender(config, load_model(served.retriever), load_model(served.ranker))
     with pytest.raises(InvalidRequest, match="^candidates"):
         eng.rank(RankRequest(user_id=served.known_user, candidates=[int(i) for i in served.items[:4]]))
+
+
+def test_serving_imports_no_private_helper_of_training() -> None:
+    """The encodings training and serving share live in recsys.features.encoding; serving never reaches
+    into training's private names."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "recsys" / "serving"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("recsys.training"):
+                offenders += [
+                    f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
+    assert offenders == []

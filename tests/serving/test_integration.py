@@ -137,7 +137,9 @@ def test_health_readiness_and_metadata(server: Server) -> None:
     assert body["retriever"]["tag"] == server.models.retriever
     assert body["retriever"]["data_version"] == "tinycycle" and body["retriever"]["metrics"]["hr@1"] > 0.5
     assert body["ranker"] is None and body["limits"]["max_candidates"] == 50
-    assert body["policy"] == {"kind": "plackett-luce", "temperature": 1.0} and body["started_at"]
+    assert body["policy"] == {"default": "top_k", "explore": "plackett-luce", "temperature": 1.0}
+    assert body["retriever"]["user_id_type"] == "int" and body["retriever"]["item_id_type"] == "int"
+    assert body["started_at"]
 
 
 def test_recommend_over_http(server: Server) -> None:
@@ -146,8 +148,15 @@ def test_recommend_over_http(server: Server) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["items"]) == 3 and [it["position"] for it in body["items"]] == [0, 1, 2]
-    assert all(0 < it["propensity"] <= 1 for it in body["items"]) and body["cold_start"] is None
+    assert [it["propensity"] for it in body["items"]] == [1.0] * 3 and body["cold_start"] is None  # top-k
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
     assert not {it["item_id"] for it in body["items"]} & {103, 104, 105}
+    again = _post(server, "recommend", {"history": history, "k": 3, "ts": 10_000_000}).json()
+    assert [it["item_id"] for it in again["items"]] == [it["item_id"] for it in body["items"]]
+    explore = {"history": history, "k": 3, "ts": 10_000_000, "policy": "explore"}
+    drawn = _post(server, "recommend", explore).json()
+    assert all(0 < it["propensity"] < 1 for it in drawn["items"])
     known = _post(server, "recommend", {"user_id": next(iter(server.models.histories)), "k": 2})
     assert known.status_code == 200 and known.json()["cold_start"] is None
     cold = _post(server, "recommend", {"user_id": 987654321, "k": 2})
@@ -155,19 +164,22 @@ def test_recommend_over_http(server: Server) -> None:
 
 
 def test_rank_over_http(server: Server) -> None:
-    body = {"history": [{"item_id": 103, "ts": 1}, {"item_id": 104, "ts": 2}], "candidates": [105, 111, 5555]}
+    body = {"history": [{"item_id": 103, "ts": 1}, {"item_id": 104, "ts": 2}], "candidates": [105, 111, 112]}
     response = _post(server, "rank", body)
     assert response.status_code == 200, response.text
     out = response.json()
-    assert len(out["scores"]["score"]) == 3 and out["unknown_items"] == [5555]
-    assert sorted(out["ranking"]) == [105, 111, 5555] and len(out["propensities"]) == 3
+    assert len(out["scores"]["score"]) == 3 and out["propensities"] == [1.0] * 3
+    assert out["ranking"] == [105, 111, 112] and "unknown_items" not in out
     assert out["scores"]["score"][0] > out["scores"]["score"][1] > out["scores"]["score"][2]
+    unknown = _post(server, "rank", {**body, "candidates": [105, 5555]})
+    assert unknown.status_code == 400 and "unknown item ids [5555]" in unknown.text
 
 
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        ("recommend", {"user_id": "12"}, "user_id"),
+        ("recommend", {"user_id": "12"}, "user_id: this model's user ids are integers"),
+        ("recommend", {"user_id": 1.5}, "user_id"),
         ("recommend", {"user_id": 1, "k": 1.5}, "k"),
         ("recommend", {"history": [{"item_id": 1, "ts": "yesterday"}]}, "ts"),
         ("recommend", {"user_id": 1, "k": 500}, "k"),
@@ -176,6 +188,7 @@ def test_rank_over_http(server: Server) -> None:
         ("rank", {"user_id": 1, "candidates": list(range(51))}, "candidates"),
         ("rank", {"user_id": 1, "candidates": [4, 4]}, "candidates"),
         ("rank", {"user_id": 1, "candidates": ["a"]}, "candidates"),
+        ("rank", {"user_id": 1, "candidates": [101, 5555]}, "unknown item ids [5555]"),
         ("rank", [1, 2], "RankRequest"),
     ],
 )
@@ -269,13 +282,14 @@ def test_a_feature_ranker_is_served_over_http(ranker_server: RankerServer) -> No
     served, url = ranker_server.served, ranker_server.url
     meta = httpx.post(f"{url}/metadata", timeout=30).json()
     assert meta["ranker"]["tag"] == served.ranker and meta["ranker"]["architecture"] == "rankmixer"
-    candidates = [int(i) for i in served.items[:10]] + [999_999]
+    candidates = [int(i) for i in served.items[:10]]
     body = {"user_id": served.known_user, "candidates": candidates, "ts": 2_000_000_000}
     rank = httpx.post(f"{url}/rank", json=body, timeout=30)
     assert rank.status_code == 200, rank.text
     out = rank.json()
     assert out["source"] == "ranker" and set(out["scores"]) == set(served.data.tasks)
-    assert out["unknown_items"] == [999_999] and out["ranking"][-1] == 999_999
+    unknown = httpx.post(f"{url}/rank", json={**body, "candidates": [*candidates, 999_999]}, timeout=30)
+    assert unknown.status_code == 400 and "999999" in unknown.text
     history = [{"item_id": int(i), "ts": 1_000 + n, "value": 2.5} for n, i in enumerate(served.items[:5])]
     rec = httpx.post(f"{url}/recommend", json={"history": history, "k": 4, "ts": 5_000}, timeout=30)
     assert rec.status_code == 200, rec.text

@@ -20,6 +20,7 @@ from recsys.serving.registry import (
     catalog_from_warehouse,
     histories_from_warehouse,
     list_models,
+    load_ids,
     load_model,
     register_model,
     resolve,
@@ -150,3 +151,54 @@ def test_catalogue_and_histories_come_from_the_warehouse(tmp_path: Path) -> None
         histories = histories_from_warehouse(wh, "ds")
     assert items.rows() == [(70, 1, "x", 1.0), (80, 2, "y", 0.0), (90, 3, "x", 2.0)]
     assert histories.rows() == [(1, [90, 70], [5, 6]), (2, [90], [7])]
+
+
+def test_string_ids_travel_with_the_model(tmp_path: Path) -> None:
+    """A dataset ingested with string ids: the catalogue and histories carry the raw ids, the registered
+    model keeps them (checksummed with the rest) and translates both ways."""
+    with Warehouse(tmp_path / "wh.duckdb") as wh:
+        wh.publish("ds.item_index", pl.DataFrame({"item_id": [1, 2, 3], "item_idx": [1, 2, 3]}))
+        wh.publish("ds.item_ids", pl.DataFrame({"raw_id": ["sku-a", "sku-b", "sku-c"], "item_id": [1, 2, 3]}))
+        wh.publish("ds.user_ids", pl.DataFrame({"raw_id": ["alice", "bob"], "user_id": [1, 2]}))
+        wh.publish(
+            "ds.events",
+            pl.DataFrame({"user_id": [1, 1, 2], "item_id": [3, 1, 3], "ts": [5, 6, 7], "src_row": [0, 1, 2]}),
+        )
+        wh.publish(
+            "ds.sequences",
+            pl.DataFrame(
+                {"user_id": [1, 2], "user_idx": [1, 2], "item_idx": [[3, 1], [3]], "ts": [[5, 6], [7]]}
+            ),
+        )
+        items = catalog_from_warehouse(wh, "ds")
+        histories = histories_from_warehouse(wh, "ds")
+    assert items["raw_id"].to_list() == ["sku-a", "sku-b", "sku-c"]
+    assert histories.select("user_id", "raw_user_id").rows() == [(1, "alice"), (2, "bob")]
+    torch.manual_seed(0)
+    model = build_model("sasrec", num_items=3, max_len=8, embedding_dim=8, num_heads=1, dropout=0.0)
+    tag = register_model(
+        "reg-strings",
+        architecture="sasrec",
+        task="retrieval",
+        model=model,
+        items=items,
+        data_version="v1",
+        histories=histories,
+    )
+    loaded = load_model(tag)
+    assert loaded.ids.user_type == "str" and loaded.ids.item_type == "str"
+    assert loaded.ids.user_internal("bob") == 2 and loaded.ids.user_internal("carol") is None
+    assert loaded.ids.items_raw(loaded.catalog.item_ids[1:]) == ["sku-a", "sku-b", "sku-c"]
+    light = load_ids(tag)  # the maps alone, without the weights
+    assert light.users is not None and light.items is not None and loaded.ids.items is not None
+    assert light.users.to_internal == {"alice": 1, "bob": 2}
+    assert light.items.to_internal == loaded.ids.items.to_internal
+    with pytest.raises(RegistryError, match="raw_id"):
+        register_model(
+            "reg-strings-bad",
+            architecture="sasrec",
+            task="retrieval",
+            model=model,
+            items=items.with_columns(pl.lit("same").alias("raw_id")),
+            data_version="v1",
+        )

@@ -225,19 +225,22 @@ def test_unknown_history_items_are_ignored_and_reported(engine: Recommender) -> 
 
 
 # -- rank --------------------------------------------------------------------------------------------------
-def test_rank_scores_every_candidate_and_unknown_items_get_the_prior(engine: Recommender) -> None:
-    candidates = [ITEM_OFFSET + 9, ITEM_OFFSET + 6, 77777, ITEM_OFFSET + 1]
+def test_rank_scores_every_candidate_in_request_order(engine: Recommender) -> None:
+    candidates = [ITEM_OFFSET + 9, ITEM_OFFSET + 6, ITEM_OFFSET + 1]
     response = engine.rank(RankRequest(history=_history([3, 4, 5]), candidates=candidates, ts=NOW))
     expected = _retrieval_scores(engine, [3, 4, 5], NOW)
-    scores = response.scores["score"]
-    known = [expected[c] for c in candidates if c != 77777]
-    assert scores[0] == pytest.approx(expected[candidates[0]], rel=1e-5, abs=1e-5)
-    assert scores[1] == pytest.approx(expected[candidates[1]], rel=1e-5, abs=1e-5)
-    assert scores[2] == pytest.approx(min(known) - 1.0, rel=1e-5)  # never seen: below every known item
-    assert response.unknown_items == [77777] and response.ranking[0] == ITEM_OFFSET + 6
-    assert response.ranking[-1] == 77777 and response.propensities == [1.0] * 4
+    assert response.scores["score"] == pytest.approx([expected[c] for c in candidates], rel=1e-5, abs=1e-5)
+    assert response.ranking == sorted(candidates, key=lambda c: -expected[c])
+    assert response.ranking[0] == ITEM_OFFSET + 6 and response.propensities == [1.0] * 3
     # Built without validation on the hot path: it must still be exactly what validation would give.
     assert RankResponse.model_validate(response.model_dump()) == response
+
+
+def test_rank_refuses_an_unknown_candidate_naming_it(engine: Recommender) -> None:
+    request = RankRequest(history=_history([3]), candidates=[ITEM_OFFSET + 1, 77777, ITEM_OFFSET + 2])
+    with pytest.raises(InvalidRequest, match=r"candidates: unknown item ids \[77777\]") as err:
+        engine.rank(request)
+    assert err.value.field == "candidates" and engine.retriever.tag in str(err.value)
 
 
 def test_rank_for_an_unknown_user_uses_popularity(engine: Recommender) -> None:
@@ -320,12 +323,12 @@ def test_configured_limits_name_the_field(tiny: TinyModels) -> None:
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
-        ({"user_id": "12"}, "user_id"),
+        ({"user_id": ""}, "user_id"),
         ({"user_id": 1.5}, "user_id"),
         ({"user_id": True}, "user_id"),
         ({"user_id": 2**63}, "user_id"),
         ({"history": [{"item_id": 1, "ts": float("nan")}]}, "ts"),
-        ({"history": [{"item_id": "x", "ts": 1}]}, "item_id"),
+        ({"history": [{"item_id": 2.0, "ts": 1}]}, "item_id"),
         ({"history": [{"item_id": 1, "ts": -5}]}, "ts"),
         ({"user_id": 1, "k": 0}, "k"),
         ({"user_id": 1, "options": {"categories": []}}, "categories"),
@@ -366,8 +369,11 @@ def test_served_lists_are_logged_with_their_propensities(tiny: TinyModels, tmp_p
     logger = ImpressionLogger(tmp_path, flush_interval_s=3600)
     config = ServingConfig(retriever=tiny.retriever, policy_temperature=1.0, impressions_max_positions=3)
     eng = Recommender(config, load_model(tiny.retriever), logger=logger)
-    response = eng.recommend(RecommendRequest(user_id=99, history=_history([3, 4, 5]), k=4, ts=NOW))
+    response = eng.recommend(
+        RecommendRequest(user_id=99, history=_history([3, 4, 5]), k=4, ts=NOW, policy="explore")
+    )
     ranked = eng.rank(RankRequest(history=_history([3]), candidates=[101, 102, 103, 104, 105], ts=NOW))
+    top_k = eng.recommend(RecommendRequest(user_id=99, history=_history([3, 4, 5]), k=4, ts=NOW))
     eng.close()
     # Position 0's propensity is the softmax of the pool's scores (pool = every unseen item here).
     pool = _retrieval_scores(eng, [3, 4, 5], NOW)
@@ -386,6 +392,132 @@ def test_served_lists_are_logged_with_their_propensities(tiny: TinyModels, tmp_p
         rank_rows["item_id"].to_list() == ranked.ranking[:3]
         and rank_rows["endpoint"].to_list() == ["rank"] * 3
     )
+    # The default top-k is logged too, as the deterministic policy it is: propensity 1, temperature 0.
+    greedy = frame.filter(frame["request_id"] == top_k.request_id)
+    assert greedy["item_id"].to_list() == [it.item_id for it in top_k.items][:3]
+    assert greedy["propensity"].to_list() == [1.0] * 3 and greedy["policy_temperature"].to_list() == [0.0] * 3
+    explored = frame.filter(frame["request_id"] == response.request_id)
+    assert explored["policy_temperature"].to_list() == [1.0] * 3
+
+
+def test_recommend_is_the_top_k_unless_exploration_is_asked_for(tiny: TinyModels) -> None:
+    """With a sampling temperature configured, a plain request still gets the k best scores in order (the
+    same list every time); ``policy: explore`` gets Plackett-Luce draws with propensities below 1."""
+    config = ServingConfig(retriever=tiny.retriever, policy_temperature=5.0, request_id_seed=0)
+    eng = Recommender(config, load_model(tiny.retriever))
+    request = RecommendRequest(history=_history([3, 4, 5]), k=6, ts=NOW)
+    expected = _retrieval_scores(eng, [3, 4, 5], NOW)
+    best = [i for _, i in sorted(((s, i) for i, s in expected.items() if i not in (103, 104, 105)))[::-1]]
+    for _ in range(3):
+        served = eng.recommend(request)
+        assert [it.item_id for it in served.items] == best[:6]
+        assert [it.propensity for it in served.items] == [1.0] * 6
+    explore = request.model_copy(update={"policy": "explore"})
+    draws = [eng.recommend(explore) for _ in range(8)]
+    assert all(it.propensity < 1.0 for d in draws for it in d.items)
+    assert len({tuple(it.item_id for it in d.items) for d in draws}) > 1  # T = 5: the order varies
+    ranked = eng.rank(RankRequest(history=_history([3]), candidates=[101, 102, 106, 107], ts=NOW))
+    assert ranked.propensities == [1.0] * 4
+    by_score = sorted(zip(ranked.scores["score"], [101, 102, 106, 107], strict=True), reverse=True)
+    assert ranked.ranking == [c for _, c in by_score]
+    eng.close()
+
+
+# -- the dataset's own ids ---------------------------------------------------------------------------------
+def sku(item_idx: int) -> str:
+    return f"sku-{item_idx:03d}"
+
+
+def user_name(user_idx: int) -> str:
+    return f"u_{user_idx:04d}"
+
+
+def register_string_twin(tiny: TinyModels) -> str:
+    """The tiny HSTU registered for a dataset whose ids are strings: the catalogue carries ``raw_id`` and the
+    histories ``raw_user_id`` (what ``catalog_from_warehouse`` / ``histories_from_warehouse`` give for a
+    dataset ingested with string ids). Internal ids are the integer twin's."""
+    loaded = load_model(tiny.retriever)
+    internal = loaded.catalog.item_ids[1:]
+    items = pl.DataFrame(
+        {
+            "item_id": internal,
+            "item_idx": np.arange(1, NUM_ITEMS + 1),
+            "category": loaded.catalog.category[1:].tolist(),
+            "popularity": loaded.catalog.popularity[1:],
+            "raw_id": [sku(int(i) - ITEM_OFFSET) for i in internal],
+        }
+    )
+    users = sorted(tiny.histories)
+    histories = pl.DataFrame(
+        {
+            "user_id": users,
+            "item_id": [tiny.histories[u] for u in users],
+            "ts": [[1000 + 100 * n for n in range(len(tiny.histories[u]))] for u in users],
+            "raw_user_id": [user_name(u - USER_OFFSET) for u in users],
+        }
+    )
+    return register_model(
+        "tiny-hstu-strings",
+        architecture="hstu",
+        task="retrieval",
+        model=loaded.module,
+        items=items,
+        data_version="tinycycle",
+        histories=histories,
+    )
+
+
+@pytest.fixture(scope="module")
+def string_engine(tiny: TinyModels) -> Iterator[Recommender]:
+    tag = register_string_twin(tiny)
+    eng = Recommender(ServingConfig(retriever=tag), load_model(tag))
+    yield eng
+    eng.close()
+
+
+def test_string_ids_in_and_out(string_engine: Recommender, engine: Recommender, tiny: TinyModels) -> None:
+    """The same model answers in SKUs what it answers in integers, for users named by their own ids."""
+    history = [{"item_id": sku(i), "ts": 1000 + 100 * n} for n, i in enumerate([3, 4, 5])]
+    named = string_engine.recommend(RecommendRequest(history=history, k=4, ts=NOW))
+    numbered = engine.recommend(RecommendRequest(history=_history([3, 4, 5]), k=4, ts=NOW))
+    assert [it.item_id for it in named.items] == [sku(it.item_id - ITEM_OFFSET) for it in numbered.items]
+    assert [it.score for it in named.items] == pytest.approx([it.score for it in numbered.items])
+    user = next(iter(tiny.histories))
+    by_name = string_engine.recommend(RecommendRequest(user_id=user_name(user - USER_OFFSET), k=3, ts=NOW))
+    by_number = engine.recommend(RecommendRequest(user_id=user, k=3, ts=NOW))
+    assert by_name.cold_start is None
+    assert [it.item_id for it in by_name.items] == [sku(it.item_id - ITEM_OFFSET) for it in by_number.items]
+    ranked = string_engine.rank(
+        RankRequest(history=history, candidates=[sku(9), sku(6), sku(1)], ts=NOW, policy="explore")
+    )
+    assert set(ranked.ranking) == {sku(9), sku(6), sku(1)}
+    excluded = string_engine.recommend(
+        RecommendRequest(history=history, k=3, ts=NOW, options={"exclude_items": [sku(6), "sku-nope"]})
+    )
+    assert sku(6) not in [it.item_id for it in excluded.items]
+
+
+def test_string_ids_unknowns_and_wrong_types(string_engine: Recommender, engine: Recommender) -> None:
+    stranger = string_engine.recommend(RecommendRequest(user_id="u_9999", k=3))
+    assert stranger.cold_start == "unknown_user" and stranger.source == "popularity"
+    assert all(isinstance(it.item_id, str) and it.item_id.startswith("sku-") for it in stranger.items)
+    odd = string_engine.recommend(
+        RecommendRequest(history=[{"item_id": "sku-x", "ts": 1}, {"item_id": sku(2), "ts": 2}], ts=NOW)
+    )
+    assert odd.unknown_history_items == ["sku-x"] and odd.cold_start is None
+    with pytest.raises(InvalidRequest, match=r"candidates: unknown item ids \['sku-x', 'sku-y'\]"):
+        string_engine.rank(RankRequest(user_id="u_0001", candidates=[sku(1), "sku-x", "sku-y"]))
+    wrong = [
+        (RecommendRequest(user_id=1001, k=3), "user_id"),
+        (RecommendRequest(history=[{"item_id": 101, "ts": 1}]), "history.item_id"),
+        (RecommendRequest(user_id="u_0001", options={"exclude_items": [101]}), "options.exclude_items"),
+    ]
+    for request, name in wrong:
+        with pytest.raises(InvalidRequest, match="this model's .* ids are strings") as err:
+            string_engine.recommend(request)
+        assert err.value.field == name
+    with pytest.raises(InvalidRequest, match="user ids are integers; got a string 'u_0001'"):
+        engine.recommend(RecommendRequest(user_id="u_0001"))
 
 
 def test_batched_scoring_equals_one_request_at_a_time(engine: Recommender) -> None:

@@ -3,6 +3,9 @@ against a real ``bentoml serve`` on 127.0.0.1 (the fixture of tests/serving/test
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -20,7 +23,13 @@ from recsys.simulation.arms import (
 from recsys.simulation.response import FittedResponse, FittedResponseConfig
 from recsys.simulation.simulator import SimulationConfig, simulate
 from tests.serving.test_integration import API_KEY, Server, server  # noqa: F401  (the server fixture)
-from tests.serving.test_service import ITEM_OFFSET, NUM_ITEMS
+from tests.serving.test_service import (
+    ITEM_OFFSET,
+    NUM_ITEMS,
+    USER_OFFSET,
+    register_string_twin,
+    train_and_register,
+)
 from tests.simulation.test_experiment import register_tiny_popularity
 from tests.simulation.test_simulator import N_ITEMS, tiny_world
 
@@ -112,8 +121,48 @@ def test_http_arm_against_a_running_bentoml_server(server: Server) -> None:  # n
     assert treated.height > 0 and set(treated["source"]) == {"retrieval"}
     assert set(treated["item_id"]) <= {ITEM_OFFSET + i for i in range(1, NUM_ITEMS + 1)}
     assert ((treated["propensity"] > 0) & (treated["propensity"] <= 1)).all()
+    assert (treated["propensity"] < 1).any()  # the explore policy, asked for (top-k would log 1.0 only)
     # Off-policy rows: the HTTP arm re-scored the control's requests with its whole pool.
     ope = log.off_policy
     assert ope.height > 0 and ((ope["target_propensity"] >= 0) & (ope["target_propensity"] <= 1)).all()
     assert ope["target_propensity"].sum() > 0
     arm.close()
+
+
+def test_served_arms_ask_for_exploration_and_speak_the_worlds_ids() -> None:
+    """The simulator speaks internal ids; an arm over a model of a string-id dataset translates both ways
+    and asks the engine for its explore policy (propensities < 1), whatever the service's default."""
+    tiny = train_and_register()
+    plain = InProcessArm.from_tag(tiny.retriever, policy_temperature=0.0)
+    named = InProcessArm.from_tag(register_string_twin(tiny), policy_temperature=0.0)
+    assert named.engine.ids.item_type == "str" and named.engine.ids.user_type == "str"
+    user = next(iter(tiny.histories))
+    requests = [
+        _request(user, 10_000_000, [ITEM_OFFSET + 3, ITEM_OFFSET + 4], k=4),
+        _request(USER_OFFSET + 9999, 10_000_000, [], k=3),  # a user the model does not know
+    ]
+    for a, b in zip(plain.recommend_many(requests), named.recommend_many(requests), strict=True):
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items]  # the world's integer ids
+        assert all(isinstance(i.item_id, int) for i in b.items) and a.cold_start == b.cold_start
+    stochastic = InProcessArm.from_tag(tiny.retriever, policy_temperature=1.0, seed=0)
+    drawn = stochastic.recommend(requests[0])
+    assert all(0 < i.propensity < 1 for i in drawn.items)
+
+
+def test_the_simulator_does_not_import_the_orchestration_layer() -> None:
+    """Logic never imports recsys.flows (the simulator used to reach it for PipelineConfig)."""
+    root = Path(__file__).resolve().parents[2] / "recsys" / "simulation"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}" for n in names if n == "recsys.flows" or n.startswith("recsys.flows.")
+            ]
+    assert offenders == []
