@@ -246,7 +246,8 @@ def test_a_body_without_a_content_type_is_415(server: CliServer) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "loc"),
     [
-        ("recommend", b'{"user_id": "12"}', ["user_id"]),  # pydantic: a field of the wrong type
+        ("recommend", b'{"user_id": [12]}', ["user_id"]),  # pydantic: a field of the wrong type
+        ("recommend", b'{"user_id": "12"}', None),  # a string id for an integer-id model (own check)
         ("rank", b'{"user_id": 1, "candidates": [1', []),  # invalid JSON
         ("rank", b"[1, 2]", []),  # not an object
         ("recommend", b'{"user_id": 1, "k": 500}', None),  # a configured limit (the service's own check)
