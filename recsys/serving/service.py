@@ -1205,7 +1205,8 @@ def warm_up(engine: Recommender) -> None:
     """One batched inference through recommend and through rank (nothing logged): readiness then means the
     models answer, and the first client does not pay the one-off costs (allocations, kernel set-up)."""
     catalog = engine.retriever.catalog
-    item = catalog.item_ids[1].item() if catalog.num_items else 1
+    internal = catalog.item_ids[1].item() if catalog.num_items else 1
+    item = engine.ids.items_raw(np.array([internal]))[0]  # the model's own id type (string or integer)
     history = [{"item_id": item, "ts": 0}]
     recommend = RecommendRequest.model_validate({"history": history, "k": 1, "ts": 1})
     engine.recommend_many([engine.recommend_job(recommend)])
