@@ -30,8 +30,8 @@ in the BentoML metadata for listing; loading trusts only the checksummed file.
 from __future__ import annotations
 
 import json
+import logging
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,8 +47,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import recsys.core  # noqa: F401  (BENTOML_HOME and telemetry defaults before BentoML reads them)
+from recsys.core.atomic import atomic_dir
 from recsys.core.config import FrozenModel
+from recsys.core.environment import state_dir
 from recsys.core.hashing import file_sha256, stable_hash
+from recsys.ingest.schema import check_dataset
 from recsys.models.registry import REGISTRY, build_model, entry
 from recsys.serving.featurize import FEATURES_FILE, RankingFeaturizer
 from recsys.serving.ids import IdMap, IdMaps
@@ -62,6 +65,9 @@ WEIGHTS_FILE = "weights.safetensors"
 ITEMS_FILE = "items.parquet"
 HISTORIES_FILE = "histories.parquet"
 LABEL_PREFIX = "recsys"
+# Files BentoML writes into a model directory itself (its own metadata), outside the registered checksums.
+BENTOML_OWN_FILES = frozenset({"model.yaml"})
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
@@ -229,8 +235,8 @@ def register_model(
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    with tempfile.TemporaryDirectory(prefix="recsys-register-") as tmp:
-        staging = Path(tmp)
+    # Staged under the state directory: a process killed here leaves an owned temp that the sweep removes.
+    with atomic_dir(state_dir() / "tmp", f"register-{name}") as staging:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
         item_frame.write_parquet(staging / ITEMS_FILE)
@@ -244,7 +250,12 @@ def register_model(
         version = _version(data_version, digest)
         existing = _get(f"{name}:{version}")
         if existing is not None:
-            return str(existing.tag)
+            try:
+                verify(str(existing.tag))
+                return str(existing.tag)
+            except RegistryError as exc:  # a damaged copy of this exact content: replace it
+                log.warning("re-registering %s: the stored copy failed verification (%s)", existing.tag, exc)
+                bentoml.models.delete(str(existing.tag))
         (staging / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2, sort_keys=True))
         content[CARD_FILE] = file_sha256(staging / CARD_FILE)
         metadata = {
@@ -310,6 +321,11 @@ def verify(tag: str) -> Path:
     if not isinstance(expected, dict) or CARD_FILE not in expected or WEIGHTS_FILE not in expected:
         raise RegistryError(f"model {tag!r} has no checksums in its metadata: not registered by serving")
     root = Path(stored.path)
+    unlisted = sorted(
+        p.name for p in root.iterdir() if p.name not in expected and p.name not in BENTOML_OWN_FILES
+    )
+    if unlisted:
+        raise RegistryError(f"model {tag!r}: file(s) {unlisted} were not registered (no checksum)")
     for file, digest in expected.items():
         path = root / file
         if not path.is_file():
@@ -436,6 +452,7 @@ def register_ranker(
 def catalog_from_warehouse(wh: Warehouse, dataset: str) -> pl.DataFrame:
     """``items.parquet`` content for a dataset: item_index + items.category + event counts, and the items'
     own ids (``raw_id``) when they are strings (``<ds>.item_ids``)."""
+    check_dataset(dataset)
     has_items = wh.has_table(f"{dataset}.items")
     category = "it.category" if has_items else "NULL::VARCHAR"
     join = f"LEFT JOIN {dataset}.items it USING (item_id)" if has_items else ""
@@ -454,6 +471,7 @@ def catalog_from_warehouse(wh: Warehouse, dataset: str) -> pl.DataFrame:
 def histories_from_warehouse(wh: Warehouse, dataset: str) -> pl.DataFrame:
     """``histories.parquet`` content: every user's whole history in internal item ids, oldest first, and
     the users' own ids (``raw_user_id``) when they are strings (``<ds>.user_ids``)."""
+    check_dataset(dataset)
     raw, raw_join = "", ""
     if wh.has_table(f"{dataset}.user_ids"):
         raw, raw_join = ", m.raw_id AS raw_user_id", f"LEFT JOIN {dataset}.user_ids m USING (user_id)"

@@ -105,6 +105,26 @@ def test_a_changed_or_missing_file_is_refused_before_loading(victim: str) -> Non
         load_model(tag)
 
 
+def test_an_unlisted_file_is_refused_and_a_damaged_copy_is_replaced_on_registration() -> None:
+    tag = _register("reg-unlisted", _model())
+    root = Path(bentoml.models.get(tag).path)
+    (root / "extra.safetensors").write_bytes(b"not registered")
+    with pytest.raises(RegistryError, match=r"\['extra.safetensors'\] were not registered"):
+        load_model(tag)
+    (root / "extra.safetensors").unlink()
+    weights = root / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-1])  # damaged in the store
+    assert _register("reg-unlisted", _model()) == tag  # the same content: re-verified, rewritten
+    load_model(tag)
+
+
+def test_a_dataset_name_never_reaches_sql_unchecked(tmp_path: Path) -> None:
+    with Warehouse(tmp_path / "wh.duckdb") as wh:
+        for read in (catalog_from_warehouse, histories_from_warehouse):
+            with pytest.raises(ValueError, match="dataset"):
+                read(wh, "x; DROP TABLE lineage; --")
+
+
 def test_bad_registrations_are_refused_with_the_reason() -> None:
     model = _model()
     with pytest.raises(RegistryError, match="item_idx must be exactly 1..n"):
