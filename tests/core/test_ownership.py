@@ -56,3 +56,37 @@ def test_sweep_keeps_live_temps_and_removes_dead_and_old_unowned_ones(tmp_path: 
 
     assert removed == {dead, dead_dir, old_unowned}
     assert live.exists() and fresh_unowned.exists()
+
+
+def test_a_cleanup_beside_a_live_writer_leaves_its_temp_and_run_alone_until_it_dies(tmp_path: Path) -> None:
+    """Another process is mid-write (an owned temp file) and mid-run (a 'running' run): a second process's
+    clean-up touches neither; once the writer is killed, the same clean-up removes and relabels both."""
+    from recsys.flows.stage_cache import close_interrupted_runs
+    from recsys.warehouse.runs import RunLog
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    RunLog(warehouse)
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from recsys.core.atomic import atomic_path\n"
+        "from recsys.warehouse.runs import RunLog\n"
+        "run = RunLog(sys.argv[1]).start('ranking', 'din', config={}, data_version='v1')\n"
+        "with atomic_path(Path(sys.argv[2]) / 'table.parquet') as tmp:\n"
+        "    tmp.write_text('half written')\n"
+        "    print(run, tmp, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(warehouse), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        run_id, temp = writer.stdout.readline().split()
+        assert sweep_stale_temps(tmp_path) == [] and close_interrupted_runs(warehouse) == 0
+        assert Path(temp).exists()
+        assert RunLog(warehouse).runs()["status"].to_list() == ["running"]
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sweep_stale_temps(tmp_path) == [Path(temp)] and close_interrupted_runs(warehouse) == 1
+    assert RunLog(warehouse).runs()["status"].to_list() == ["interrupted"]
