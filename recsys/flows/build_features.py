@@ -26,6 +26,22 @@ from recsys.features.export import export_features, read_manifest
 from recsys.features.point_in_time import build_examples
 from recsys.features.sequences import build_sequences, check_dataset
 from recsys.features.splits import build_split_loo
+from recsys.flows.options import (
+    Delimiter,
+    EventCol,
+    Examples,
+    ItemCol,
+    Negatives,
+    PositiveEvents,
+    Sampling,
+    TimeCol,
+    TimeFormat,
+    UserCol,
+    ValueCol,
+    dataset_name_for,
+    event_schema_from_flags,
+    feature_config_from_flags,
+)
 from recsys.ingest.events import EventSchema
 from recsys.warehouse import Warehouse
 
@@ -254,26 +270,52 @@ def _group() -> None:
 @app.command("build")
 def build_command(
     kind: Annotated[str, typer.Option(help="synthetic | movielens | events")] = "synthetic",
-    name: Annotated[str | None, typer.Option(help="Warehouse schema (dataset name).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Warehouse schema (dataset name); events: default the file's name.")
+    ] = None,
     preset: Annotated[str, typer.Option(help="Synthetic preset: quick | long_history.")] = "quick",
     movielens_dir: Annotated[Path | None, typer.Option(help="MovieLens-100K folder (else download).")] = None,
-    events: Annotated[Path | None, typer.Option(help="kind=events: the events file.")] = None,
+    events: Annotated[
+        Path | None, typer.Option(help="Your events file (CSV/TSV/Parquet); implies --kind events.")
+    ] = None,
     users: Annotated[Path | None, typer.Option(help="kind=events: the users file.")] = None,
     items: Annotated[Path | None, typer.Option(help="kind=events: the items file.")] = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    time_format: TimeFormat = "unix",
+    event_col: EventCol = None,
+    value_col: ValueCol = None,
+    delimiter: Delimiter = None,
+    examples: Examples = "auto",
+    negatives: Negatives = 4,
+    sampling: Sampling = "popularity",
+    positive_events: PositiveEvents = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the synthetic data and the negative sampler.")
+    ] = 0,
     max_seq_len: Annotated[int, typer.Option(min=1, help="History length models read.")] = 200,
 ) -> None:
     """Run the build-features flow and print its key figures."""
+    if events is not None and kind == "synthetic":
+        kind = "events"
     try:
         spec = DatasetSpec(
             kind=kind,  # type: ignore[arg-type]  (pydantic validates the literal)
-            name=name,
+            name=name or (dataset_name_for(events) if events is not None and kind == "events" else None),
             synthetic_preset=preset,  # type: ignore[arg-type]
             movielens_dir=movielens_dir,
             events_path=events,
             users_path=users,
             items_path=items,
+            event_schema=event_schema_from_flags(
+                user_col, item_col, time_col, time_format, event_col, value_col, delimiter
+            ),
+            seed=seed,
         )
-        features = FeatureConfig(max_seq_len=max_seq_len)
+        features = feature_config_from_flags(
+            max_seq_len, examples, negatives, sampling, positive_events, seed
+        )
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     fig = build_features_flow(spec, features)
