@@ -13,8 +13,10 @@ import polars as pl
 import pytest
 
 from recsys.features.config import FeatureConfig, ImplicitConfig
+from recsys.features.export import export_features, read_manifest
 from recsys.features.implicit import sample_negatives
 from recsys.features.point_in_time import build_examples, example_source
+from recsys.features.splits import build_split_loo
 from recsys.ingest.events import EventSchema, ingest_events
 from recsys.warehouse import Warehouse, WarehouseError
 from tests.features.test_point_in_time import assert_features_equal, brute_force
@@ -128,3 +130,17 @@ def test_popularity_sampling_follows_the_counts_so_far() -> None:
     # The positive's own item is never a negative: a pool of only that item gives none.
     owner, _ = sample_negatives(np.array([5, 5, 6]), np.array([1, 2, 3]), np.array([1]), cfg)
     assert len(owner) == 0
+
+
+def test_implicit_examples_export_for_the_models(clicks: Warehouse, tmp_path: Path) -> None:
+    cfg = FeatureConfig()
+    build_examples(clicks, "clicks", cfg)  # builds the sequences too
+    build_split_loo(clicks, "clicks", cfg)
+    out = export_features(clicks, "clicks", cfg, root=tmp_path / "exports")
+    manifest = read_manifest(out)
+    assert sum(manifest["splits"]["ranking"]["rows"].values()) == _examples(clicks).height
+    train = pl.read_parquet(out / "examples_train.parquet")
+    assert "candidate" in manifest["columns"]["meta"] and "label" in manifest["columns"]["labels"]
+    assert train.select("ts", "request_id", "candidate").equals(
+        train.select("ts", "request_id", "candidate").sort("ts", "request_id", "candidate")
+    )
