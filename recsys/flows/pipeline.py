@@ -157,7 +157,11 @@ class PipelineResult(FrozenModel):
 
 
 def _interactive() -> bool:
-    """tqdm epoch bars only where someone watches a terminal; logs get the heartbeat lines instead."""
+    """tqdm epoch bars only where someone watches a terminal; logs get the heartbeat lines instead.
+
+    The ranking experiment keys its checkpoint folders on the whole loop config, ``progress`` included: a
+    run resumed from the other kind of terminal retrains its ranking models (retrieval's key leaves it out).
+    """
     return sys.stderr.isatty()
 
 
