@@ -76,3 +76,37 @@ def test_progress_outside_a_run_logs_the_steps(caplog: pytest.LogCaptureFixture)
 
 def test_artifact_keys_are_what_prefect_accepts() -> None:
     assert artifact_key("ranking", "My_Clicks", "progress") == "ranking-my-clicks-progress"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_real_flow_retries_the_io_failure_and_not_the_bug() -> None:
+    from prefect import flow, task
+
+    calls = {"io": 0, "bug": 0}
+
+    @task(**(IO_RETRIES | {"retry_delay_seconds": 0}))
+    def flaky_write() -> str:
+        calls["io"] += 1
+        if calls["io"] == 1:
+            raise duckdb.IOException('Could not set lock on file "warehouse.duckdb"')
+        return "written"
+
+    @task(**(IO_RETRIES | {"retry_delay_seconds": 0}))
+    def buggy() -> None:
+        calls["bug"] += 1
+        raise ValueError("bad input")
+
+    @flow
+    def job() -> str:
+        written = flaky_write()
+        progress = StageProgress("test-observe-progress", 1, "job", logging.getLogger("test-observe"))
+        progress.step("write")
+        assert progress.id is not None  # a real progress artifact inside a run
+        assert table_artifact("test-observe-table", [{"model": "m", "auc": 0.71234}], "a table") is not None
+        with pytest.raises(ValueError, match="bad input"):
+            buggy()
+        return written
+
+    assert job() == "written"
+    assert calls == {"io": 2, "bug": 1}
