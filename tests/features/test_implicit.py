@@ -15,10 +15,12 @@ import pytest
 from recsys.features.config import FeatureConfig, ImplicitConfig
 from recsys.features.export import export_features, read_manifest
 from recsys.features.implicit import sample_negatives
+from recsys.features.partitioned import PartitionConfig, build_partitioned
 from recsys.features.point_in_time import build_examples, example_source
 from recsys.features.splits import build_split_loo
 from recsys.ingest.events import EventSchema, ingest_events
 from recsys.warehouse import Warehouse, WarehouseError
+from tests.features.test_partitioned import _assert_same
 from tests.features.test_point_in_time import assert_features_equal, brute_force
 
 T0 = 1_700_000_000
@@ -144,3 +146,20 @@ def test_implicit_examples_export_for_the_models(clicks: Warehouse, tmp_path: Pa
     assert train.select("ts", "request_id", "candidate").equals(
         train.select("ts", "request_id", "candidate").sort("ts", "request_id", "candidate")
     )
+
+
+def test_the_partitioned_build_gives_the_same_implicit_examples(tmp_path: Path) -> None:
+    log = write_click_log(tmp_path / "clicks.csv")
+    tables = {}
+    for name in ("single", "parts"):
+        with Warehouse(tmp_path / f"{name}.duckdb") as wh:
+            ingest_events(wh, "clicks", log, schema=SCHEMA)
+    with Warehouse(tmp_path / "single.duckdb") as wh:
+        build_examples(wh, "clicks", FeatureConfig())
+        tables["single"] = _examples(wh)
+    built = build_partitioned(
+        tmp_path / "parts.duckdb", "clicks", FeatureConfig(), PartitionConfig(partitions=3)
+    )
+    with Warehouse(tmp_path / "parts.duckdb") as wh:
+        _assert_same(_examples(wh), tables["single"])  # floats within 1e-12 (features.partitioned doc)
+        assert build_examples(wh, "clicks", FeatureConfig()).version == built.examples.version  # same key
