@@ -297,6 +297,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from recsys.ingest.movielens import find_movielens_100k  # the client itself stays light
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -351,9 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ml100k",
         type=Path,
-        default=Path(
-            os.environ.get("RECSYS_ML100K_DIR", Path(__file__).resolve().parents[3] / "shared/data/ml-100k")
-        ),
+        default=find_movielens_100k() or Path(__file__).resolve().parents[3] / "shared/data/ml-100k",
     )
     args = parser.parse_args(argv)
     try:

@@ -24,7 +24,6 @@ the seeds that reached the threshold, with the count shown.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +39,7 @@ from recsys.core.config import PathsConfig
 from recsys.evaluation.retrieval import LeaveOneOutSplit
 from recsys.evaluation.significance import summarize
 from recsys.experiments.retrieval import RetrievalExperimentConfig, prepare_split
+from recsys.ingest.movielens import find_movielens_100k
 from recsys.models.registry import REGISTRY, build_model, model_config
 from recsys.training.loop import LoopConfig, fit, record, seed_everything
 from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig
@@ -270,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ml100k",
         type=Path,
-        default=Path(os.environ.get("RECSYS_ML100K_DIR", DEFAULT_ML100K)),
+        default=find_movielens_100k() or DEFAULT_ML100K,
         help="Unzipped MovieLens-100K folder.",
     )
     parser.add_argument("--events", type=Path, default=None, help="Your own events file instead of ML-100K.")

@@ -40,7 +40,6 @@ import typer
 from pydantic import Field, model_validator
 
 from recsys.core.config import PathsConfig
-from recsys.core.environment import PROJECT_ROOT
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.forgetting import (
     ForgettingSummary,
@@ -57,6 +56,7 @@ from recsys.experiments.ranking import (
     build_model,
     prepare_data,
 )
+from recsys.ingest.movielens import find_movielens_100k
 from recsys.synthetic.config import SyntheticConfig
 from recsys.training.continual import (
     METHODS,
@@ -95,7 +95,6 @@ PROTOCOL = (
     "valid / eval; period i learned at step i; after each step AUC/GAUC of the served model on the eval "
     "slice of every learned period (features and histories strictly before each example's ts)"
 )
-ML100K_DIR = PROJECT_ROOT.parent / "shared" / "data" / "ml-100k"
 #: Claim check: SDFT's mean new-period AUC may trail fine-tuning's by at most this and still count as equal.
 EQUAL_AUC_TOLERANCE = 0.005
 #: AUC differences below this count as none in the claim check (single-seed noise on ~3,000 eval examples).
@@ -178,7 +177,7 @@ class ContinualConfig(RankingDataSource):
         elif dataset == "synthetic_long":
             base["synthetic"] = SyntheticConfig.long_history()
         else:  # ml100k
-            base["source_dir"] = ML100K_DIR if (ML100K_DIR / "u.data").exists() else None
+            base["source_dir"] = find_movielens_100k()  # None: the verified download
         return cls(**(base | overrides))
 
     def ranking_config(self) -> RankingExperimentConfig:

@@ -11,6 +11,34 @@ from recsys.core.config import FrozenModel
 DAY_S = 86_400.0
 
 
+class ImplicitConfig(FrozenModel):
+    """Ranking examples from implicit feedback (a click log: user, item, time and no label).
+
+    Every interaction is a positive; ``negatives`` catalogue items are sampled for it at the same time
+    (``recsys.features.implicit`` documents the sampling and why it keeps the point-in-time rule).
+    """
+
+    negatives: int = Field(4, ge=1, le=100, description="Sampled negatives per positive interaction.")
+    sampling: Literal["popularity", "uniform"] = Field(
+        "popularity",
+        description="popularity: items drawn in proportion to their interactions strictly before the"
+        " positive; uniform: every item first seen strictly before the positive, equally likely.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the negative sampler (same seed, same examples).")
+    positive_events: tuple[str, ...] = Field(
+        (),
+        description="Event types that count as positives (e.g. ('purchase',)); empty: every event."
+        " Negatives are drawn from every event type.",
+    )
+
+    @field_validator("positive_events")
+    @classmethod
+    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not e for e in v) or len(set(v)) != len(v):
+            raise ValueError(f"positive_events must be distinct, non-empty event types, got {v}")
+        return v
+
+
 class FeatureConfig(FrozenModel):
     """What the feature build computes and how the splits are cut.
 
@@ -27,10 +55,15 @@ class FeatureConfig(FrozenModel):
         (0.8, 0.9),
         description="Ranking split: t1, t2 = these ts quantiles (train < t1 <= valid < t2 <= test).",
     )
-    examples: Literal["auto", "impressions", "events"] = Field(
+    examples: Literal["auto", "impressions", "events", "implicit"] = Field(
         "auto",
-        description="Ranking example rows: impressions (labels click, like), events with a value (label ="
-        " value >= label_threshold), or auto = impressions when a non-empty impressions table exists.",
+        description="Ranking example rows: impressions (labels click, like; the unclicked exposures are the"
+        " negatives), events with a value (label = value >= label_threshold), implicit (every event a"
+        " positive plus sampled negatives: `implicit`), or auto = impressions when a non-empty impressions"
+        " table exists, else events when some event has a value, else implicit.",
+    )
+    implicit: ImplicitConfig = Field(
+        default_factory=ImplicitConfig, description="Negative sampling of implicit-feedback examples."
     )
     label_threshold: float = Field(
         4.0, description="Event-log datasets (MovieLens): label = value >= label_threshold."

@@ -129,7 +129,14 @@ def _write_files(
     roles = feature_columns(wh, dataset)
     lineage = wh.latest(f"{dataset}.examples")
     assert lineage is not None  # require_table checked it
-    source_key = ["user_idx", "pos"] if "pos" in roles["meta"] else ["request_id", "position"]
+    # Rated events, implicit-feedback examples (positive then its negatives), impressions (by slot).
+    source_key = (
+        ["user_idx", "pos"]
+        if "pos" in roles["meta"]
+        else ["request_id", "candidate"]
+        if "candidate" in roles["meta"]
+        else ["request_id", "position"]
+    )
     order = ", ".join(["ts", *source_key])
     counts = {}
     for split in SPLITS:

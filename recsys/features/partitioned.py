@@ -188,7 +188,7 @@ def _quote(paths: Sequence[str]) -> str:
 
 def _examples_params(dataset: str, config: FeatureConfig, src: ExampleSource, cut: TemporalCut) -> dict:
     # Must equal build_examples' params (tests/features/test_partitioned.py checks the shared cache key).
-    return {
+    return dict(src.params) | {
         "step": "examples",
         "pipeline": PIPELINE_VERSION,
         "source": src.kind,
@@ -229,6 +229,7 @@ def plan_partitioned(
     cut = temporal_cut(wh, src.sql, config)
     ex_inputs = {f"{dataset}.events": events_version}
     ex_inputs |= optional_versions(wh, dataset, ("impressions", "user_index", "item_index"))
+    ex_inputs |= dict(src.inputs)  # implicit feedback: the sampled example table
     ex_params = _examples_params(dataset, config, src, cut)
     fresh = False
     seq_name = f"{dataset}.sequences"

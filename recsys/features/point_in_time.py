@@ -1,9 +1,12 @@
 """Ranking examples with point-in-time features: ``<ds>.examples``.
 
 Example rows (``FeatureConfig.examples``, default ``auto``): when ``<ds>.impressions`` has rows (synthetic
-data, serving logs) every impression is an example with labels ``click`` (= ``label``) and ``like``;
-otherwise (MovieLens) every event with a non-NULL ``value`` is one, ``label = value >= label_threshold``,
-identified by ``pos``, its position in the user's sequence (``value`` kept).
+data, serving logs) every impression is an example with labels ``click`` (= ``label``) and ``like`` (the
+unclicked exposures are the negatives); otherwise, when some event has a ``value`` (MovieLens), every event
+with a non-NULL ``value`` is one, ``label = value >= label_threshold``, identified by ``pos``, its position in
+the user's sequence (``value`` kept); otherwise (a plain click log) the examples are implicit feedback
+(``recsys.features.implicit``): every event a positive plus sampled negatives at the same ``ts``, grouped
+by ``request_id`` with ``candidate`` 0 for the positive.
 
 Leakage guarantee: every behavioural feature of an example at time ``ts`` is built only from events with
 ``event.ts < ts``; events at the same second (the example's own event included) and later are never read.
@@ -74,6 +77,7 @@ from recsys.core.atomic import owned_tempdir
 from recsys.core.config import FrozenModel
 from recsys.core.hashing import stable_hash
 from recsys.features.config import FeatureConfig
+from recsys.features.implicit import build_implicit_examples
 from recsys.features.sequences import (
     EVENT_COLUMNS,
     build_sequences,
@@ -92,6 +96,7 @@ IMPRESSION_COLUMNS = ("request_id", "user_id", "item_id", "ts", "position", "pro
 # Columns carried for evaluation / off-policy work, never model inputs.
 META_COLUMNS = (
     "pos",
+    "candidate",
     "value",
     "request_id",
     "position",
@@ -121,23 +126,51 @@ PARQUET_PART = {"compression": "none", "use_dictionary": False, "write_statistic
 class ExampleSource:
     """Where the example rows come from and what they carry besides the features."""
 
-    kind: str  # "events" or "impressions"
+    kind: str  # "events", "impressions" or "implicit"
     sql: str  # SELECT of the example rows with at least user_id, item_id, ts (for the temporal cut)
     keep: tuple[str, ...]  # label / id columns copied to the examples table
     key: tuple[str, ...]  # a unique, deterministic order of the examples
     labels: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...] = ()  # tables the rows come from besides events: (name, version)
+    params: tuple[tuple[str, object], ...] = ()  # what else decides the rows (the sampler's config)
+
+    def order_sql(self, alias: str) -> str:
+        """The rows' order within a user (impressions and implicit examples), columns of ``alias``."""
+        return ", ".join(f'{alias}."{c}"' for c in self.key)
 
 
 def example_source(wh: Warehouse, dataset: str, config: FeatureConfig) -> ExampleSource:
-    """The example rows ``config.examples`` asks for (``auto``: impressions when there are any)."""
+    """The example rows ``config.examples`` asks for (``auto``: impressions when there are any, else the
+    events with a value, else implicit feedback). For implicit feedback this publishes
+    ``<ds>.implicit_examples`` first (skipped while fresh)."""
     check_dataset(dataset)
     imp = f"{dataset}.impressions"
-    use_impressions = config.examples == "impressions"
-    if config.examples == "auto" and wh.has_table(imp):
-        use_impressions = bool(
-            wh.con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {imp} LIMIT 1)").fetchall()[0][0]
+    ev = f"{dataset}.events"
+    kind = config.examples
+    if kind == "auto":
+        kind = "events"
+        if wh.has_table(imp) and _has_rows(wh, f"SELECT 1 FROM {imp}"):
+            kind = "impressions"
+        else:
+            require_table(wh, ev, EVENT_COLUMNS)
+            if not _has_rows(wh, f"SELECT 1 FROM {ev} WHERE value IS NOT NULL"):
+                kind = "implicit"
+    if kind == "implicit":
+        version = build_implicit_examples(wh, dataset, config.implicit)
+        sql = (
+            "SELECT user_id, item_id, ts, request_id, candidate, label"
+            f" FROM {version.table_name} WHERE user_id IS NOT NULL"
         )
-    if use_impressions:
+        return ExampleSource(
+            "implicit",
+            sql,
+            ("request_id", "candidate", "label"),
+            ("ts", "request_id", "candidate"),
+            ("label",),
+            inputs=((version.table_name, version.version),),
+            params=(("implicit", config.implicit.model_dump(mode="json")),),
+        )
+    if kind == "impressions":
         require_table(wh, imp, IMPRESSION_COLUMNS)
         cols = columns(wh, imp)
         extra = tuple(c for c in ("dwell", "p_click", "p_click_unbiased") if c in cols)
@@ -147,15 +180,18 @@ def example_source(wh: Warehouse, dataset: str, config: FeatureConfig) -> Exampl
         return ExampleSource(
             "impressions", sql, keep, ("ts", "request_id", "position"), ("label", "click", "like")
         )
-    ev = f"{dataset}.events"
     require_table(wh, ev, EVENT_COLUMNS)
     sql = f"SELECT user_id, item_id, ts, value FROM {ev} WHERE value IS NOT NULL"
-    if not wh.con.execute(f"SELECT count(*) FROM ({sql} LIMIT 1)").fetchall()[0][0]:
+    if not _has_rows(wh, sql):
         raise WarehouseError(
-            f"{ev} has no event with a value and {dataset} has no impressions: ranking examples need a"
-            " label (a rating-like value, or impressions with clicks)"
+            f"{ev} has no event with a value: examples='events' needs a label (a rating-like value);"
+            " use examples='implicit' (or 'auto') for a click log without one"
         )
     return ExampleSource("events", sql, ("pos", "value", "label"), ("ts", "user_idx", "pos"), ("label",))
+
+
+def _has_rows(wh: Warehouse, sql: str) -> bool:
+    return bool(wh.con.execute(f"SELECT count(*) FROM ({sql} LIMIT 1)").fetchall()[0][0])
 
 
 # -- sorted arrays --------------------------------------------------------------------------------------
@@ -477,7 +513,7 @@ def _impression_examples(wh: Warehouse, dataset: str, src: ExampleSource, where:
             FROM ({src.sql}) m
             JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
             {where}
-            ORDER BY ui.user_idx, m.ts, m.request_id, m.position"""
+            ORDER BY ui.user_idx, {src.order_sql("m")}"""
     ).to_arrow_table()
 
 
@@ -504,7 +540,7 @@ def _item_pass(
         tab = wh.con.sql(
             f"""SELECT ii.item_idx, m.ts FROM ({src.sql}) m
                 JOIN {dataset}.user_index ui USING (user_id) JOIN {dataset}.item_index ii USING (item_id)
-                ORDER BY ui.user_idx, m.ts, m.request_id, m.position"""
+                ORDER BY ui.user_idx, {src.order_sql("m")}"""
         ).to_arrow_table()
         x_item = np.asarray(tab["item_idx"].to_numpy(), dtype=np.int32)
         x_ts = np.asarray(tab["ts"].to_numpy(), dtype=np.int64)
@@ -719,7 +755,8 @@ def build_examples(
         inputs = {f"{dataset}.events": require_table(wh, f"{dataset}.events", EVENT_COLUMNS)}
         inputs |= optional_versions(wh, dataset, ("impressions", "user_index", "item_index"))
         inputs[seq.table_name] = seq.version
-        params = {
+        inputs |= dict(src.inputs)
+        params = dict(src.params) | {
             "step": "examples",
             "pipeline": PIPELINE_VERSION,
             "source": src.kind,

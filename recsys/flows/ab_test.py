@@ -26,6 +26,7 @@ from pydantic import Field, SecretStr, field_validator
 
 import recsys.core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from recsys.core.config import FrozenModel, PathsConfig
+from recsys.flows.observe import StageProgress, artifact_key, table_artifact
 from recsys.simulation.experiment import ABExperimentConfig, run_ab_experiment
 from recsys.simulation.simulator import SimulationConfig
 
@@ -134,6 +135,13 @@ def ab_test_flow(config: ABTestFlowConfig) -> ABTestFlowResult:
     experiment = config.experiment.model_copy(
         update={"simulation": SimulationConfig(**simulation.model_dump()), "dataset": config.dataset}
     )
+    sim = experiment.simulation
+    days = StageProgress(
+        artifact_key("ab", config.dataset, "progress"),
+        sim.pre_period_days + sim.days,
+        f"A/B on {config.dataset}: simulated days",
+        log,
+    )
     try:
         result = run_ab_experiment(
             experiment,
@@ -141,12 +149,19 @@ def ab_test_flow(config: ABTestFlowConfig) -> ABTestFlowResult:
             world,
             warehouse=paths.warehouse,
             data_version=data_version,
-            progress=lambda day, n: log.info("day %d done: %d impressions", day, n),
+            progress=lambda day, n: days.step(f"day {day} ({n} impressions)"),
         )
     finally:
         for arm in arms.values():
             arm.close()
     key = re.sub(r"[^a-z0-9-]+", "-", f"ab-{config.dataset}".lower())
+    wanted = ("metric", "arm", "lift", "ci_low", "ci_high", "p_value")
+    comparisons = result.tables["ab_comparisons"]
+    table_artifact(
+        artifact_key("ab", config.dataset, "lift"),
+        comparisons.select([c for c in wanted if c in comparisons.columns]).to_dicts(),
+        f"Simulated A/B {result.experiment_id}: relative lift vs the control, 95% CI, p",
+    )
     create_markdown_artifact(
         key=key,
         markdown=f"# A/B {result.experiment_id} on {config.dataset}\n\n{result.lift_table}\n",

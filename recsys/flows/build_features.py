@@ -2,8 +2,10 @@
 
 The logic lives in ``ingest/``, ``synthetic/`` and ``features/``; the tasks here only open the warehouse,
 call those functions and pass versions along. Every step is cached on its inputs' versions (``is_fresh``),
-so a re-run on unchanged input rebuilds nothing and writes no lineage row. Only I/O may be retried (the
-MovieLens download). The run ends with a Prefect markdown artifact of the key figures.
+so a re-run on unchanged input rebuilds nothing and writes no lineage row. Only I/O is retried (the
+MovieLens download, and the steps that write the warehouse when the write fails on I/O, e.g. a file another
+process holds locked: ``observe.IO_RETRIES``). A progress artifact follows the steps, a heartbeat log line
+keeps the terminal alive during long ones, and the run ends with a table artifact of the key figures.
 
 CLI (the lead mounts ``app`` as ``features``):
 ``recsys features build --kind movielens --movielens-dir ../shared/data/ml-100k``.
@@ -16,7 +18,6 @@ from typing import Annotated, Any, Literal
 
 import typer
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from pydantic import Field, ValidationError, model_validator
 
 import recsys.core  # noqa: F401  (telemetry off, Prefect home) before Prefect starts its server
@@ -26,6 +27,23 @@ from recsys.features.export import export_features, read_manifest
 from recsys.features.point_in_time import build_examples
 from recsys.features.sequences import build_sequences, check_dataset
 from recsys.features.splits import build_split_loo
+from recsys.flows.observe import IO_RETRIES, StageProgress, artifact_key, heartbeat, table_artifact
+from recsys.flows.options import (
+    Delimiter,
+    EventCol,
+    Examples,
+    ItemCol,
+    Negatives,
+    PositiveEvents,
+    Sampling,
+    TimeCol,
+    TimeFormat,
+    UserCol,
+    ValueCol,
+    dataset_name_for,
+    event_schema_from_flags,
+    feature_config_from_flags,
+)
 from recsys.ingest.events import EventSchema
 from recsys.warehouse import Warehouse
 
@@ -84,9 +102,9 @@ class DatasetSpec(FrozenModel):
 # -- tasks: thin wrappers over the library -------------------------------------------------------------
 
 
-@task(retries=3, retry_delay_seconds=10)
+@task(**(IO_RETRIES | {"retries": 3, "retry_delay_seconds": 10}))
 def download_movielens(cache_dir: Path) -> Path:
-    """Network I/O: the only step that is retried."""
+    """Network I/O, retried on network errors (a checksum mismatch is final)."""
     from recsys.ingest.movielens import download_movielens_100k
 
     return download_movielens_100k(cache_dir)
@@ -114,7 +132,7 @@ def generate_synthetic(spec: DatasetSpec, cache_dir: Path) -> Path:
     return out
 
 
-@task
+@task(**IO_RETRIES)
 def ingest(spec: DatasetSpec, warehouse_path: Path, source: Path | None) -> dict[str, str]:
     """Publish the source tables (each ingest skips itself when its input is unchanged)."""
     with Warehouse(warehouse_path) as wh:
@@ -143,25 +161,25 @@ def ingest(spec: DatasetSpec, warehouse_path: Path, source: Path | None) -> dict
         return dict(report.versions)
 
 
-@task
+@task(**IO_RETRIES)
 def sequences(warehouse_path: Path, dataset: str) -> str:
     with Warehouse(warehouse_path) as wh:
         return build_sequences(wh, dataset).version
 
 
-@task
+@task(**IO_RETRIES)
 def splits(warehouse_path: Path, dataset: str, features: FeatureConfig) -> str:
     with Warehouse(warehouse_path) as wh:
         return build_split_loo(wh, dataset, features).version
 
 
-@task
+@task(**IO_RETRIES)
 def examples(warehouse_path: Path, dataset: str, features: FeatureConfig) -> str:
     with Warehouse(warehouse_path) as wh:
         return build_examples(wh, dataset, features).version
 
 
-@task
+@task(**IO_RETRIES)
 def export(warehouse_path: Path, dataset: str, features: FeatureConfig, export_root: Path) -> Path:
     with Warehouse(warehouse_path) as wh:
         return export_features(wh, dataset, features, root=export_root)
@@ -189,7 +207,7 @@ def key_figures(warehouse_path: Path, dataset: str, export_dir: Path) -> dict[st
     }
 
 
-def _markdown(fig: dict[str, Any]) -> str:
+def _rows(fig: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("events", f"{fig['events']:,}"),
         ("users / items", f"{fig['users']:,} / {fig['items']:,}"),
@@ -199,9 +217,7 @@ def _markdown(fig: dict[str, Any]) -> str:
         ("leave-one-out users", f"{fig['loo_users_evaluated']:,}"),
         ("export", f"`{fig['export_dir']}`"),
     ]
-    rows += [(f"version `{name}`", f"`{v}`") for name, v in fig["versions"].items()]
-    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Features: {fig['dataset']}\n\n| figure | value |\n|---|---|\n{body}\n"
+    return rows + [(f"version `{name}`", f"`{v}`") for name, v in fig["versions"].items()]
 
 
 @flow(name="build-features", log_prints=False)
@@ -217,22 +233,34 @@ def build_features_flow(
     warehouse_path = Path(warehouse_path or paths.warehouse)
     export_root = Path(export_root or paths.exports)
     log = get_run_logger()
-    source: Path | None = None
-    if dataset.kind == "movielens":
-        source = dataset.movielens_dir or download_movielens(paths.cache)
-    elif dataset.kind == "synthetic":
-        source = generate_synthetic(dataset, paths.cache)
-    ingest(dataset, warehouse_path, source)
     name = dataset.dataset
-    sequences(warehouse_path, name)
+    progress = StageProgress(artifact_key("features", name, "progress"), 6, f"features of {name}", log)
+    source: Path | None = None
+    with heartbeat(log, f"features of {name}: reading the source"):
+        if dataset.kind == "movielens":
+            source = dataset.movielens_dir or download_movielens(paths.cache)
+        elif dataset.kind == "synthetic":
+            source = generate_synthetic(dataset, paths.cache)
+    progress.step("source")
+    with heartbeat(log, f"features of {name}: ingest"):
+        ingest(dataset, warehouse_path, source)
+    progress.step("ingest")
+    with heartbeat(log, f"features of {name}: sequences"):
+        sequences(warehouse_path, name)
+    progress.step("sequences")
     splits(warehouse_path, name, features)
-    examples(warehouse_path, name, features)
-    export_dir = export(warehouse_path, name, features, export_root)
+    progress.step("leave-one-out split")
+    with heartbeat(log, f"features of {name}: point-in-time ranking examples"):
+        examples(warehouse_path, name, features)
+    progress.step("ranking examples")
+    with heartbeat(log, f"features of {name}: Parquet export"):
+        export_dir = export(warehouse_path, name, features, export_root)
+    progress.step("export")
     fig = key_figures(warehouse_path, name, export_dir)
-    create_markdown_artifact(
-        key=f"features-{name.replace('_', '-').lower()}",
-        markdown=_markdown(fig),
-        description=f"Feature build of {name}",
+    table_artifact(
+        artifact_key("features", name),
+        [{"figure": k, "value": v} for k, v in _rows(fig)],
+        f"Feature build of {name}",
     )
     log.info("features of %s: %s examples, export %s", name, fig["examples"], export_dir)
     return fig
@@ -254,26 +282,52 @@ def _group() -> None:
 @app.command("build")
 def build_command(
     kind: Annotated[str, typer.Option(help="synthetic | movielens | events")] = "synthetic",
-    name: Annotated[str | None, typer.Option(help="Warehouse schema (dataset name).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Warehouse schema (dataset name); events: default the file's name.")
+    ] = None,
     preset: Annotated[str, typer.Option(help="Synthetic preset: quick | long_history.")] = "quick",
     movielens_dir: Annotated[Path | None, typer.Option(help="MovieLens-100K folder (else download).")] = None,
-    events: Annotated[Path | None, typer.Option(help="kind=events: the events file.")] = None,
+    events: Annotated[
+        Path | None, typer.Option(help="Your events file (CSV/TSV/Parquet); implies --kind events.")
+    ] = None,
     users: Annotated[Path | None, typer.Option(help="kind=events: the users file.")] = None,
     items: Annotated[Path | None, typer.Option(help="kind=events: the items file.")] = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    time_format: TimeFormat = "unix",
+    event_col: EventCol = None,
+    value_col: ValueCol = None,
+    delimiter: Delimiter = None,
+    examples: Examples = "auto",
+    negatives: Negatives = 4,
+    sampling: Sampling = "popularity",
+    positive_events: PositiveEvents = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the synthetic data and the negative sampler.")
+    ] = 0,
     max_seq_len: Annotated[int, typer.Option(min=1, help="History length models read.")] = 200,
 ) -> None:
     """Run the build-features flow and print its key figures."""
+    if events is not None and kind == "synthetic":
+        kind = "events"
     try:
         spec = DatasetSpec(
             kind=kind,  # type: ignore[arg-type]  (pydantic validates the literal)
-            name=name,
+            name=name or (dataset_name_for(events) if events is not None and kind == "events" else None),
             synthetic_preset=preset,  # type: ignore[arg-type]
             movielens_dir=movielens_dir,
             events_path=events,
             users_path=users,
             items_path=items,
+            event_schema=event_schema_from_flags(
+                user_col, item_col, time_col, time_format, event_col, value_col, delimiter
+            ),
+            seed=seed,
         )
-        features = FeatureConfig(max_seq_len=max_seq_len)
+        features = feature_config_from_flags(
+            max_seq_len, examples, negatives, sampling, positive_events, seed
+        )
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     fig = build_features_flow(spec, features)

@@ -16,6 +16,19 @@ from rich.table import Table
 
 import recsys.core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
 from recsys.core.config import PathsConfig
+from recsys.flows.options import (
+    Delimiter,
+    EventCol,
+    Examples,
+    ItemCol,
+    Negatives,
+    PositiveEvents,
+    Sampling,
+    TimeCol,
+    TimeFormat,
+    UserCol,
+    ValueCol,
+)
 
 app = typer.Typer(
     help="End-to-end recommender platform: data -> features -> models -> serving -> A/B readout.",
@@ -65,8 +78,25 @@ def pipeline_command(
     movielens_dir: Annotated[
         Path | None, typer.Option(help="dataset=movielens: unzipped ml-100k folder (default: download).")
     ] = None,
-    events: Annotated[Path | None, typer.Option(help="dataset=events: your events CSV/Parquet.")] = None,
-    name: Annotated[str | None, typer.Option(help="dataset=events: a name for it in the warehouse.")] = None,
+    events: Annotated[
+        Path | None, typer.Option(help="Your events CSV/TSV/Parquet (implies --dataset events).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="dataset=events: its name in the warehouse (default: the file's).")
+    ] = None,
+    users: Annotated[Path | None, typer.Option(help="dataset=events: a users attribute file.")] = None,
+    items: Annotated[Path | None, typer.Option(help="dataset=events: an items attribute file.")] = None,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    time_format: TimeFormat = "unix",
+    event_col: EventCol = None,
+    value_col: ValueCol = None,
+    delimiter: Delimiter = None,
+    examples: Examples = "auto",
+    negatives: Negatives = 4,
+    sampling: Sampling = "popularity",
+    positive_events: PositiveEvents = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -82,11 +112,14 @@ def pipeline_command(
     from pydantic import ValidationError
 
     from recsys.flows.build_features import DatasetSpec
+    from recsys.flows.options import dataset_name_for, event_schema_from_flags, feature_config_from_flags
     from recsys.flows.pipeline import PipelineConfig, describe, pipeline_flow
 
     if profile not in ("quick", "full"):
         raise typer.BadParameter(f"profile must be 'quick' or 'full', got {profile!r}")
     kinds = {"synthetic": "synthetic", "movielens": "movielens", "ml100k": "movielens", "events": "events"}
+    if events is not None and dataset == "synthetic":
+        dataset = "events"
     if dataset not in kinds:
         raise typer.BadParameter(f"dataset must be one of {sorted(kinds)}, got {dataset!r}")
     overrides: dict = {}
@@ -98,9 +131,24 @@ def pipeline_command(
             raise typer.BadParameter(f"--config {config}: expected a mapping of PipelineConfig fields")
         overrides = loaded
     try:
-        spec = DatasetSpec(kind=kinds[dataset], movielens_dir=movielens_dir, events_path=events, name=name)
+        kind = kinds[dataset]
+        spec = DatasetSpec(
+            kind=kind,  # type: ignore[arg-type]
+            movielens_dir=movielens_dir,
+            events_path=events,
+            users_path=users,
+            items_path=items,
+            name=name or (dataset_name_for(events) if kind == "events" and events is not None else None),
+            event_schema=event_schema_from_flags(
+                user_col, item_col, time_col, time_format, event_col, value_col, delimiter
+            ),
+        )
         if "dataset" in overrides:
             spec = DatasetSpec.model_validate(overrides.pop("dataset"))
+        if "features" not in overrides:
+            overrides["features"] = feature_config_from_flags(
+                examples=examples, negatives=negatives, sampling=sampling, positive_events=positive_events
+            )
         pipeline_config = PipelineConfig.for_profile(profile, spec, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -12,6 +12,12 @@ stages downstream of it. Interrupting a run (even ``kill -9``) loses at most the
 are published in transactions, files are written to temp paths and renamed, training resumes from its last
 epoch checkpoint, and the stage's cache record is written only once the stage has finished.
 
+What the Prefect UI and the terminal show: every model's training is a task of its stage (then one task
+compares them, re-reading the finished checkpoints), each stage and the pipeline advance a progress
+artifact, results are table artifacts (plus the markdown summary), and long steps log a heartbeat line
+every 30 s (with tqdm epoch bars when the terminal is interactive). Only I/O is retried: the warehouse
+writes of the stage records (``observe.IO_RETRIES``); training and evaluation never are.
+
 Profiles: ``quick`` (the default: the whole loop on 2 CPU cores in minutes, one seed, capped epochs and
 example counts) and ``full`` (the evaluation protocol's 3 seeds and paper-grade budgets).
 """
@@ -20,12 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from pydantic import Field
@@ -37,6 +44,7 @@ from recsys.core.ownership import sweep_stale_temps
 from recsys.features.config import FeatureConfig
 from recsys.flows import stage_cache
 from recsys.flows.build_features import DatasetSpec, build_features_flow
+from recsys.flows.observe import IO_RETRIES, StageProgress, artifact_key, heartbeat, table_artifact
 from recsys.training.loop import LoopConfig, OptimizerConfig
 from recsys.training.presets import QUICK_RETRIEVAL_LOOP
 from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
@@ -150,21 +158,62 @@ class PipelineResult(FrozenModel):
 # -- stages: each a subflow returning a JSON-able record --------------------------------------------------
 
 
+def _interactive() -> bool:
+    """tqdm epoch bars only where someone watches a terminal; logs get the heartbeat lines instead.
+
+    The ranking experiment keys its checkpoint folders on the whole loop config, ``progress`` included: a
+    run resumed from the other kind of terminal retrains its ranking models (retrieval's key leaves it out).
+    """
+    return sys.stderr.isatty()
+
+
+@task(name="train-retrieval-model")
+def train_retrieval_model(experiment: Any, name: str) -> dict[str, Any]:
+    """One retrieval model, every seed: trains (or resumes) its checkpoints and logs its test figures."""
+    from recsys.experiments.retrieval import run_retrieval_experiment
+
+    log = get_run_logger()
+    one = experiment.model_copy(update={"models": (name,), "comparisons": ()})
+    with heartbeat(log, f"retrieval: training {name}"):
+        result = run_retrieval_experiment(one, echo=log.info)
+    first = result.runs[name][0]
+    return {"model": name, "best_epoch": first.best_epoch, "train_s": first.train_time_s}
+
+
+@task(name="compare-retrieval-models")
+def compare_retrieval(experiment: Any) -> Any:
+    """Every model side by side (finished checkpoints are re-read, not retrained), the paired tests and
+    the report."""
+    from recsys.experiments.retrieval import run_retrieval_experiment
+
+    log = get_run_logger()
+    with heartbeat(log, "retrieval: comparing the models"):
+        return run_retrieval_experiment(experiment, echo=log.info)
+
+
 @flow(name="retrieval-stage", log_prints=False)
 def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
     """Train and evaluate the retrieval models; the record names each model's best checkpoint."""
-    from recsys.experiments.retrieval import RetrievalExperimentConfig, format_table, run_retrieval_experiment
+    from recsys.experiments.retrieval import RetrievalExperimentConfig, format_table
 
+    loop = config.retrieval_loop.model_copy(update={"progress": _interactive()})
     experiment = RetrievalExperimentConfig(
         dataset=config.dataset.dataset,
         models=config.retrieval_models,
         seeds=config.seeds,
-        loop=config.retrieval_loop,
+        loop=loop,
         train=config.retrieval_train.model_copy(update={"max_len": config.features.max_seq_len}),
         comparisons=(("hstu", "sasrec"),) if {"hstu", "sasrec"} <= set(config.retrieval_models) else (),
     )
     log = get_run_logger()
-    result = run_retrieval_experiment(experiment, echo=log.info)
+    ds = config.dataset.dataset
+    trained = [m for m in config.retrieval_models if m != "popularity"]  # popularity has nothing to train
+    progress = StageProgress(artifact_key("retrieval", ds, "progress"), len(trained) + 1, "retrieval", log)
+    for name in trained:
+        train_retrieval_model(experiment, name)
+        progress.step(name)
+    result = compare_retrieval(experiment)
+    progress.step("comparison")
     table = format_table(result)
     models: dict[str, Any] = {}
     for name, runs in result.runs.items():
@@ -177,9 +226,17 @@ def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
         }
     learned = {k: v for k, v in models.items() if k != "popularity" and v["checkpoint"]}
     best = max(learned, key=lambda k: learned[k]["valid_ndcg@10"]) if learned else None
+    table_artifact(
+        artifact_key("retrieval", ds),
+        [
+            {"model": k, "valid ndcg@10": v["valid_ndcg@10"]} | {f"test {m}": x for m, x in v["test"].items()}
+            for k, v in models.items()
+        ],
+        f"Retrieval on {ds}: leave-one-out, full ranking over all items, history excluded (first seed)",
+    )
     create_markdown_artifact(
-        key=f"retrieval-{_slug(config.dataset.dataset)}",
-        markdown=f"# Retrieval on {config.dataset.dataset}\n\n{table}\n",
+        key=artifact_key("retrieval", ds, "report"),
+        markdown=f"# Retrieval on {ds}\n\n{table}\n",
         description="Leave-one-out, full ranking over all items, history excluded",
     )
     return {
@@ -193,10 +250,33 @@ def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
+@task(name="train-ranking-model")
+def train_ranking_model(experiment: Any, name: str) -> dict[str, Any]:
+    """One ranking model, every seed: trains (or resumes) its checkpoints and logs its test figures."""
+    from recsys.experiments.ranking import run_ranking_experiment
+
+    log = get_run_logger()
+    one = experiment.model_copy(update={"models": (name,), "comparisons": ()})
+    with heartbeat(log, f"ranking: training {name}"):
+        result = run_ranking_experiment(one, echo=log.info)
+    first = result.runs[name][0]
+    return {"model": name, "best_epoch": first.best_epoch, "train_s": first.train_time_s}
+
+
+@task(name="compare-ranking-models")
+def compare_ranking(experiment: Any) -> Any:
+    """Every model side by side (finished checkpoints re-read), the paired tests and the report."""
+    from recsys.experiments.ranking import run_ranking_experiment
+
+    log = get_run_logger()
+    with heartbeat(log, "ranking: comparing the models"):
+        return run_ranking_experiment(experiment, echo=log.info)
+
+
 @flow(name="ranking-stage", log_prints=False)
 def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
     """Train and evaluate the ranking models on the point-in-time examples."""
-    from recsys.experiments.ranking import RankingExperimentConfig, run_ranking_experiment
+    from recsys.experiments.ranking import RankingExperimentConfig
     from recsys.experiments.ranking import format_table as format_ranking_table
 
     stage = config.ranking
@@ -209,7 +289,7 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
         short_len=stage.short_len,
         long_len=stage.long_len,
         train=stage.train,
-        loop=stage.loop,
+        loop=stage.loop.model_copy(update={"progress": _interactive()}),
         comparisons=tuple(
             pair
             for pair in (("hyformer", "rankmixer"), ("rankmixer", "deepfm"))
@@ -217,7 +297,13 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
         ),
     )
     log = get_run_logger()
-    result = run_ranking_experiment(experiment, echo=log.info)
+    ds = config.dataset.dataset
+    progress = StageProgress(artifact_key("ranking", ds, "progress"), len(stage.models) + 1, "ranking", log)
+    for name in stage.models:
+        train_ranking_model(experiment, name)
+        progress.step(name)
+    result = compare_ranking(experiment)
+    progress.step("comparison")
     table = format_ranking_table(result)
     models = {
         name: {
@@ -227,9 +313,17 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
         }
         for name, runs in result.runs.items()
     }
+    table_artifact(
+        artifact_key("ranking", ds),
+        [
+            {"model": k, "history": v["max_len"]} | {f"test {m}": x for m, x in v["test"].items()}
+            for k, v in models.items()
+        ],
+        f"Ranking on {ds}: global temporal split; AUC over all test examples, GAUC by user (first seed)",
+    )
     create_markdown_artifact(
-        key=f"ranking-{_slug(config.dataset.dataset)}",
-        markdown=f"# Ranking on {config.dataset.dataset}\n\n{table}\n",
+        key=artifact_key("ranking", ds, "report"),
+        markdown=f"# Ranking on {ds}\n\n{table}\n",
         description="Global temporal split; AUC over all test examples, GAUC by user",
     )
     return {
@@ -240,16 +334,37 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-@flow(name="distill-stage", log_prints=False)
-def distill_stage(config: PipelineConfig) -> dict[str, Any]:
-    """Teacher -> small student with precomputed teacher scores; the table and the goal check."""
+@task(name="teacher-student")
+def teacher_student(distill_config: Any) -> Any:
+    """Teacher scores, then the students (every training a logged run; long: a heartbeat line)."""
     from recsys.experiments.distillation import run_teacher_student
 
     log = get_run_logger()
-    result = run_teacher_student(config.distill_config(), echo=log.info)
+    with heartbeat(log, "distill: teacher -> student"):
+        return run_teacher_student(distill_config, echo=log.info)
+
+
+@flow(name="distill-stage", log_prints=False)
+def distill_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Teacher -> small student with precomputed teacher scores; the table and the goal check."""
+    ds = config.dataset.dataset
+    result = teacher_student(config.distill_config())
     summary = result.summary()
+    table_artifact(
+        artifact_key("distill", ds),
+        [
+            {"role": role, "auc": auc, "gauc": summary.gauc.get(role)}
+            | (
+                {"flops/example": summary.flops_per_example[role]}
+                if role in summary.flops_per_example
+                else {}
+            )
+            for role, auc in summary.auc.items()
+        ],
+        f"Distillation on {ds}: teacher vs distilled student vs plain student vs DeepFM",
+    )
     create_markdown_artifact(
-        key=f"distill-{_slug(config.dataset.dataset)}",
+        key=artifact_key("distill", ds, "report"),
         markdown=f"# Distillation on {config.dataset.dataset}\n\n{summary.table}\n\n{summary.goal_line}\n",
         description="Teacher vs distilled student vs the same student without distillation vs DeepFM",
     )
@@ -368,6 +483,12 @@ def package_key(dataset: str, retrieval: dict[str, Any], distill: dict[str, Any]
 # -- the pipeline -------------------------------------------------------------------------------------------
 
 
+def _needed(stage: str, wanted: tuple[str, ...]) -> bool:
+    """Stages run because a wanted later one needs their record (package and ab need retrieval)."""
+    needs = {"retrieval": ("package", "ab"), "package": ("ab",)}
+    return any(w in wanted for w in needs.get(stage, ()))
+
+
 def _slug(name: str) -> str:
     return name.replace("_", "-").lower()
 
@@ -380,6 +501,12 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger(__name__)
 
 
+@task(name="record-stage", **IO_RETRIES)
+def record_stage(warehouse_path: Path, name: str, key: str, result: dict[str, Any], seconds: float) -> None:
+    """The stage's cache record (a warehouse write: retried on I/O errors such as a locked file)."""
+    stage_cache.store(warehouse_path, name, key, result, seconds)
+
+
 def _run_stage(
     name: str,
     key: str,
@@ -388,6 +515,7 @@ def _run_stage(
     skipped: list[str],
     seconds: dict[str, float],
     warehouse_path: Path,
+    progress: StageProgress | None = None,
 ) -> dict[str, Any]:
     log = get_run_logger()
     cached = stage_cache.lookup(warehouse_path, name, key)
@@ -396,12 +524,18 @@ def _run_stage(
         records[name] = cached
         skipped.append(name)
         seconds[name] = 0.0
+        if progress is not None:
+            progress.step(f"{name} (unchanged, skipped)")
         return cached
+    log.info("stage %s: starting", name)
     start = time.perf_counter()
-    result = run()
+    with heartbeat(log, f"stage {name}", every_s=60.0):
+        result = run()
     seconds[name] = time.perf_counter() - start
-    stage_cache.store(warehouse_path, name, key, result, seconds[name])
+    record_stage(warehouse_path, name, key, result, seconds[name])
     records[name] = result
+    if progress is not None:
+        progress.step(f"{name} ({seconds[name]:.0f} s)")
     return result
 
 
@@ -426,15 +560,20 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
         seconds: dict[str, float] = {}
         records: dict[str, dict[str, Any]] = {}
         skipped: list[str] = []
-        start = time.perf_counter()
-        features = build_features_flow(config.dataset, config.features)
-        seconds["features"] = time.perf_counter() - start
-        versions = features["versions"]
-        wh = paths.warehouse
         ds = config.dataset.dataset
 
         def want(stage: str) -> bool:
             return stage in config.stages
+
+        planned = ["features"] + [s for s in STAGES[1:] if want(s) or _needed(s, config.stages)]
+        progress = StageProgress(artifact_key("pipeline", ds, "progress"), len(planned), "pipeline", log)
+        log.info("pipeline on %s: stages %s", ds, " -> ".join(planned))
+        start = time.perf_counter()
+        features = build_features_flow(config.dataset, config.features)
+        seconds["features"] = time.perf_counter() - start
+        progress.step(f"features ({seconds['features']:.0f} s)")
+        versions = features["versions"]
+        wh = paths.warehouse
 
         if want("retrieval") or want("package") or want("ab"):
             key = stage_cache.stage_key(
@@ -446,15 +585,17 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
                 config.seeds,
                 config.features.max_seq_len,
             )
-            _run_stage("retrieval", key, lambda: retrieval_stage(config), records, skipped, seconds, wh)
+            _run_stage(
+                "retrieval", key, lambda: retrieval_stage(config), records, skipped, seconds, wh, progress
+            )
         if want("ranking"):
             key = stage_cache.stage_key("ranking", versions, config.ranking, config.seeds, config.features)
-            _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh)
+            _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh, progress)
         if want("distill"):
             # "student-record": records cached before they carried the served student are not reused
             # (re-running is cheap: finished training runs come back from their content-keyed checkpoints).
             key = stage_cache.stage_key("distill", versions, config.distill_config(), "student-record")
-            _run_stage("distill", key, lambda: distill_stage(config), records, skipped, seconds, wh)
+            _run_stage("distill", key, lambda: distill_stage(config), records, skipped, seconds, wh, progress)
         if want("package") or want("ab"):
             retrieval = records["retrieval"]
             distill = records.get("distill")  # only this run's: None when the distill stage is not run
@@ -467,11 +608,12 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
                 skipped,
                 seconds,
                 wh,
+                progress,
             )
         if want("ab"):
             package = records["package"]
             key = stage_cache.stage_key("ab", versions, package["retriever"], package["control"], config.ab)
-            _run_stage("ab", key, lambda: ab_stage(config, package), records, skipped, seconds, wh)
+            _run_stage("ab", key, lambda: ab_stage(config, package), records, skipped, seconds, wh, progress)
 
         result = PipelineResult(
             dataset=ds,

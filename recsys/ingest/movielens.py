@@ -192,6 +192,61 @@ def download_movielens_100k(
     return target
 
 
+#: Environment variable naming an unzipped ml-100k folder (looked at first by ``find_movielens_100k``).
+ML100K_ENV = "RECSYS_ML100K_DIR"
+
+
+def movielens_100k_candidates(cache_dir: Path | None = None) -> list[tuple[str, Path | None]]:
+    """Where ``find_movielens_100k`` looks, in order, as ``(label, folder)``: ``$RECSYS_ML100K_DIR``
+    (None when unset), the sibling ``../shared/data/ml-100k`` of the project root, and the download cache
+    (``cache_dir``, default ``PathsConfig().cache``)."""
+    from recsys.core.environment import PROJECT_ROOT
+
+    env = os.environ.get(ML100K_ENV)
+    cache = Path(cache_dir) if cache_dir is not None else PathsConfig().cache
+    return [
+        (f"${ML100K_ENV}", Path(env).expanduser() if env else None),
+        ("../shared/data/ml-100k", PROJECT_ROOT.parent / "shared" / "data" / "ml-100k"),
+        ("the verified download's cache", cache / "ml-100k"),
+    ]
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ML100K_FILES)
+
+
+def find_movielens_100k(cache_dir: Path | None = None) -> Path | None:
+    """The first folder of ``movielens_100k_candidates`` that holds every ML-100K file (a cache folder
+    only if ``download_movielens_100k`` verified it); None when there is none. Never downloads."""
+    for label, folder in movielens_100k_candidates(cache_dir):
+        if folder is None:
+            continue
+        folder = _resolve_candidate(folder)
+        if not _complete(folder):
+            continue
+        if label.startswith("the verified") and not (folder / _MARKER).is_file():
+            continue
+        return folder
+    return None
+
+
+def _resolve_candidate(folder: Path) -> Path:
+    # Like _resolve_dir: the folder that contains an unzipped ml-100k/ is accepted too.
+    return folder / "ml-100k" if not _complete(folder) and _complete(folder / "ml-100k") else folder
+
+
+def movielens_100k_missing_reason(cache_dir: Path | None = None) -> str:
+    """Why ``find_movielens_100k`` found nothing: every place it looked."""
+    looked = [
+        f"{label} ({folder})" if folder is not None else f"{label} (unset)"
+        for label, folder in movielens_100k_candidates(cache_dir)
+    ]
+    return (
+        f"MovieLens-100K files not found; looked in {', '.join(looked)}. Set {ML100K_ENV} to an unzipped"
+        " ml-100k folder, or download it once with `recsys features build --kind movielens`"
+    )
+
+
 # -- parsing -------------------------------------------------------------------------------------------
 
 

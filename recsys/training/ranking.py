@@ -273,8 +273,8 @@ def load_ranking_data(wh: Warehouse, dataset: str, config: RankingDataConfig | N
             idx = items["item_idx"].to_numpy().astype(np.int64)
             for c in cats:
                 vocab = vocabulary(items[c])
-                if len(vocab) > config.id_duplicate_share * max(len(idx), 1):
-                    continue  # a near-unique attribute (a title) only duplicates the item id
+                if not len(vocab) or len(vocab) > config.id_duplicate_share * max(len(idx), 1):
+                    continue  # never known (a log without an items file), or near-unique (a title)
                 ids = np.zeros(n_items + 1, dtype=np.int64)
                 ids[idx] = encode(items[c], vocab)
                 item_attr[c] = ids

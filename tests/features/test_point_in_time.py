@@ -225,7 +225,8 @@ def test_attributes_are_joined_and_classified(tiny: Warehouse) -> None:
     assert row["u_age_bucket"] == users["age_bucket"] and row["i_genres"] == items["genres"]
 
 
-def test_examples_need_a_label(wh: Warehouse) -> None:
+def test_rated_examples_need_a_label(wh: Warehouse) -> None:
+    # examples="events" asks for rated events; a log without values is implicit feedback (test_implicit.py).
     publish_dataset(wh, "nolabel", tiny_events().with_columns(value=pl.lit(None, pl.Float64)))
     with pytest.raises(WarehouseError, match="label"):
-        build_examples(wh, "nolabel", CFG)
+        build_examples(wh, "nolabel", CFG.model_copy(update={"examples": "events"}))
