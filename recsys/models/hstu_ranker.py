@@ -296,7 +296,10 @@ class HSTURanker(nn.Module):
                 x = x + self.field_embeddings[name](targets.sparse[name])
         if self.dense is not None:
             dense = targets.dense
-            x = x + self.dense(torch.sign(dense) * torch.log1p(dense.abs()))
+            if dense.shape[-1] == 0:  # no statistics sent (all unknown): the projection of zeros
+                x = x + self.dense.bias
+            else:
+                x = x + self.dense(torch.sign(dense) * torch.log1p(dense.abs()))
         last = (targets.limits - 1).clamp(min=0)  # [B, M]
         prev_ts = history.ts.gather(1, last) if history.ts.shape[1] else torch.zeros_like(targets.ts)
         bucket = time_buckets(targets.ts - prev_ts, self.config.num_time_buckets)
