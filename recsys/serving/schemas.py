@@ -83,11 +83,20 @@ class ModelVersions(BaseModel):
     ranker: str | None
 
 
+#: Which scoring path produced a response's final scores: the generative ranker through M-FALCON (history
+#: encoded once, candidates against its cached keys/values), a feature ranker's forward pass per candidate
+#: row, the retrieval model's user-item dot product, or the popularity prior.
+ScoredBy = Literal["m-falcon", "per-candidate", "user-dot", "popularity"]
+
+
 class RecommendResponse(BaseModel):
     request_id: int
     items: list[ScoredItem]
     source: Literal["ranker", "retrieval", "popularity"] = Field(
         description="What produced the scores: the ranker, the retrieval model, or the popularity fallback."
+    )
+    scored_by: ScoredBy | None = Field(
+        None, description="The scoring path of the final scores (None: not scored by the service)."
     )
     cold_start: ColdStart | None
     unknown_history_items: list[int] = Field(
@@ -102,6 +111,9 @@ class RankResponse(BaseModel):
     ranking: list[int] = Field(description="The candidates in served order (the serving policy's draw).")
     propensities: list[float] = Field(description="Propensity of each item of ``ranking`` at its position.")
     source: Literal["ranker", "retrieval", "popularity"]
+    scored_by: ScoredBy | None = Field(
+        None, description="The scoring path of the scores (None: not scored by the service)."
+    )
     cold_start: ColdStart | None
     unknown_items: list[int] = Field(description="Candidates the model does not know (popularity prior).")
     unknown_history_items: list[int]

@@ -3,9 +3,14 @@ of a full forward pass per candidate; and the retrieval HSTU's user vector from 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import polars as pl
 import pytest
 import torch
 
+from recsys.experiments.ranking import build_model as build_ranker
 from recsys.models.batch import FeatureSpec, SequenceSpec, SideField, SparseField
 from recsys.models.hstu import HSTU
 from recsys.models.hstu_ranker import History, HSTURanker, HSTURankerConfig
@@ -20,6 +25,11 @@ from recsys.serving.mfalcon import (
     truncate,
     truncate_history,
 )
+from recsys.serving.registry import load_model, register_model, register_ranker
+from recsys.serving.schemas import RankRequest, RecommendRequest
+from recsys.serving.service import Recommender, ServingConfig
+from recsys.warehouse import Warehouse
+from tests.serving.test_featurize import MAX_LEN, synthetic_warehouse
 
 N_ITEMS = 50
 SPEC = FeatureSpec(
@@ -232,3 +242,53 @@ def test_truncate_history_keeps_the_most_recent_items() -> None:
     short_items, _, short_lengths = truncate_history(items, ts, torch.tensor([8, 2]), 5)
     assert short_items.tolist() == [[4, 5, 6, 7, 8], [9, 10, 0, 0, 0]]
     assert short_lengths.tolist() == [5, 2]
+
+
+# -- the service: a registered generative ranker scores /rank and /recommend through M-FALCON ----------------
+def test_the_service_ranks_with_the_generative_ranker_through_m_falcon(tmp_path: Path) -> None:
+    built = synthetic_warehouse(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_ranker("hstu-ranker", built.data, MAX_LEN, {"embedding_dim": 16, "dqk": 8, "dv": 8})
+    with torch.no_grad():
+        model.position_embedding.weight.normal_(std=1.0)
+        model.time_embedding.weight.normal_(std=1.0)
+    with Warehouse(built.path) as wh:
+        tag = register_ranker(
+            "tiny-gen-ranker", architecture="hstu-ranker", model=model, wh=wh, data=built.data
+        )
+        items = wh.sql("SELECT item_id, item_idx FROM syn.item_index ORDER BY item_idx")
+        user = int(wh.sql("SELECT user_id FROM syn.sequences ORDER BY len(item_idx) DESC LIMIT 1")[0, 0])
+    pop = build_model("popularity", num_items=items.height)
+    retriever = register_model(
+        "tiny-gen-ranker-pop",
+        architecture="popularity",
+        task="retrieval",
+        model=pop,
+        items=items.with_columns(popularity=pl.lit(1.0)),
+        data_version=built.data.data_version,
+    )
+    config = ServingConfig(
+        retriever=retriever, ranker=tag, policy_temperature=0.0, pool_size=20, micro_batch=7
+    )
+    engine = Recommender(config, load_model(retriever), load_model(tag))
+    try:
+        ts = int(built.data.splits["test"].ts.max()) + 3600
+        candidates = items["item_id"].to_numpy()[:40]
+        response = engine.rank(RankRequest(user_id=user, candidates=candidates.tolist(), ts=ts))
+        assert response.source == "ranker" and response.scored_by == "m-falcon"
+        # The scores are those of the model's full forward pass per candidate row (training's batches).
+        ranker = engine.ranker
+        assert ranker is not None and ranker.featurizer is not None
+        f = ranker.featurizer
+        batch = f.batch([f.user_features(user, ts)], [f.map_items(candidates)])
+        with torch.no_grad():
+            direct = ranker.module(batch).logits
+        for task in built.data.tasks:
+            np.testing.assert_allclose(
+                response.scores[task], direct[task].double().numpy(), rtol=1e-4, atol=1e-4
+            )
+        listed = engine.recommend(RecommendRequest(user_id=user, k=5, ts=ts))
+        assert listed.source == "ranker" and listed.scored_by == "m-falcon"
+        assert [it.score for it in listed.items] == sorted((it.score for it in listed.items), reverse=True)
+    finally:
+        engine.close()
