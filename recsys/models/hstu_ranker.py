@@ -314,7 +314,7 @@ class HSTURanker(nn.Module):
         """Run the history tokens through every block (causal) and keep each block's keys/values."""
         if history.items.shape[1] > self.max_len:
             raise ValueError(
-                f"history has {history.items.shape[1]} events but the model reads at most {self.max_len}"
+                f"history has {history.items.shape[1]} events but the model's max_len is {self.max_len}"
             )
         x, token_valid = self.history_tokens(history)
         t = x.shape[1]

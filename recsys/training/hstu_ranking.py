@@ -425,12 +425,14 @@ def train_ranking_model(
     data: RankingData,
     *,
     seed: int,
-    train_config: RankingTrainConfig | None = None,
+    train_config: RankingTrainConfig | HSTURankingConfig | None = None,
     **kwargs: Any,
 ) -> RankingRunResult:
     """``train_hstu_ranking`` for the generative ranker, ``training.ranking.train_ranking`` for the rest."""
     if isinstance(model, HSTURanker):
         return train_hstu_ranking(name, model, data, seed=seed, train_config=train_config, **kwargs)
+    if isinstance(train_config, HSTURankingConfig):
+        raise TypeError(f"{name}: an HSTURankingConfig is for the generative ranker only")
     return train_ranking(name, model, data, seed=seed, train_config=train_config, **kwargs)
 
 
