@@ -320,7 +320,7 @@ class HSTURanker(nn.Module):
         t = x.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         mask = (causal[None] & token_valid[:, None, :]).unsqueeze(1)  # [B, 1, T(query), T(key)]
-        n_norm = self.config.attention_normalizer
+        weight = _mask_weight(mask, x.dtype, self.config.attention_normalizer)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             u, v, q, k = block.project(x)
@@ -328,8 +328,7 @@ class HSTURanker(nn.Module):
             values.append(v)
             if i == len(self.blocks) - 1:
                 break  # the last block's history outputs are never read: only its keys/values are
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
-            attn = torch.where(mask, F.silu(scores) / n_norm, 0.0)
+            attn = _pointwise(torch.einsum("bqhd,bkhd->bhqk", q, k), weight)
             x = block.finish(x, u, torch.einsum("bhqk,bkhd->bqhd", attn, v))
             x = x * token_valid.unsqueeze(-1).to(x.dtype)
         return HistoryCache(keys, values, token_valid, history)
@@ -346,12 +345,11 @@ class HSTURanker(nn.Module):
         t = cache.token_valid.shape[1]
         limit_tokens = targets.limits * self.config.tokens_per_event  # [B, M]
         seen = torch.arange(t, device=x.device)[None, None, :] < limit_tokens[:, :, None]  # [B, M, T]
-        seen = seen.unsqueeze(1)  # [B, 1, M, T]
         n_norm = self.config.attention_normalizer
+        weight = _mask_weight(seen.unsqueeze(1), x.dtype, n_norm)  # [B, 1, M, T]
         for layer, block in enumerate(self.blocks):
             u, v, q, k = block.project(x)  # v [B, M, H, dv], q/k [B, M, H, dqk]
-            scores = torch.einsum("bmhd,bthd->bhmt", q, cache.keys[layer])
-            attn = torch.where(seen, F.silu(scores) / n_norm, 0.0)
+            attn = _pointwise(torch.einsum("bmhd,bthd->bhmt", q, cache.keys[layer]), weight)
             out = torch.einsum("bhmt,bthd->bmhd", attn, cache.values[layer])
             own = F.silu((q * k).sum(-1)) / n_norm  # [B, M, H]: the target's attention to itself
             out = out + own.unsqueeze(-1) * v
@@ -388,12 +386,10 @@ class HSTURanker(nn.Module):
         key_valid = torch.cat([token_valid, torch.zeros(b, m, dtype=torch.bool, device=x.device)], dim=1)
         mask = (idx[None, None, :] < q_limit[:, :, None]) & key_valid[:, None, :]
         mask = mask | torch.eye(t + m, dtype=torch.bool, device=x.device)[None]
-        mask = mask.unsqueeze(1)
-        n_norm = self.config.attention_normalizer
+        weight = _mask_weight(mask.unsqueeze(1), x.dtype, self.config.attention_normalizer)
         for block in self.blocks:
             u, v, q, k = block.project(x)
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
-            attn = torch.where(mask, F.silu(scores) / n_norm, 0.0)
+            attn = _pointwise(torch.einsum("bqhd,bkhd->bhqk", q, k), weight)
             x = block.finish(x, u, torch.einsum("bhqk,bkhd->bqhd", attn, v))
         return self.heads_of(self.final_norm(x[:, t:]))
 
@@ -404,6 +400,17 @@ class HSTURanker(nn.Module):
         logits = self.score(history, targets)
         out = {task: logits[task][:, 0] for task in self.config.features.tasks}
         return RankingOutput(logits=out, aux_loss=targets.dense.new_zeros(()))
+
+
+def _mask_weight(mask: Tensor, dtype: torch.dtype, normalizer: float) -> Tensor:
+    """The attention mask as the factor 1/N where a key is visible and 0 where not (built once per pass)."""
+    return mask.to(dtype) / normalizer
+
+
+def _pointwise(scores: Tensor, weight: Tensor) -> Tensor:
+    """SiLU(scores) / N on visible keys, 0 elsewhere: one multiply by the mask weight (in place when no
+    gradient is recorded; a masked score is finite, so 0 x SiLU(score) is 0)."""
+    return F.silu(scores, inplace=not torch.is_grad_enabled()).mul_(weight)
 
 
 def rows_as_targets(batch: RankingBatch, sequence: str = "history") -> tuple[History, Targets]:
