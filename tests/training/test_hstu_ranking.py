@@ -15,6 +15,7 @@ from recsys.experiments.ranking import build_model
 from recsys.features.config import FeatureConfig
 from recsys.features.point_in_time import build_examples
 from recsys.models.hstu_ranker import ACTION, HSTURanker
+from recsys.training.distillation import TeacherMember, score_logits
 from recsys.training.hstu_ranking import (
     HSTURankingConfig,
     HSTURankingTask,
@@ -176,3 +177,17 @@ def test_a_short_run_trains_records_and_resumes(ratings: tuple[Path, RankingData
         HSTURankingTask(_model(data, 64), data, HSTURankingConfig(max_len=32))
     shared = HSTURankingConfig.from_ranking(RankingTrainConfig(max_len=64, batch_size=32, epoch_examples=100))
     assert (shared.max_len, shared.batch_size, shared.epoch_examples) == (64, 32, 100)
+
+
+def test_the_distillation_teacher_path_scores_with_the_generative_ranker(
+    ratings: tuple[Path, RankingData],
+) -> None:
+    _, data = ratings
+    model = _model(data, 12).eval()
+    member = TeacherMember(name="hstu-ranker", model=model, max_len=12, weights_sha256="0" * 64)
+    split = data.splits["valid"]
+    scored = score_logits([member], data, split)
+    with torch.no_grad():
+        direct = model(data.make_batch(split, np.arange(len(split)), 12)).logits
+    for task in data.tasks:
+        np.testing.assert_allclose(scored[task], direct[task].double().numpy(), rtol=1e-4, atol=1e-5)
