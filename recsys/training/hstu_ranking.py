@@ -275,7 +275,9 @@ def evaluate_sequences(
 
 
 @dataclass
-class SequenceBatch:
+class SegmentBatch:
+    """One training batch: the segments' histories, their targets and how many targets are real."""
+
     history: History
     targets: Targets
     n_targets: int
@@ -295,7 +297,6 @@ class HSTURankingTask:
         self.seed = seed
         self.train = data.splits["train"]
         self.actions = example_actions(data, self.train) if model.action_head is not None else None
-        self.examples_seen = 0
 
     def epoch_slice(self, epoch: int) -> np.ndarray:
         """The same examples per loop epoch as ``training.ranking.RankingTask.epoch_slice``."""
@@ -319,16 +320,14 @@ class HSTURankingTask:
             ]
         return _pack(segs, self.model.config.tokens_per_event, c.batch_size, c.attention_budget, rng)
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterator[SequenceBatch]:
+    def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterator[SegmentBatch]:
         for group in self.batch_segments(epoch, rng):
             history, targets, rows = segment_batch(
                 self.data, self.train, group, self.data.tasks, self.actions
             )
-            n = int((rows >= 0).sum())
-            self.examples_seen += n
-            yield SequenceBatch(history, targets, n)
+            yield SegmentBatch(history, targets, int((rows >= 0).sum()))
 
-    def loss(self, model: nn.Module, batch: SequenceBatch, device: torch.device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: SegmentBatch, device: torch.device) -> torch.Tensor:
         history, targets = batch.history.to(device), batch.targets.to(device)
         out = model.score(history, targets)  # type: ignore[operator]
         valid = targets.items > 0
