@@ -322,9 +322,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank-candidates", type=int, default=1000)
     parser.add_argument("--scenarios", default="recommend,rank")
     parser.add_argument(
-        "--hstu-head", choices=["user", "target"], default="user", help="For a server started here."
-    )
-    parser.add_argument(
         "--torch-threads",
         type=int,
         default=1,
@@ -385,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                 items = loaded.catalog.item_ids[1:].tolist()
             else:
                 tag, users, items = _register_bench_model(args.ml100k)
-            env = {"RECSYS_SERVING_HSTU_HEAD": args.hstu_head, "RECSYS_SERVING_MAX_CANDIDATES": "5000"}
+            env = {"RECSYS_SERVING_MAX_CANDIDATES": "5000"}
             if args.ranker and args.ranker_tag:
                 parser.error("--ranker and --ranker-tag: give one")
             if args.ranker_tag:

@@ -83,6 +83,7 @@ from recsys.training.distillation import (
     score_logits,
     train_distilled,
 )
+from recsys.training.hstu_ranking import train_ranking_model
 from recsys.training.loop import LoopConfig, resolve_device, seed_everything
 from recsys.training.ranking import (
     PROTOCOL,
@@ -442,7 +443,7 @@ def run_teacher_student(
             data.config,
             data.data_version,
         )
-        run = train_ranking(
+        run = train_ranking_model(
             name,
             model,
             data,

@@ -57,6 +57,7 @@ from recsys.models.registry import REGISTRY, ModelEntry
 from recsys.synthetic.config import SyntheticConfig
 from recsys.synthetic.generator import generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
+from recsys.training.hstu_ranking import train_ranking_model
 from recsys.training.loop import LoopConfig, OptimizerConfig, seed_everything
 from recsys.training.ranking import (
     PROTOCOL,
@@ -65,7 +66,6 @@ from recsys.training.ranking import (
     RankingRunResult,
     RankingTrainConfig,
     load_ranking_data,
-    train_ranking,
 )
 from recsys.warehouse import Warehouse
 from recsys.warehouse.runs import RunLog, hardware_description
@@ -82,6 +82,8 @@ EXPECTED_PAIRS: tuple[tuple[str, str], ...] = (
     ("longer-rankmixer", "rankmixer"),
     ("rankmixer", "deepfm"),
 )
+#: The generative ranker against the target-attention baseline and the strongest long-history model.
+GENERATIVE_PAIRS: tuple[tuple[str, str], ...] = (("hstu-ranker", "din"), ("hstu-ranker", "hyformer"))
 PRETTY = {
     "deepfm": "DeepFM",
     "din": "DIN",
@@ -89,6 +91,7 @@ PRETTY = {
     "longer": "LONGER",
     "longer-rankmixer": "LONGER+RankMixer",
     "hyformer": "HyFormer",
+    "hstu-ranker": "HSTU ranker",
 }
 
 
@@ -275,7 +278,7 @@ def run_ranking_experiment(
                 length=12,
             )
             ckpt = paths.artifacts / "ranking" / config.dataset / name / f"seed{seed}-{key}"
-            result = train_ranking(
+            result = train_ranking_model(
                 name,
                 model,
                 data,
@@ -340,7 +343,7 @@ def format_table(result: RankingExperimentResult) -> str:
         header += ["Oracle share"]
     if multi:
         header += ["Like AUC"]
-    header += ["Params", "FLOPs/example", "Train time (s)", "Best epoch / run"]
+    header += ["Params", "FLOPs/example", "Train time (s)", "Train ex/s", "Best epoch / run"]
     lines = markdown_head(header)
     for name, runs in result.runs.items():
         cells = [PRETTY.get(name, name), str(runs[0].max_len)]
@@ -355,6 +358,7 @@ def format_table(result: RankingExperimentResult) -> str:
             format_count(runs[0].num_parameters),
             format_count(runs[0].flops_per_example),
             f"{t.mean:.0f} ± {t.std:.0f}",
+            f"{summarize([_examples_per_s(r, result) for r in runs]).mean:,.0f}",
             f"{summarize([r.best_epoch for r in runs]).mean:.1f} / "
             f"{summarize([r.epochs_run for r in runs]).mean:.1f}",
         ]
@@ -366,6 +370,13 @@ def format_table(result: RankingExperimentResult) -> str:
             f"Oracle AUC (the generator's p_click on the same test examples): {_cell(first, 'oracle_auc')}"
         )
     return "\n".join(lines)
+
+
+def _examples_per_s(run: RankingRunResult, result: RankingExperimentResult) -> float:
+    """Training examples per second of a run's train time (validation included)."""
+    n = len(result.data.splits["train"])
+    per_epoch = min(result.config.train.epoch_examples or n, n)
+    return run.epochs_run * per_epoch / run.train_time_s if run.train_time_s > 0 else float("nan")
 
 
 def format_report(result: RankingExperimentResult) -> str:
@@ -509,7 +520,9 @@ def run_command(
             loop=ranking_loop(
                 max_epochs=max_epochs, patience=patience, lr=lr, progress=progress, device=device
             ),
-            comparisons=tuple(p for p in EXPECTED_PAIRS if p[0] in chosen and p[1] in chosen),
+            comparisons=tuple(
+                p for p in EXPECTED_PAIRS + GENERATIVE_PAIRS if p[0] in chosen and p[1] in chosen
+            ),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -17,6 +17,7 @@ from recsys.core.config import FrozenModel
 from recsys.models.deepfm import DeepFM, DeepFMConfig
 from recsys.models.din import DIN, DINConfig
 from recsys.models.hstu import HSTU, HSTU_LARGE, HSTUConfig
+from recsys.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from recsys.models.hyformer import HyFormer, HyFormerConfig
 from recsys.models.longer import Longer, LongerConfig, LongerRankMixerConfig
 from recsys.models.popularity import Popularity, PopularityConfig
@@ -85,6 +86,14 @@ REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
             # D=60 puts its parameters next to LONGER+RankMixer's, as in the paper's comparison.
             preset={"sequence_encoder": "longer", "model_dim": 60},
             description="HyFormer: query decoding + boosting, LONGER-style sequence encoder, D=60",
+            long_sequence=True,
+        ),
+        "hstu-ranker": ModelEntry(
+            HSTURanker,
+            HSTURankerConfig,
+            "ranking",
+            description="HSTU generative ranker: interleaved item/action tokens, 2 blocks, d=64, "
+            "trained one forward per user; served with M-FALCON",
             long_sequence=True,
         ),
     }

@@ -1,92 +1,212 @@
-"""M-FALCON for HSTU: encode a user's history once, cache each block's keys/values, then score any number of
-candidates in micro-batches against the cache (spec: models.md, HSTU, M-FALCON).
+"""M-FALCON for the generative ranker (``models.hstu_ranker.HSTURanker``; spec: models.md, "HSTU as a
+generative ranker"), plus the retrieval HSTU's user vector.
 
-The sequence the scores are defined on is ``[history (L items); candidates (m items)]`` with
-``num_candidates = m`` in ``recsys.models.ops.hstu_attention``:
+Ranker: the m candidates of a request are item tokens appended after the user's history; each attends to the
+whole history and to itself only (never to another candidate), all take the position right after the history
+and the request time (their time bucket is the gap from the last history event to the request). Because no
+history token sees a candidate, the history's keys/values of every block are computed once per request
+(``HSTURanker.encode``) and the candidates are scored against that cache in micro-batches of
+``micro_batch`` (``HSTURanker.target_states``): O((n + m) n) work instead of O(m n^2) for a full forward pass
+per candidate (``naive_scores``, the baseline the benchmark and the test compare with). Micro-batching
+changes nothing in the result (candidates are independent), only the peak memory.
 
-- a candidate attends to the whole history and to itself only, never to another candidate;
-- every candidate takes the position right after the history (``L``) -- in the relative position bias (the op
-  does this) and in the absolute position embedding of the input stage (done here, see below);
-- every candidate uses the request time as its query time, so its time bias against history item j is
-  ``bucket(request_ts - ts_j)``; the history keeps ``query_ts[i] = ts[i + 1]`` and the request time at its
-  last position, exactly as in training and in ``recsys.evaluation.retrieval``.
+The history is the user's ``max_len`` most recent events (``truncate``); the candidates' non-sequence
+features (user fields, item attributes, context, dense statistics) come from the ranker's featurizer
+(``serving.featurize.RankingFeaturizer``), exactly as the feature rankers get theirs (``from_features``).
 
-Because history tokens never see a candidate (causal mask), the history's per-block keys, values and hidden
-states do not depend on the candidates: they are computed once (``encode_history``) and every candidate only
-needs its own query/key/value against the cached keys -- O(L^2 + m L) work instead of O(m L^2) for scoring
-each candidate with its own forward pass. Micro-batching candidates changes nothing in the result
-(candidates are independent), only the peak memory.
-
-OPEN choices, and what was picked:
-- Candidate input: item embedding * sqrt(D) + the position embedding of position L (the shared slot).
-  Hence a history of at most ``max_len - 1`` items (the slot must exist): longer histories are cut to their
-  most recent ``max_len - 1`` items by ``truncate_history``.
-- A candidate's own key time (for the bias of its attention to itself) is the request time: gap 0, bucket 0.
-- What a candidate's output state is turned into: ``CandidateHead``. ``TargetDotHead`` scores a candidate by
-  ``cos(state_c, item_c) / temperature`` -- the retrieval model's own scoring function applied at the
-  candidate's slot -- and ``UserDotHead`` is the plain retrieval score ``cos(user, item_c) / temperature``
-  that reads only the cached history state. ``recsys.serving.service`` documents which one it serves and why.
-
-``models.hstu.HSTUBlock.forward`` returns only its output, so the per-block U/V/Q/K are recomputed here from
-the block's own parameters (``block.uvqk``, ``block.output``, ``block.pos_weight``, ``block.ts_weight``); the
-reference path (``reference_candidate_states``) goes through ``recsys.models.ops.hstu_attention`` with
-``num_candidates`` on the concatenated sequence, so a test can prove that both agree.
+Retrieval HSTU (``models.hstu.HSTU``): ``encode_user`` gives the user vector at the request time (the last
+block evaluated at the last position only); the retrieval score of an item is cos(user, item) / temperature.
+The retrieval model has no candidate-scoring head: ranking is the generative ranker's job.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys.models.hstu import HSTU, HSTUBlock
-from recsys.models.ops.hstu_attention import Backend, hstu_attention
+from recsys.models.batch import RankingBatch
+from recsys.models.hstu import HSTU
+from recsys.models.hstu_ranker import History, HSTURanker, Targets
 from recsys.models.ops.pytorch.hstu_attention import time_bucket
 from recsys.models.sequential import l2_normalize, valid_mask
+from recsys.serving.featurize import UserFeatures
 
 __all__ = [
-    "CandidateHead",
-    "HistoryCache",
     "MFalconScorer",
-    "TargetDotHead",
-    "UserDotHead",
-    "candidate_states",
-    "encode_history",
     "encode_user",
+    "from_features",
     "history_query_ts",
-    "naive_candidate_states",
-    "reference_candidate_states",
+    "naive_scores",
+    "request_targets",
+    "truncate",
     "truncate_history",
 ]
 
 
-@dataclass(frozen=True)
-class HistoryCache:
-    """Everything candidates need from B encoded histories (right-padded, L = the widest history).
+# -- the generative ranker ---------------------------------------------------------------------------------
+def truncate(history: History, max_len: int) -> History:
+    """Keep each row's ``max_len`` most recent events (right-padded in and out)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    n = history.items.shape[1]
+    if n <= max_len:
+        return history
+    start = (history.lengths - max_len).clamp(min=0)  # [B]
+    index = start[:, None] + torch.arange(max_len, device=history.items.device)[None, :]
+    lengths = history.lengths.clamp(max=max_len)
+    keep = valid_mask(lengths, max_len)
 
-    keys[l] [B, L, H, dqk] and values[l] [B, L, H, dv] are block l's history keys/values; hist_bias[l] [B, L]
-    the bias of a candidate's attention to each history item (position + time, the same for every candidate
-    of a user) and self_bias[l] [B] the bias of a candidate's attention to itself. ``user`` [B, D] is the
-    L2-normalised output at the last history position (the retrieval user vector).
-    """
+    def cut(t: Tensor) -> Tensor:
+        return t.gather(1, index) * keep
 
-    keys: list[Tensor]
-    values: list[Tensor]
-    hist_bias: list[Tensor]
-    self_bias: list[Tensor]
-    valid: Tensor  # [B, L] bool
-    lengths: Tensor  # [B] int64
-    user: Tensor  # [B, D]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
+    return History(cut(history.items), {k: cut(v) for k, v in history.side.items()}, cut(history.ts), lengths)
 
 
+def request_targets(
+    history: History,
+    items: Tensor,
+    request_ts: Tensor,
+    sparse: dict[str, Tensor] | None = None,
+    dense: Tensor | None = None,
+) -> Targets:
+    """The candidates of B requests as targets: items [B, M] (0 = padding), all at the end of their row's
+    history (limit = its length) and at the request time ``request_ts`` [B]. ``sparse`` {field: [B, M]} and
+    ``dense`` [B, M, F] default to zeros (unknown)."""
+    b, m = items.shape
+    if history.lengths.shape[0] != b:
+        raise ValueError(f"candidates have {b} rows but there are {history.lengths.shape[0]} histories")
+    if request_ts.shape != (b,):
+        raise ValueError(f"request_ts must have shape [{b}], got {list(request_ts.shape)}")
+    return Targets(
+        items=items,
+        sparse=sparse or {},
+        dense=dense if dense is not None else torch.zeros(b, m, 0, device=items.device),
+        ts=request_ts[:, None].to(torch.int64).expand(b, m),
+        limits=history.lengths[:, None].expand(b, m),
+    )
+
+
+class MFalconScorer:
+    """Scores candidates for B users: one history encoding per user, candidates in micro-batches."""
+
+    def __init__(self, model: HSTURanker, micro_batch: int = 256) -> None:
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.model = model
+        self.micro_batch = micro_batch
+        self.tasks = model.config.features.tasks
+
+    @torch.inference_mode()
+    def score(self, history: History, candidates: Targets) -> dict[str, Tensor]:
+        """{task: [B, M] logits} of the candidates (``request_targets``); padding candidates get 0."""
+        model = self.model
+        if model.training:
+            raise RuntimeError("M-FALCON scores a model in eval mode (dropout off); call model.eval()")
+        history = truncate(history, model.max_len)
+        candidates = Targets(
+            candidates.items,
+            candidates.sparse,
+            candidates.dense,
+            candidates.ts,
+            candidates.limits.clamp(max=history.lengths[:, None]),
+        )
+        cache = model.encode(history)  # once per request: every block's history keys/values
+        b, m = candidates.items.shape
+        out = {t: torch.zeros(b, m, device=candidates.items.device) for t in self.tasks}
+        for start in range(0, m, self.micro_batch):
+            chunk = candidates.narrow(start, self.micro_batch)
+            logits = model.heads_of(model.target_states(cache, chunk))
+            keep = chunk.items > 0
+            for t in self.tasks:
+                out[t][:, start : start + chunk.items.shape[1]] = torch.where(keep, logits[t].float(), 0.0)
+        return out
+
+
+def naive_scores(
+    model: HSTURanker, history: History, candidates: Targets, batch: int = 64
+) -> dict[str, Tensor]:
+    """The baseline: a full forward pass (``HSTURanker.forward_full``) over [history; candidate] for every
+    candidate of every row, ``batch`` candidate sequences per call (each with its own copy of the history)."""
+    history = truncate(history, model.max_len)
+    b, m = candidates.items.shape
+    out = {t: torch.zeros(b, m, device=candidates.items.device) for t in model.config.features.tasks}
+    with torch.no_grad():
+        for row in range(b):
+            for start in range(0, m, batch):
+                chunk = candidates.narrow(start, batch)
+                c = chunk.items.shape[1]
+                single = History(
+                    history.items[row : row + 1].expand(c, -1),
+                    {k: v[row : row + 1].expand(c, -1) for k, v in history.side.items()},
+                    history.ts[row : row + 1].expand(c, -1),
+                    history.lengths[row : row + 1].expand(c),
+                )
+                per = Targets(
+                    chunk.items[row][:, None],
+                    {k: v[row][:, None] for k, v in chunk.sparse.items()},
+                    chunk.dense[row][:, None, :],
+                    chunk.ts[row][:, None],
+                    chunk.limits[row].clamp(max=history.lengths[row])[:, None],
+                )
+                logits = model.forward_full(single, per)
+                for t in out:
+                    scores = torch.where(per.items[:, 0] > 0, logits[t][:, 0].float(), 0.0)
+                    out[t][row, start : start + c] = scores
+    return out
+
+
+def from_features(
+    users: Sequence[UserFeatures], candidates: Sequence[np.ndarray], batch: RankingBatch
+) -> tuple[History, Targets]:
+    """M-FALCON inputs from the featurizer: each user's history window (``UserFeatures``: the ranker's
+    ``max_len`` most recent known events, gaps before the request) and its candidates' features, read off
+    ``batch`` = ``featurizer.batch(users, candidates)`` (rows: every candidate of every user, in order).
+    Times are relative to the request (the request is at 0, event j at -gap_j)."""
+    b = len(users)
+    counts = np.array([len(c) for c in candidates], dtype=np.int64)
+    n = max(1, max((u.items.size for u in users), default=0))
+    m = max(1, int(counts.max()) if b else 1)
+    items = np.zeros((b, n), dtype=np.int64)
+    ts = np.zeros((b, n), dtype=np.int64)
+    names = list(users[0].side) if b else []
+    side = {s: np.zeros((b, n), dtype=np.int64) for s in names}
+    lengths = np.zeros(b, dtype=np.int64)
+    for r, u in enumerate(users):
+        k = u.items.size
+        items[r, :k], ts[r, :k], lengths[r] = u.items, -u.gaps, k
+        for s in names:
+            side[s][r, :k] = u.side[s]
+    history = History(
+        torch.from_numpy(items),
+        {s: torch.from_numpy(v) for s, v in side.items()},
+        torch.from_numpy(ts),
+        torch.from_numpy(lengths),
+    )
+    rows = np.repeat(np.arange(b), counts)
+    cols = np.concatenate([np.arange(c) for c in counts]) if b else np.zeros(0, dtype=np.int64)
+    r_t, c_t = torch.from_numpy(rows), torch.from_numpy(cols)
+
+    def grid(values: Tensor) -> Tensor:
+        out = values.new_zeros((b, m, *values.shape[1:]))
+        out[r_t, c_t] = values
+        return out
+
+    cand = grid(batch.item_id)
+    targets = request_targets(
+        history,
+        cand,
+        torch.zeros(b, dtype=torch.int64),
+        sparse={k: grid(v) for k, v in batch.sparse.items()},
+        dense=grid(batch.dense),
+    )
+    return history, targets
+
+
+# -- the retrieval HSTU: the user vector at the request time ------------------------------------------------
 def truncate_history(items: Tensor, ts: Tensor, lengths: Tensor, max_history: int) -> tuple[Tensor, ...]:
     """Keep each row's most recent ``max_history`` items (right-padded in, right-padded out)."""
     if max_history < 1:
@@ -112,127 +232,32 @@ def history_query_ts(ts: Tensor, lengths: Tensor, request_ts: Tensor) -> Tensor:
     return query * valid_mask(lengths, n).to(ts.dtype)
 
 
-def _embed(model: HSTU, items: Tensor, positions: Tensor, keep: Tensor) -> Tensor:
-    """The input stage with explicit positions (``SequenceInput`` uses arange): [B, N] -> [B, N, D]."""
-    inp = model.input
-    x = inp.item_embedding(items) * math.sqrt(inp.dim) + inp.position_embedding(positions)  # [B, N, D]
-    x = inp.dropout(x)
-    return x * keep.unsqueeze(-1).to(x.dtype)
-
-
-def _uvqk(block: HSTUBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """U [.., H*dv], V [.., H, dv], Q [.., H, dqk], K [.., H, dqk] of one block (as HSTUBlock.forward)."""
-    c = block.config
-    x_n = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
-    u, v, q, k = torch.split(F.silu(x_n @ block.uvqk), block.split_sizes, dim=-1)
-    lead = x.shape[:-1]
-    return (
-        u,
-        v.reshape(*lead, c.num_heads, c.dv),
-        q.reshape(*lead, c.num_heads, c.dqk),
-        k.reshape(*lead, c.num_heads, c.dqk),
-    )
-
-
-def _finish(block: HSTUBlock, x: Tensor, u: Tensor, attn: Tensor) -> Tensor:
-    """y = U * LN(attention output); x + Linear(dropout(y)) (as HSTUBlock.forward)."""
-    attn = attn.reshape(*attn.shape[:-2], -1)  # [.., H*dv]
-    y = u * F.layer_norm(attn, (attn.shape[-1],), eps=1e-6)
-    return x + block.output(F.dropout(y, p=block.config.dropout, training=block.training))
-
-
-def _max_history(model: HSTU) -> int:
-    return model.config.max_len - 1
-
-
-def _check_history_width(model: HSTU, items: Tensor) -> tuple[int, int]:
-    """(B, N) of a history batch; N must leave the candidates' slot (at most max_len - 1)."""
-    b, n = items.shape
-    if n > _max_history(model):
-        raise ValueError(
-            f"history has {n} positions but M-FALCON needs at most max_len - 1 = {_max_history(model)} "
-            "(the candidates' slot); use truncate_history"
-        )
-    return b, n
-
-
-def encode_history(
-    model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor
-) -> HistoryCache:
-    """Run the history through every block once and keep what candidates need (see ``HistoryCache``).
-
-    items/ts [B, L] right-padded (L <= max_len - 1), lengths [B], request_ts [B] (unix seconds).
-    """
-    c = model.config
-    b, n = _check_history_width(model, items)
-    keep = valid_mask(lengths, n)  # [B, N]
-    query_ts = history_query_ts(ts, lengths, request_ts)
-    positions = torch.arange(n, device=items.device).expand(b, n)
-    x = _embed(model, items, positions, keep)  # [B, N, D]
-    max_pos = c.max_len
-    # Relative position of history item j seen from the candidate slot L: j - L (clamped like the op).
-    rel = (torch.arange(n, device=items.device)[None, :] - lengths[:, None]).clamp(
-        -(max_pos - 1), max_pos - 1
-    )
-    gap = request_ts.to(torch.int64)[:, None] - ts  # [B, N]
-    # The mask and bias indices depend on lengths and times only: built once, shared by every block.
-    index = model.attention_index(lengths, ts, query_ts)
-    keys, values, hist_bias, self_bias = [], [], [], []
-    for block in model.blocks:
-        u, v, q, k = _uvqk(block, x)
-        attn = hstu_attention(
-            q,
-            k,
-            v,
-            lengths,
-            normalizer=float(c.max_len),
-            pos_weight=block.pos_weight,
-            ts_weight=block.ts_weight,
-            query_ts=query_ts if block.ts_weight is not None else None,
-            key_ts=ts if block.ts_weight is not None else None,
-            index=index,
-            backend=c.attention_backend,
-        )  # [B, N, H, dv]
-        keys.append(k)
-        values.append(v)
-        bias = block.pos_weight[rel + max_pos - 1]  # [B, N]
-        own = block.pos_weight[max_pos - 1].expand(b)  # [B]
-        if block.ts_weight is not None:
-            bias = bias + block.ts_weight[time_bucket(gap, block.ts_weight.numel())]
-            own = own + block.ts_weight[0]  # own key time = query time: gap 0, bucket 0
-        hist_bias.append(bias)
-        self_bias.append(own)
-        x = _finish(block, x, u, attn)
-    out = l2_normalize(x) * keep.unsqueeze(-1).to(x.dtype)  # [B, N, D]
-    last = (lengths - 1).clamp(min=0)
-    user = out[torch.arange(b, device=items.device), last]  # [B, D]
-    return HistoryCache(keys, values, hist_bias, self_bias, keep, lengths, user)
-
-
 def encode_user(model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor) -> Tensor:
-    """[B, D] the user vector of ``encode_history`` (its ``user``), without the candidates' cache.
-
-    Every block but the last runs over the whole history; the last block's output is read at one position
-    only (the last valid one), so that block computes the attention of that one query: O(L) instead of
-    O(L^2), and no per-block keys, values or biases are kept. A history of length 0 gives the zero vector,
-    as in ``encode_history``.
-    """
+    """[B, D] the L2-normalised user vector of a retrieval HSTU at the request time: its output at the last
+    history position (query time = the request time). Every block but the last runs over the whole history;
+    the last block is evaluated at that one position only: O(L) instead of O(L^2). A history of length 0
+    gives the zero vector. items/ts [B, L] right-padded (L <= max_len), lengths [B], request_ts [B]."""
     c = model.config
-    b, n = _check_history_width(model, items)
+    b, n = items.shape
+    if n > c.max_len:
+        raise ValueError(f"history has {n} positions but the model's max_len is {c.max_len}")
     rows = torch.arange(b, device=items.device)
     keep = valid_mask(lengths, n)  # [B, N]
     last = (lengths - 1).clamp(min=0)  # [B]
     query_ts = history_query_ts(ts, lengths, request_ts)
-    x = _embed(model, items, torch.arange(n, device=items.device).expand(b, n), keep)  # [B, N, D]
+    x = model.input(items, lengths)  # [B, N, D]
     *inner, final = model.blocks
     if inner:
         index = model.attention_index(lengths, ts, query_ts)  # shared by the inner blocks
         for block in inner:
-            x = block(x, lengths, ts, query_ts, index=index)  # the model's own block: whole history
+            x = block(x, lengths, ts, query_ts, index=index)
     # The last block at the last position: query `last` sees keys 0..last (causal, within the length).
-    u, v, q, k = _uvqk(final, x)
-    q_last = q[rows, last]  # [B, H, dqk]
-    scores = torch.einsum("bhd,bjhd->bhj", q_last, k)  # [B, H, N]
+    x_n = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    u, v, q, k = torch.split(F.silu(x_n @ final.uvqk), final.split_sizes, dim=-1)
+    v = v.reshape(b, n, c.num_heads, c.dv)
+    q = q.reshape(b, n, c.num_heads, c.dqk)
+    k = k.reshape(b, n, c.num_heads, c.dqk)
+    scores = torch.einsum("bhd,bjhd->bhj", q[rows, last], k)  # [B, H, N]
     max_pos = c.max_len
     key_idx = torch.arange(n, device=items.device)
     rel = (key_idx[None, :] - last[:, None]).clamp(-(max_pos - 1), max_pos - 1) + max_pos - 1  # [B, N]
@@ -242,214 +267,7 @@ def encode_user(model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request
         bias = bias + final.ts_weight[time_bucket(gap, final.ts_weight.numel())]
     seen = (key_idx[None, :] <= last[:, None]) & keep  # [B, N]
     attn = torch.where(seen[:, None, :], F.silu(scores + bias[:, None, :]) / float(c.max_len), 0.0)
-    out = torch.einsum("bhj,bjhd->bhd", attn, v)  # [B, H, dv]
-    y = _finish(final, x[rows, last], u[rows, last], out)  # [B, D]
+    out = torch.einsum("bhj,bjhd->bhd", attn, v).reshape(b, -1)  # [B, H*dv]
+    y = u[rows, last] * F.layer_norm(out, (out.shape[-1],), eps=1e-6)
+    y = x[rows, last] + final.output(F.dropout(y, p=c.dropout, training=final.training))  # [B, D]
     return l2_normalize(y) * (lengths > 0).unsqueeze(-1).to(y.dtype)
-
-
-def _candidate_block(
-    block: HSTUBlock, cache: HistoryCache, layer: int, x: Tensor, normalizer: float
-) -> Tensor:
-    """One block for candidates x [B, M, D] against the cached history of their user."""
-    u, v, q, k = _uvqk(block, x)  # v [B, M, H, dv], q/k [B, M, H, dqk]
-    scores = torch.einsum("bmhd,blhd->bhml", q, cache.keys[layer])  # [B, H, M, L]
-    scores = scores + cache.hist_bias[layer][:, None, None, :]
-    attn_hist = F.silu(scores) / normalizer * cache.valid[:, None, None, :].to(scores.dtype)
-    own = (q * k).sum(-1) + cache.self_bias[layer][:, None, None]  # [B, M, H]
-    out = torch.einsum("bhml,blhd->bmhd", attn_hist, cache.values[layer])  # [B, M, H, dv]
-    out = out + (F.silu(own) / normalizer).unsqueeze(-1) * v
-    return _finish(block, x, u, out)
-
-
-def candidate_states(model: HSTU, cache: HistoryCache, candidates: Tensor, micro_batch: int = 256) -> Tensor:
-    """[B, M] candidate item ids -> [B, M, D] L2-normalised output states, scored ``micro_batch`` at a time.
-
-    A user with no history (length 0) still gets states: its candidates see only themselves.
-    """
-    if micro_batch < 1:
-        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    b, m = candidates.shape
-    if b != cache.batch_size:
-        raise ValueError(f"candidates have {b} rows but the cache holds {cache.batch_size} histories")
-    d = model.config.embedding_dim
-    out = torch.empty(b, m, d, device=candidates.device, dtype=cache.user.dtype)
-    slot = cache.lengths.clamp(max=_max_history(model))  # [B] the shared position
-    for start in range(0, m, micro_batch):
-        chunk = candidates[:, start : start + micro_batch]  # [B, b]
-        x = _embed(model, chunk, slot[:, None].expand_as(chunk), chunk != 0)  # [B, b, D]
-        for layer, block in enumerate(model.blocks):
-            x = _candidate_block(block, cache, layer, x, float(model.config.max_len))
-        out[:, start : start + micro_batch] = l2_normalize(x) * (chunk != 0).unsqueeze(-1).to(x.dtype)
-    return out
-
-
-def reference_candidate_states(
-    model: HSTU,
-    items: Tensor,
-    ts: Tensor,
-    lengths: Tensor,
-    request_ts: Tensor,
-    candidates: Tensor,
-    backend: Backend | None = None,
-) -> Tensor:
-    """The definition: one forward pass over ``[history; candidates]`` with ``num_candidates`` (no cache).
-
-    candidates [B, M] (no padding: every row has M candidates) -> [B, M, D]. ``backend`` of the attention
-    op: the model's own by default.
-    """
-    c = model.config
-    if items.shape[1] == 0:  # no history at all: one padding column keeps the indexing uniform
-        items, ts = items.new_zeros(items.shape[0], 1), ts.new_zeros(ts.shape[0], 1)
-    b, n = items.shape
-    m = candidates.shape[1]
-    width = n + m
-    total = lengths + m  # [B]
-    keep = valid_mask(total, width)
-    arange = torch.arange(width, device=items.device)
-    # Row r: history at 0..len_r-1, candidates at len_r..len_r+m-1, padding after.
-    cand_pos = arange[None, :] - lengths[:, None]  # [B, W] index into the candidates where in [0, m)
-    is_cand = (cand_pos >= 0) & (cand_pos < m)
-    hist_index = arange.clamp(max=n - 1).expand(b, width)
-    seq = torch.where(is_cand, candidates.gather(1, cand_pos.clamp(0, m - 1)), items.gather(1, hist_index))
-    seq = seq * keep
-    request = request_ts[:, None].to(ts.dtype)
-    key_ts = torch.where(is_cand, request, ts.gather(1, hist_index)) * keep
-    query_hist = history_query_ts(ts, lengths, request_ts).gather(1, hist_index)
-    query_ts = torch.where(is_cand, request, query_hist) * keep
-    positions = torch.minimum(arange[None, :], lengths[:, None])  # candidates share position L
-    x = _embed(model, seq, positions, keep)
-    num_candidates = torch.full_like(lengths, m)
-    for block in model.blocks:
-        u, v, q, k = _uvqk(block, x)
-        attn = hstu_attention(
-            q,
-            k,
-            v,
-            total,
-            normalizer=float(c.max_len),
-            pos_weight=block.pos_weight,
-            ts_weight=block.ts_weight,
-            query_ts=query_ts if block.ts_weight is not None else None,
-            key_ts=key_ts if block.ts_weight is not None else None,
-            num_candidates=num_candidates,
-            backend=backend or c.attention_backend,
-        )
-        x = _finish(block, x, u, attn)
-    out = l2_normalize(x)  # [B, W, D]
-    gather = (lengths[:, None] + torch.arange(m, device=items.device)[None, :]).unsqueeze(-1)
-    return out.gather(1, gather.expand(b, m, out.shape[-1]))  # [B, M, D]
-
-
-def naive_candidate_states(
-    model: HSTU,
-    items: Tensor,
-    ts: Tensor,
-    lengths: Tensor,
-    request_ts: Tensor,
-    candidates: Tensor,
-    batch: int = 1,
-) -> Tensor:
-    """Per-candidate scoring: a full forward pass over ``[history; candidate]`` for every candidate.
-
-    ``batch`` candidates of a user run as ``batch`` separate sequences of one forward call (each its own
-    history copy): the baseline M-FALCON is measured against. items/ts [1, L] (one user) -> [1, M, D].
-    """
-    if items.shape[0] != 1:
-        raise ValueError("naive_candidate_states scores one user at a time (items must be [1, L])")
-    m = candidates.shape[1]
-    out = []
-    for start in range(0, m, batch):
-        chunk = candidates[0, start : start + batch]  # [c]
-        c = chunk.shape[0]
-        states = reference_candidate_states(
-            model,
-            items.expand(c, -1),
-            ts.expand(c, -1),
-            lengths.expand(c),
-            request_ts.expand(c),
-            chunk[:, None],
-        )  # [c, 1, D]
-        out.append(states[:, 0])
-    return torch.cat(out).unsqueeze(0)  # [1, M, D]
-
-
-# -- heads: candidate states -> scores ---------------------------------------------------------------------
-class CandidateHead(Protocol):
-    """(model, cache, candidate ids [B, M], candidate states [B, M, D] or None) -> {task: scores [B, M]}.
-
-    ``needs_states`` False: the head reads only the cache, and the candidate pass is skipped."""
-
-    needs_states: ClassVar[bool]
-
-    def __call__(
-        self, model: HSTU, cache: HistoryCache, candidates: Tensor, states: Tensor | None
-    ) -> dict[str, Tensor]: ...
-
-
-def _item_vectors(model: HSTU, candidates: Tensor) -> Tensor:
-    """The rows ``model.item_vectors()[candidates]`` without normalising the whole table: [B, M, D]."""
-    return l2_normalize(model.input.item_embedding(candidates))
-
-
-@dataclass(frozen=True)
-class TargetDotHead:
-    """score = cos(candidate's own output state, candidate's item vector) / temperature."""
-
-    temperature: float = 0.05
-    task: str = "score"
-    needs_states: ClassVar[bool] = True
-
-    def __call__(
-        self, model: HSTU, cache: HistoryCache, candidates: Tensor, states: Tensor | None
-    ) -> dict[str, Tensor]:
-        assert states is not None, "TargetDotHead needs the candidate states"
-        items = _item_vectors(model, candidates)  # [B, M, D]
-        return {self.task: (states * items).sum(-1) / self.temperature}
-
-
-@dataclass(frozen=True)
-class UserDotHead:
-    """score = cos(history user vector, candidate's item vector) / temperature (ignores candidate states)."""
-
-    temperature: float = 0.05
-    task: str = "score"
-    needs_states: ClassVar[bool] = False
-
-    def __call__(
-        self, model: HSTU, cache: HistoryCache, candidates: Tensor, states: Tensor | None
-    ) -> dict[str, Tensor]:
-        return self.from_user(model, cache.user, candidates)
-
-    def from_user(self, model: HSTU, user: Tensor, candidates: Tensor) -> dict[str, Tensor]:
-        """The same scores from the user vector alone ([B, D], ``encode_user``)."""
-        items = _item_vectors(model, candidates)  # [B, M, D]
-        return {self.task: torch.einsum("bd,bmd->bm", user, items) / self.temperature}
-
-
-class MFalconScorer:
-    """Scores candidates for B users: one history encoding per user, candidates in micro-batches."""
-
-    def __init__(self, model: HSTU, head: CandidateHead, micro_batch: int = 256) -> None:
-        if micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-        self.model = model
-        self.head = head
-        self.micro_batch = micro_batch
-
-    @torch.inference_mode()
-    def score(
-        self, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor, candidates: Tensor
-    ) -> dict[str, Tensor]:
-        """items/ts [B, L] right-padded, lengths [B], request_ts [B], candidates [B, M] (0 = padding)."""
-        items, ts, lengths = truncate_history(items, ts, lengths, _max_history(self.model))
-        if isinstance(self.head, UserDotHead):  # no candidate pass: the user vector is all it reads
-            return self.head.from_user(
-                self.model, encode_user(self.model, items, ts, lengths, request_ts), candidates
-            )
-        cache = encode_history(self.model, items, ts, lengths, request_ts)
-        states = (
-            candidate_states(self.model, cache, candidates, self.micro_batch)
-            if self.head.needs_states
-            else None
-        )
-        return self.head(self.model, cache, candidates, states)

@@ -423,9 +423,10 @@ def register_ranker(
     length_multiple: int = 8,
     serving_position: int = 0,
 ) -> str:
-    """Register a feature-based ranker (DeepFM, DIN, RankMixer, LONGER, HyFormer, or a distilled student of
-    one of them) trained on ``data`` (``training.ranking.load_ranking_data`` of ``wh``), with the featurizer
-    its request-time features are built from, the dataset's catalogue and the tasks as score names."""
+    """Register a feature-based ranker (DeepFM, DIN, RankMixer, LONGER, HyFormer, a distilled student of one
+    of them, or the generative ranker ``hstu-ranker``, which the service scores through M-FALCON) trained on
+    ``data`` (``training.ranking.load_ranking_data`` of ``wh``), with the featurizer its request-time
+    features are built from, the dataset's catalogue and the tasks as score names."""
     config = getattr(model, "config", None)
     spec = getattr(config, "features", None)
     if spec is None:

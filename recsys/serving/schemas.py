@@ -103,11 +103,20 @@ class ModelVersions(BaseModel):
     ranker: str | None
 
 
+#: Which scoring path produced a response's final scores: the generative ranker through M-FALCON (history
+#: encoded once, candidates against its cached keys/values), a feature ranker's forward pass per candidate
+#: row, the retrieval model's user-item dot product, or the popularity prior.
+ScoredBy = Literal["m-falcon", "per-candidate", "user-dot", "popularity"]
+
+
 class RecommendResponse(BaseModel):
     request_id: int
     items: list[ScoredItem]
     source: Literal["ranker", "retrieval", "popularity"] = Field(
         description="What produced the scores: the ranker, the retrieval model, or the popularity fallback."
+    )
+    scored_by: ScoredBy | None = Field(
+        None, description="The scoring path of the final scores (None: not scored by the service)."
     )
     cold_start: ColdStart | None
     unknown_history_items: list[int | str] = Field(
@@ -124,6 +133,9 @@ class RankResponse(BaseModel):
     )
     propensities: list[float] = Field(description="Propensity of each item of ``ranking`` at its position.")
     source: Literal["ranker", "retrieval", "popularity"]
+    scored_by: ScoredBy | None = Field(
+        None, description="The scoring path of the scores (None: not scored by the service)."
+    )
     cold_start: ColdStart | None
     unknown_history_items: list[int | str]
     models: ModelVersions

@@ -14,30 +14,34 @@ the final scores, temperature ``policy_temperature``), logged with its propensit
 and off-policy evaluation ask for).
 
 rank: one score per candidate and per task of the scoring model (the ranker, else the retriever), plus the
-served order of all candidates under the same policy choice. For an HSTU the history is encoded once and the
-candidates are scored against its cache (``recsys.serving.mfalcon``, M-FALCON), in micro-batches.
+served order of all candidates under the same policy choice. A generative ranker (``hstu-ranker``) scores
+through M-FALCON (``recsys.serving.mfalcon``): the history is encoded once and the candidates are scored
+against its cached keys/values in micro-batches; /rank and /recommend's re-ranking both take that path. Every
+response says which path scored it (``scored_by``: ``m-falcon``, ``per-candidate`` for a feature ranker's
+forward pass per candidate row, ``user-dot`` for the retrieval score, ``popularity``).
 
 Ids: requests and responses use the dataset's own user and item ids (strings or integers, as ingested);
 ``serving.ids`` translates them to the internal ids the models, histories and impressions log use, with the
 maps stored in the registered models. An id of the wrong type is a 400 naming the field.
 
 OPEN choices, and what was picked:
-- HSTU candidate score (``hstu_head``): ``user`` (default) = cos(user vector, item) / temperature, the
-  score a retrieval-trained HSTU was trained for; it reads only the cached history, so the candidate pass is
-  skipped. ``target`` = the candidate's own M-FALCON output state against its item vector. Measured on
-  MovieLens-100K (HSTU, 15 epochs, test target among 100 random items): NDCG@10 0.348 for ``user`` against
-  0.189 for ``target``: without a ranking head trained on candidate states, ``user`` ranks better.
+- A retrieval HSTU or SASRec scores a candidate by cos(user vector, item) / temperature, the score it was
+  trained for (``user-dot``); the user vector of an HSTU comes from the last query of its last block only
+  (``serving.mfalcon.encode_user``).
 - Supported models: retrievers ``hstu``, ``hstu-large``, ``sasrec``, ``popularity``; rankers of the same
-  sequence family (e.g. ``hstu-large`` re-ranking a ``sasrec`` pool), and the feature-based rankers (DeepFM,
+  sequence family (e.g. ``hstu-large`` re-ranking a ``sasrec`` pool), the generative ranker
+  ``hstu-ranker`` (M-FALCON), and the feature-based rankers (DeepFM,
   DLRM, DIN, RankMixer, LONGER, HyFormer, and distilled students of them) registered with
   ``serving.registry.register_ranker``, which packs their ``serving.featurize.RankingFeaturizer``. A feature
   ranker registered without one is refused at start with that reason. A feature ranker scores (user,
   candidate) rows built exactly as training's ``make_batch`` builds them (``recsys.serving.featurize``: same
   vocabularies, point-in-time statistics from the history strictly before the request ts, item-side
   statistics from the event log frozen at registration, candidates at slot position 0), ``ranker_rows``
-  rows per forward pass; its score is the task's logit (probability = sigmoid(score)), so the policy's
-  Plackett-Luce draw is a softmax over logits. It reads the history sent with the request (``value`` per
-  event optional) or, for a user id without one, its own stored history (with values), else the retriever's.
+  rows per forward pass (the generative ranker: M-FALCON per user over the same features, the history
+  window read off the same ``UserFeatures``); its score is the task's logit (probability =
+  sigmoid(score)), so the policy's Plackett-Luce draw is a softmax over logits. It reads the history sent
+  with the request (``value`` per event optional) or, for a user id without one, its own stored history
+  (with values), else the retriever's.
 - Cold start: a user without a usable history (unknown user id, empty history, or only unknown items) gets
   the popularity ranking, log(1 + event count), flagged ``cold_start`` (``unknown_user`` or
   ``empty_history``) with ``source = popularity``: an unknown user is served, not refused (a 404 would make
@@ -88,6 +92,7 @@ from pydantic import Field, ValidationError, field_validator
 import recsys.core  # noqa: F401  (environment defaults)
 from recsys.core.config import FrozenModel
 from recsys.models.hstu import HSTU
+from recsys.models.hstu_ranker import HSTURanker
 from recsys.models.popularity import Popularity
 from recsys.models.sasrec import SASRec
 from recsys.models.sequential import last_valid, valid_mask
@@ -96,7 +101,7 @@ from recsys.serving.errors import document_service
 from recsys.serving.featurize import RankingFeaturizer, UserFeatures
 from recsys.serving.ids import IdError, IdMaps, RawId
 from recsys.serving.impressions import ImpressionLogger, plackett_luce_order
-from recsys.serving.mfalcon import MFalconScorer, TargetDotHead, UserDotHead, encode_user, truncate_history
+from recsys.serving.mfalcon import MFalconScorer, encode_user, from_features, truncate_history
 from recsys.serving.middleware import (
     OPEN_PATHS,
     ConnectionRecycler,
@@ -114,6 +119,7 @@ from recsys.serving.schemas import (
     RankResponse,
     RecommendRequest,
     RecommendResponse,
+    ScoredBy,
     ScoredItem,
 )
 
@@ -202,7 +208,6 @@ class ServingConfig(ServerProcessConfig):
     max_k: int = Field(200, ge=1, description="Largest k of recommend.")
     pool_size: int = Field(200, ge=1, description="Retrieval top-N that the ranker and the policy see.")
     policy_temperature: float = Field(1.0, ge=0.0, description="Plackett-Luce temperature; 0 = greedy.")
-    hstu_head: Literal["user", "target"] = "user"
     retrieval_index: Literal["exact", "ivf"] = Field(
         "exact",
         description="recommend's retrieval: 'exact' scores every item; 'ivf' searches a FAISS IVF index of "
@@ -277,7 +282,6 @@ class ModelRuntime:
         self,
         loaded: LoadedModel,
         device: torch.device,
-        hstu_head: str,
         micro_batch: int,
         ranker_rows: int = 4096,
     ) -> None:
@@ -305,7 +309,7 @@ class ModelRuntime:
         )
         self.prior[0] = float("-inf")
         self._category_masks: dict[tuple[str, ...], torch.Tensor] = {}
-        self.scorer: MFalconScorer | None = None
+        self.mfalcon: MFalconScorer | None = None
         self.item_table: torch.Tensor | None = None
         self.ann: IvfItemIndex | None = None  # set by the Recommender when retrieval_index is 'ivf'
         if isinstance(module, SEQUENCE_ARCHITECTURES):
@@ -314,17 +318,25 @@ class ModelRuntime:
             self.max_history = (
                 module.config.max_len - 1 if isinstance(module, HSTU) else module.config.max_len
             )
-            if isinstance(module, HSTU):
-                head = TargetDotHead if hstu_head == "target" else UserDotHead
-                self.scorer = MFalconScorer(module, head(temperature=self.card.temperature), micro_batch)
         elif self.featurizer is not None:
             self.max_history = self.featurizer.max_len
+            if isinstance(module, HSTURanker):
+                self.mfalcon = MFalconScorer(self.module, micro_batch)
         else:
             self.max_history = 0
 
     @property
     def is_popularity(self) -> bool:
         return isinstance(self.module, Popularity)
+
+    @property
+    def scored_by(self) -> ScoredBy:
+        """The scoring path of this model's candidate scores."""
+        if self.is_popularity:
+            return "popularity"
+        if self.mfalcon is not None:
+            return "m-falcon"
+        return "per-candidate" if self.featurizer is not None else "user-dot"
 
     def map_items(self, ids: np.ndarray) -> np.ndarray:
         """Raw item ids -> this model's item_idx (0 for unknown ids)."""
@@ -418,16 +430,6 @@ class ModelRuntime:
         if self.is_popularity:
             prior = self.prior[candidates].clamp(min=0.0)
             return {task: prior for task in self.tasks}
-        if self.scorer is not None:
-            request_ts = np.asarray(request_ts, dtype=np.int64)
-            scores = torch.zeros(candidates.shape, device=self.device)
-            for rows in self._length_groups(histories):
-                items, ts, lengths = self._padded([histories[r] for r in rows])
-                index = torch.from_numpy(rows).to(self.device)
-                req = torch.from_numpy(request_ts[rows]).to(self.device)
-                (part,) = self.scorer.score(items, ts, lengths, req, candidates[index]).values()  # one output
-                scores[index] = part.to(scores.dtype)
-            return {task: scores for task in self.tasks}
         assert self.item_table is not None
         user = self.user_vectors(histories, request_ts)  # [B, D]
         dots = torch.einsum("bd,bmd->bm", user, self.item_table[candidates]) / self.card.temperature
@@ -442,6 +444,8 @@ class ModelRuntime:
         f = self.featurizer
         assert f is not None
         out = [{t: np.zeros(len(c), dtype=np.float64) for t in self.tasks} for c in candidates]
+        if self.mfalcon is not None:
+            return self._score_mfalcon(users, candidates, out)
         pieces: list[tuple[int, np.ndarray]] = []  # (user row, positions of its known candidates)
         for r, c in enumerate(candidates):
             known = np.flatnonzero(c > 0)
@@ -462,6 +466,31 @@ class ModelRuntime:
                         out[r][t][pos] = logits[t][at : at + pos.size].double().cpu().numpy()
                     at += pos.size
             group, rows = ([piece], piece[1].size) if piece is not None else ([], 0)
+        return out
+
+    def _score_mfalcon(
+        self,
+        users: list[UserFeatures],
+        candidates: list[np.ndarray],
+        out: list[dict[str, np.ndarray]],
+    ) -> list[dict[str, np.ndarray]]:
+        """The generative ranker: each user's history encoded once, its known candidates scored against the
+        cache (M-FALCON); users grouped by history length as the retriever groups them."""
+        f, scorer = self.featurizer, self.mfalcon
+        assert f is not None and scorer is not None
+        known = [np.flatnonzero(c > 0) for c in candidates]
+        rows = [r for r, k in enumerate(known) if k.size]
+        groups: dict[int, list[int]] = {}
+        for r in rows:  # attention costs the square of the padded width: group by it (powers of two)
+            groups.setdefault(max(8, 1 << max(users[r].items.size - 1, 0).bit_length()), []).append(r)
+        for group in groups.values():
+            cand = [candidates[r][known[r]] for r in group]
+            batch = f.batch([users[r] for r in group], cand)
+            history, targets = from_features([users[r] for r in group], cand, batch)
+            logits = scorer.score(history.to(self.device), targets.to(self.device))
+            for i, r in enumerate(group):
+                for t in self.tasks:
+                    out[r][t][known[r]] = logits[t][i, : known[r].size].double().cpu().numpy()
         return out
 
     def info(self) -> ModelInfo:
@@ -676,12 +705,8 @@ class Recommender:
         self.config = config
         if retriever.featurizer is not None:
             raise ValueError(f"{retriever.tag} is a feature-based ranker, not a retriever")
-        self.retriever = ModelRuntime(retriever, device, config.hstu_head, config.micro_batch)
-        self.ranker = (
-            ModelRuntime(ranker, device, config.hstu_head, config.micro_batch, config.ranker_rows)
-            if ranker
-            else None
-        )
+        self.retriever = ModelRuntime(retriever, device, config.micro_batch)
+        self.ranker = ModelRuntime(ranker, device, config.micro_batch, config.ranker_rows) if ranker else None
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")
         if config.retrieval_index == "ivf" and self.retriever.item_table is not None:
@@ -1024,6 +1049,7 @@ class Recommender:
             request_id=request_id,
             items=items,
             source=pool.source,
+            scored_by="popularity" if pool.source == "popularity" else model.scored_by,
             cold_start=cold,
             unknown_history_items=self._unknown_history(job.user, self.retriever),
             models=self.versions,
@@ -1047,6 +1073,7 @@ class Recommender:
             ranking=self.ids.items_raw(pool.item_ids[order]),
             propensities=propensity.tolist(),
             source=pool.source,
+            scored_by="popularity" if pool.source == "popularity" else model.scored_by,
             cold_start=cold,
             unknown_history_items=self._unknown_history(job.user, model),
             models=self.versions,

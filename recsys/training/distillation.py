@@ -59,8 +59,10 @@ from torch import nn
 from recsys.core.config import FrozenModel
 from recsys.core.hashing import file_sha256, stable_hash
 from recsys.features.sequences import check_dataset
+from recsys.models.hstu_ranker import HSTURanker
 from recsys.models.losses import distillation_loss
 from recsys.training.checkpoint import weights_path
+from recsys.training.hstu_ranking import sequence_logits
 from recsys.training.loop import LoopConfig, fit
 from recsys.training.ranking import (
     PROTOCOL,
@@ -246,11 +248,17 @@ def score_logits(
     batch_size: int = 512,
     length_multiple: int = 8,
 ) -> dict[str, np.ndarray]:
-    """Mean of the members' logits per task for every row of ``split`` (row order kept)."""
+    """Mean of the members' logits per task for every row of ``split`` (row order kept). A generative ranker
+    member (``hstu-ranker``) scores all rows of a user in one forward (``training.hstu_ranking``)."""
     if not members:
         raise ValueError("a teacher needs at least one member")
     out = {t: np.zeros(len(split), dtype=np.float64) for t in data.tasks}
     for m in members:
+        if isinstance(m.model, HSTURanker):  # the generative ranker: one forward per user segment
+            logits = sequence_logits(m.model, data, split, device)
+            for t in data.tasks:
+                out[t] += logits[t]
+            continue
         order = np.argsort(np.minimum(split.seq_offset, m.max_len), kind="stable")  # little padding
         was_training = m.model.training
         m.model.eval()

@@ -250,44 +250,14 @@ def test_rank_for_an_unknown_user_uses_popularity(engine: Recommender) -> None:
     assert response.scores["score"] == pytest.approx([np.log1p(pop[1]), np.log1p(pop[2])])
 
 
-def test_an_hstu_ranker_scores_the_pool_with_m_falcon(tiny: TinyModels) -> None:
-    """The trained HSTU registered again as a ranker, with the candidate-state head: recommend's pool is
-    re-scored by M-FALCON and the scores equal naive per-candidate forward passes."""
-    from recsys.serving.mfalcon import naive_candidate_states
-
-    loaded = load_model(tiny.retriever)
-    ranker_tag = register_model(
-        "tiny-hstu-ranker",
-        architecture="hstu",
-        task="ranking",
-        model=loaded.module,
-        items=pl.DataFrame(
-            {
-                "item_id": loaded.catalog.item_ids[1:],
-                "item_idx": np.arange(1, NUM_ITEMS + 1),
-                "category": loaded.catalog.category[1:].tolist(),
-                "popularity": loaded.catalog.popularity[1:],
-            }
-        ),
-        data_version="tinycycle",
-    )
-    config = ServingConfig(
-        retriever=tiny.retriever, ranker=ranker_tag, hstu_head="target", policy_temperature=0
-    )
-    eng = Recommender(config, loaded, load_model(ranker_tag))
-    response = eng.recommend(RecommendRequest(history=_history([3, 4, 5]), k=5, ts=NOW))
-    assert response.source == "ranker" and response.models.ranker == ranker_tag
-    model = eng.ranker.module  # type: ignore[union-attr]
-    idx = torch.tensor([[it.item_id - ITEM_OFFSET for it in response.items]])
-    with torch.no_grad():
-        states = naive_candidate_states(
-            model, torch.tensor([[3, 4, 5]]), torch.tensor([[1000, 1100, 1200]]), torch.tensor([3]),
-            torch.tensor([NOW]), idx,
-        )[0]  # fmt: skip
-        expected = (states * model.item_vectors()[idx[0]]).sum(-1) / 0.05
-    got = torch.tensor([it.score for it in response.items])
-    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
-    assert got.tolist() == sorted(got.tolist(), reverse=True)
+def test_responses_say_which_path_scored_them(engine: Recommender) -> None:
+    """Without a ranker: the retrieval model's user-item dot product; a cold user: the popularity prior."""
+    warm = engine.rank(RankRequest(history=_history([3, 4, 5]), candidates=[ITEM_OFFSET + 6], ts=NOW))
+    assert warm.source == "retrieval" and warm.scored_by == "user-dot"
+    cold = engine.rank(RankRequest(user_id=-3, candidates=[ITEM_OFFSET + 1]))
+    assert cold.source == "popularity" and cold.scored_by == "popularity"
+    listed = engine.recommend(RecommendRequest(history=_history([3, 4, 5]), k=3, ts=NOW))
+    assert listed.scored_by == "user-dot"
 
 
 def test_a_popularity_retriever_serves_counts(tiny: TinyModels) -> None:
