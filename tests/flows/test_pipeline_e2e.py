@@ -103,7 +103,7 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     deadline = time.monotonic() + 900
     checkpoints = interrupted / "artifacts" / "retrieval" / "synthetic" / "sasrec"
     try:
-        while not list(checkpoints.glob("*/last.state.pt")):
+        while not list(checkpoints.glob("*/last/state.pt")):
             tail = log.read_text()[-3000:]
             assert proc.poll() is None, f"pipeline ended before it could be interrupted:\n{tail}"
             assert time.monotonic() < deadline, "the retrieval stage never wrote its first checkpoint"

@@ -112,9 +112,8 @@ def test_runs_and_checkpoints_are_recorded(tmp_path: Path) -> None:
         data_version="v",
     )
     train_retrieval("popularity", split, seed=0, train_config=cfg, run_log=log)
-    assert (tmp_path / "ckpt" / "best.safetensors").exists() and (
-        tmp_path / "ckpt" / "last.state.pt"
-    ).exists()
+    assert (tmp_path / "ckpt" / "best" / "weights.safetensors").exists()
+    assert (tmp_path / "ckpt" / "last" / "state.pt").exists()
     runs = log.runs("retrieval")
     assert sorted(runs["name"].to_list()) == ["hstu", "popularity"]
     assert set(runs["status"].to_list()) == {"finished"} and set(runs["data_version"].to_list()) == {
