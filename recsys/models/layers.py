@@ -194,7 +194,7 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, N_q, d_h]
-        out = out.transpose(1, 2).reshape(b, n_q, -1)
+        out = out.transpose(1, 2).reshape(b, n_q, self.n_heads * self.head_dim)
         if mask is not None:
             out = out * any_key.to(out.dtype)
         return self.out_proj(out)
