@@ -223,6 +223,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _optimizer(model: Any, lr: float, device: Any) -> Any:
+    """The optimiser the tree's training loop builds (``loop.build_optimizer``; a tree without it built
+    plain AdamW inline)."""
+    import torch
+
+    from recsys.training import loop
+    from recsys.training.loop import OptimizerConfig
+
+    config = OptimizerConfig(lr=lr)
+    build = getattr(loop, "build_optimizer", None)
+    if build is not None:
+        return build(model, config, device)
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+
+
 def measure_ranking(spec: dict[str, Any]) -> Measurement:
     import numpy as np
     import torch
@@ -240,8 +257,8 @@ def measure_ranking(spec: dict[str, Any]) -> Measurement:
     model, _ = build_model(name, data, history)
     config = RankingTrainConfig(max_len=history)
     task = RankingTask(model, data, config, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.0)
     device = torch.device("cpu")
+    optimizer = _optimizer(model, 2e-3, device)
     model.train()
     steps = iter(task.train_batches(1, np.random.default_rng(spec["seed"])))
     phases, done, items = _timed_steps(
@@ -294,8 +311,8 @@ def measure_retrieval(spec: dict[str, Any]) -> Measurement:
     seed_everything(0)
     model = build_model(name, model_config(name, num_items=split.num_items, max_len=config.max_len))
     task = RetrievalTask(model, split, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
     device = torch.device("cpu")
+    optimizer = _optimizer(model, 1e-3, device)
     model.train()
     steps = iter(task.train_batches(1, np.random.default_rng(spec["seed"])))
     phases, done, items = _timed_steps(

@@ -148,12 +148,12 @@ class SequenceEncoderLayer(nn.Module):
             else:
                 block, attn = self.block, self.block.attn
                 context = block.norm1(packed.rows)  # [N, D]
-
-                def grid(rows: torch.Tensor) -> torch.Tensor:
-                    return rows.new_zeros(b * n, dim).index_copy(0, packed.flat, rows).view(b, n, dim)
-
-                k = attn._heads(grid(attn.k_proj(context)))
-                v = attn._heads(grid(attn.v_proj(context)))
+                # K and V in one matmul over the valid rows, then scattered into the zero [B, n] grid.
+                weight = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+                bias = torch.cat([attn.k_proj.bias, attn.v_proj.bias])
+                kv = nn.functional.linear(context, weight, bias)  # [N, 2D]
+                kv = kv.new_zeros(b * n, 2 * dim).index_copy(0, packed.flat, kv).view(b, n, 2 * dim)
+                k, v = attn._heads(kv[..., :dim]), attn._heads(kv[..., dim:])
                 x = queries + block.dropout(attn.attend(block.norm1(queries), k, v, mask))
                 x = x + block.dropout(block.ffn(block.norm2(x)))
             valid = valid[:, valid.shape[1] - n_q :]

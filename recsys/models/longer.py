@@ -197,14 +197,16 @@ class Longer(nn.Module):
         step_valid = column >= (length - lengths[example]).unsqueeze(1)  # [V, K]
         column = column.clamp_min(0)
         flat = example.unsqueeze(1) * length + column  # [V, K] position in the [B * L] grid
-        steps = self.sparse_arch.step_rows(batch, self.sequence_name, flat, step_valid)  # [V, K, e]
-        gaps = self.sparse_arch.time_gap_rows(batch, self.sequence_name, flat, step_valid)  # [V, K, e]
+        # Invalid steps (left of a history's start, in its first group) are zeroed once, at the end: before
+        # that they reach nothing (InnerTrans masks them as keys, and their own outputs are zeroed).
+        steps = self.sparse_arch.step_rows(batch, self.sequence_name, flat)  # [V, K, e]
+        gaps = self.sparse_arch.time_gap_rows(batch, self.sequence_name, flat)  # [V, K, e]
         positions = self.position(column + (self.max_len - length))  # [V, K, 2e]
         x = self.token_mlp(torch.cat([steps, gaps], dim=-1) + positions)  # [V, K, d]
-        x = x * step_valid.unsqueeze(-1)
         d = x.shape[-1]
         if self.inner is not None:
-            x = self.inner(x, mask=step_valid.unsqueeze(1)) * step_valid.unsqueeze(-1)  # keys: valid steps
+            x = self.inner(x, mask=step_valid.unsqueeze(1))  # keys: the valid steps of the group
+        x = x * step_valid.unsqueeze(-1)
         rows = self.merge_proj(x.reshape(-1, k * d))  # [V, D]
         grid = rows.new_zeros(b * n_groups, rows.shape[-1])
         merged = grid.index_copy(0, example * n_groups + group, rows).view(b, n_groups, -1)
