@@ -28,7 +28,6 @@ Read-out: LayerNorm, concatenate all final tokens (queries and non-sequential) -
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.models.batch import FeatureSpec, RankingBatch, RankingOutput
-from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer, pack_steps
+from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer
 from recsys.models.heads import HeadsConfig, TaskHeads
 from recsys.models.layers import (
     MultiHeadAttention,
@@ -106,15 +105,6 @@ class HyFormerConfig(FrozenModel):
         return self
 
 
-@dataclass
-class PackedTokens:
-    """A sequence's input tokens at its valid steps only: rows [N, D] and their place in the [B * L] grid."""
-
-    rows: torch.Tensor  # [N, D]
-    flat: torch.Tensor  # [N] int64
-    example: torch.Tensor  # [N] int64
-
-
 class SequenceEncoderLayer(nn.Module):
     """One layer of a sequence's encoder: [B, n, D] + valid [B, n] -> [B, n', D] + valid [B, n']."""
 
@@ -129,33 +119,15 @@ class SequenceEncoderLayer(nn.Module):
         else:
             self.block = TransformerBlock(dim, heads, expansion, dropout)
 
-    def forward(
-        self, x: torch.Tensor, valid: torch.Tensor, packed: PackedTokens | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``packed`` (x's valid rows and where they sit in the [B * n] grid) lets the "longer" encoder
-        normalise and project keys/values for the valid steps only; padding keys are masked either way."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "swiglu":
             x = x + self.ffn(self.norm(x))
         elif self.kind == "transformer":
             x = self.block(x, mask=valid.unsqueeze(1))  # bidirectional over the valid steps
         else:
-            b, n, dim = x.shape
-            n_q = min(self.n_recent, n)
+            n_q = min(self.n_recent, x.shape[1])
             mask = recent_causal_mask(valid, n_q)  # [B, n_q, n]
-            queries = x[:, n - n_q :]
-            if packed is None:
-                x = self.block(queries, context=x, mask=mask)
-            else:
-                block, attn = self.block, self.block.attn
-                context = block.norm1(packed.rows)  # [N, D]
-                # K and V in one matmul over the valid rows, then scattered into the zero [B, n] grid.
-                weight = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-                bias = torch.cat([attn.k_proj.bias, attn.v_proj.bias])
-                kv = nn.functional.linear(context, weight, bias)  # [N, 2D]
-                kv = kv.new_zeros(b * n, 2 * dim).index_copy(0, packed.flat, kv).view(b, n, 2 * dim)
-                k, v = attn._heads(kv[..., :dim]), attn._heads(kv[..., dim:])
-                x = queries + block.dropout(attn.attend(block.norm1(queries), k, v, mask))
-                x = x + block.dropout(block.ffn(block.norm2(x)))
+            x = self.block(x[:, x.shape[1] - n_q :], context=x, mask=mask)
             valid = valid[:, valid.shape[1] - n_q :]
         return x * valid.unsqueeze(-1), valid
 
@@ -170,8 +142,8 @@ class QueryDecoder(nn.Module):
         self.attn = MultiHeadAttention(dim, heads, dropout)
 
     def forward(self, queries: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        k, v = self.attn.kv(self.kv_norm(seq))  # K_l, V_l: [B, H, n, d_h]
-        return queries + self.attn.attend(self.q_norm(queries), k, v, valid.unsqueeze(1))
+        # K_l, V_l = projections of LN(seq); MultiHeadAttention folds them into the few queries.
+        return queries + self.attn(self.q_norm(queries), self.kv_norm(seq), valid.unsqueeze(1))
 
 
 class HyFormer(nn.Module):
@@ -221,49 +193,31 @@ class HyFormer(nn.Module):
 
     def sequence_tokens(self, batch: RankingBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L, D] input tokens of sequence ``name`` and their validity [B, L]."""
-        x, valid, _ = self._tokens(batch, name)
-        return x, valid
-
-    def _tokens(self, batch: RankingBatch, name: str) -> tuple[torch.Tensor, torch.Tensor, PackedTokens]:
-        """The tokens computed at the valid steps only (padding tokens are zero): the [B, L, D] grid, its
-        validity and the packed rows."""
         seq = batch.sequences[name]
         length, max_len = seq.seq_len, self.positions[name].num_embeddings
         if length > max_len:
             raise ValueError(f"sequence {name!r} has L = {length} > max_len {max_len}")
-        packed = pack_steps(seq)
-        steps = self.sparse_arch.step_rows(batch, name, packed.flat)  # [N, e]
-        gaps = self.sparse_arch.time_gap_rows(batch, name, packed.flat)  # [N, e]
-        pos = self.positions[name](packed.position + (max_len - length))  # [N, 2e]
-        rows = self.seq_proj[name](torch.cat([steps, gaps], dim=-1) + pos)  # [N, D]
-        dim = rows.shape[-1]
-        grid = rows.new_zeros(seq.batch_size * length, dim).index_copy(0, packed.flat, rows)
+        steps = self.sparse_arch.sequence(batch, name)  # [B, L, e]
+        gaps = self.sparse_arch.time_gap_embedding(batch, name)  # [B, L, e]
+        pos = self.positions[name](torch.arange(max_len - length, max_len, device=steps.device))  # [L, 2e]
         valid = seq.valid_mask()
-        return grid.view(seq.batch_size, length, dim), valid, PackedTokens(rows, packed.flat, packed.example)
+        return self.seq_proj[name](torch.cat([steps, gaps], dim=-1) + pos) * valid.unsqueeze(-1), valid
 
     def forward(self, batch: RankingBatch) -> RankingOutput:
         n_q = self.config.n_queries
         features = self.tokenizer(self.sparse_arch.semantic_slots(batch))  # F: [B, M, D]
-        tokens = {s: self._tokens(batch, s) for s in self.sequences}
-        seqs = {s: (x, valid) for s, (x, valid, _) in tokens.items()}
-        b = features.shape[0]
+        seqs = {s: self.sequence_tokens(batch, s) for s in self.sequences}
         pooled = [
-            (
-                p.rows.new_zeros(b, p.rows.shape[-1]).index_add(0, p.example, p.rows)
-                / valid.sum(dim=1, keepdim=True).clamp_min(1)
-            ).unsqueeze(1)
-            for _, valid, p in tokens.values()
+            (x.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)).unsqueeze(1)
+            for x, valid in seqs.values()
         ]
         global_info = torch.cat([features, *pooled], dim=1).flatten(1)  # [B, (M + S) D]
         expanded = global_info.unsqueeze(1).expand(-1, len(self.sequences) * n_q, -1)
         queries = self.query_down(nn.functional.gelu(self.query_up(expanded)))  # [B, S*N, D]
-        for layer, (encoders, decoders, booster) in enumerate(
-            zip(self.encoders, self.decoders, self.boosters, strict=True)
-        ):
+        for encoders, decoders, booster in zip(self.encoders, self.decoders, self.boosters, strict=True):
             decoded = []
             for i, name in enumerate(self.sequences):
-                # Layer 1 reads the input tokens, whose valid rows are at hand.
-                x, valid = encoders[name](*seqs[name], packed=tokens[name][2] if layer == 0 else None)
+                x, valid = encoders[name](*seqs[name])
                 seqs[name] = (x, valid)
                 decoded.append(decoders[name](queries[:, i * n_q : (i + 1) * n_q], x, valid))  # [B, N, D]
             q = torch.cat([*decoded, features], dim=1)  # [B, S*N + M, D]

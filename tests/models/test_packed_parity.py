@@ -12,8 +12,7 @@ from recsys.models.batch import RankingBatch, SequenceBatch, demo_spec, syntheti
 from recsys.models.deepfm import DeepFM, DeepFMConfig
 from recsys.models.din import DIN, DINConfig
 from recsys.models.embeddings import FeatureEmbedding, gather_rows
-from recsys.models.hyformer import HyFormer, HyFormerConfig
-from recsys.models.layers import token_mixing
+from recsys.models.layers import MultiHeadAttention
 from recsys.models.longer import Longer, LongerConfig
 from tests.models.ranking_checks import single_thread  # noqa: F401  (autouse fixture)
 
@@ -66,40 +65,6 @@ def _padded_tokens_longer(model: Longer, batch: RankingBatch) -> tuple[torch.Ten
     return merged * merged_valid.unsqueeze(-1), merged_valid
 
 
-def _padded_forward_hyformer(model: HyFormer, batch: RankingBatch) -> torch.Tensor:
-    """HyFormer's click logit with padded tokens and padded keys (the formulation before packing)."""
-    n_q = model.config.n_queries
-    features = model.tokenizer(model.sparse_arch.semantic_slots(batch))
-    seqs = {}
-    for name in model.sequences:
-        seq = batch.sequences[name]
-        length, max_len = seq.seq_len, model.positions[name].num_embeddings
-        steps = model.sparse_arch.sequence(batch, name)
-        gaps = model.sparse_arch.time_gap_embedding(batch, name)
-        pos = model.positions[name](torch.arange(max_len - length, max_len))
-        valid = seq.valid_mask()
-        seqs[name] = (
-            model.seq_proj[name](torch.cat([steps, gaps], dim=-1) + pos) * valid.unsqueeze(-1),
-            valid,
-        )
-    pooled = [(x.sum(1) / v.sum(1, keepdim=True).clamp_min(1)).unsqueeze(1) for x, v in seqs.values()]
-    info = torch.cat([features, *pooled], dim=1).flatten(1)
-    queries = model.query_down(
-        nn.functional.gelu(model.query_up(info.unsqueeze(1).expand(-1, len(model.sequences) * n_q, -1)))
-    )
-    for encoders, decoders, booster in zip(model.encoders, model.decoders, model.boosters, strict=True):
-        decoded = []
-        for i, name in enumerate(model.sequences):
-            x, valid = encoders[name](*seqs[name])
-            seqs[name] = (x, valid)
-            decoded.append(decoders[name](queries[:, i * n_q : (i + 1) * n_q], x, valid))
-        q = torch.cat([*decoded, features], dim=1)
-        q = q + booster(token_mixing(q))
-        queries, features = q[:, : len(model.sequences) * n_q], q[:, len(model.sequences) * n_q :]
-    out = model.out_norm(torch.cat([queries, features], dim=1)).flatten(1)
-    return model.heads(out)["click"]
-
-
 def _padded_forward_din(model: DIN, batch: RankingBatch) -> torch.Tensor:
     candidate = model.sparse_arch.candidate(batch)
     parts = [model.sparse_arch.semantic_slots(batch).flatten(1), candidate]
@@ -123,9 +88,14 @@ def _assert_same(new: torch.Tensor, old: torch.Tensor, model: nn.Module) -> None
     model.zero_grad()
     (old * weight).sum().backward()
     g_old = _grads(model)
-    assert g_new.keys() == g_old.keys() and g_new
-    for k in g_new:
-        torch.testing.assert_close(g_new[k], g_old[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert g_new
+    # A parameter without a gradient on one side must have a zero one on the other (the key bias of folded
+    # attention: a constant per softmax row, so its gradient is exactly zero).
+    params = dict(model.named_parameters())
+    for k in g_new.keys() | g_old.keys():
+        zero = torch.zeros_like(params[k])
+        a, b = g_new.get(k, zero), g_old.get(k, zero)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize(("merge_k", "mode"), [(4, "inner_trans"), (4, "concat"), (1, "concat")])
@@ -148,26 +118,6 @@ def test_longer_packed_tokens_match_the_padded_grid(merge_k: int, mode: str) -> 
     assert torch.equal(new_valid, old_valid)
     assert bool((new[~new_valid] == 0).all())
     _assert_same(new, old, model)
-
-
-@pytest.mark.parametrize("encoder", ["longer", "transformer", "swiglu"])
-def test_hyformer_packed_tokens_and_keys_match_the_padded_forward(encoder: str) -> None:
-    torch.manual_seed(0)
-    model = HyFormer(
-        HyFormerConfig(
-            features=demo_spec(max_len=MAX_LEN),
-            embedding_dim=8,
-            model_dim=24,
-            n_feature_tokens=2,
-            n_queries=2,
-            query_hidden=16,
-            longer_queries=4,
-            ffn_expansion=2,
-            sequence_encoder=encoder,  # type: ignore[arg-type]
-        )
-    )
-    batch = _batch(seed=2)
-    _assert_same(model(batch).logits["click"], _padded_forward_hyformer(model, batch), model)
 
 
 @pytest.mark.parametrize("norm", ["none", "softmax"])
@@ -207,3 +157,36 @@ def test_gather_rows_matches_embedding_including_the_padding_row() -> None:
     (table(index) * weight).sum().backward()
     torch.testing.assert_close(new, table.weight.grad)
     assert bool((new[0] == 0).all()) and bool((new[3] != 0).any())
+
+
+@pytest.mark.parametrize(("heads", "n_q", "n_k"), [(2, 3, 11), (1, 4, 9), (3, 2, 17)])
+def test_attention_with_folded_keys_matches_projected_keys(heads: int, n_q: int, n_k: int) -> None:
+    """``attend_context`` (keys/values folded into the queries) against ``attend`` over projected K/V, with
+    padding keys, a query row that sees no key at all, and gradients to every weight and input."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(12, heads)
+    query = torch.randn(3, n_q, 12, requires_grad=True)
+    context = torch.randn(3, n_k, 12, requires_grad=True)
+    mask = torch.rand(3, n_q, n_k) > 0.4
+    mask[0, 0] = False  # a row with no key
+    mask[1] = False  # an example with no keys
+    assert attn._fold_keys(n_q, n_k)
+    new = attn(query, context, mask)
+    old = attn.attend(query, *attn.kv(context), mask)
+    _assert_same(new, old, attn)
+    # the inputs' gradients too
+    weight = torch.randn(new.shape)
+    g_new = torch.autograd.grad((attn(query, context, mask) * weight).sum(), (query, context))
+    g_old = torch.autograd.grad(
+        (attn.attend(query, *attn.kv(context), mask) * weight).sum(), (query, context)
+    )
+    for a, b in zip(g_new, g_old, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_keeps_projected_keys_with_dropout_or_many_queries() -> None:
+    attn = MultiHeadAttention(12, 2, dropout=0.1)
+    assert not attn._fold_keys(2, 50)  # training with attention dropout: P's rows no longer sum to one
+    assert attn.eval()._fold_keys(2, 50)
+    assert not attn._fold_keys(20, 50)  # H * N_q queries of width D would cost more than projecting
+    assert not attn._fold_keys(8, 8)  # self-attention
