@@ -70,10 +70,11 @@ class _GatherRows(torch.autograd.Function):
         return out, None, None
 
 
-def gather_rows(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
-    """``table(index)`` with the same values and gradients (the table's padding row gets none)."""
+def gather_rows(table: nn.Embedding, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``table(index)`` with the same values and gradients (the table's padding row gets none); with
+    ``weight`` (a function of the table's rows, e.g. them projected), rows of ``weight`` instead."""
     padding = -1 if table.padding_idx is None else int(table.padding_idx)
-    return _GatherRows.apply(table.weight, index, padding)
+    return _GatherRows.apply(table.weight if weight is None else weight, index, padding)
 
 
 @dataclass
@@ -187,13 +188,34 @@ class FeatureEmbedding(nn.Module):
             )
         return out if valid is None else out * valid.unsqueeze(-1)
 
-    def time_gap_rows(
-        self, batch: RankingBatch, name: str, flat: torch.Tensor, valid: torch.Tensor | None = None
+    def projected_step_rows(
+        self, batch: RankingBatch, name: str, flat: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
-        """[*flat.shape, dim] time-gap embeddings of the steps at ``flat`` (as ``time_gap_embedding``)."""
+        """``step_rows(batch, name, flat) @ weight.T`` computed as gathers from the projected tables
+        (table @ weight.T, rows x out): a Linear right after the step embedding, folded into the lookups.
+        Needs the plain ``item_ids`` form."""
+        seq = self._sequence_batch(batch, name)
+        if seq.item_ids is None:
+            raise ValueError("projected_step_rows needs the item_ids form of the sequence")
+        out = gather_rows(self.item, seq.item_ids.reshape(-1)[flat], self.item.weight @ weight.T)
+        for side in self.spec.sequence(name).side:
+            table = self._side_embedding(name, side.name)
+            out = out + gather_rows(table, seq.side[side.name].reshape(-1)[flat], table.weight @ weight.T)
+        return out
+
+    def time_gap_rows(
+        self,
+        batch: RankingBatch,
+        name: str,
+        flat: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[*flat.shape, dim] time-gap embeddings of the steps at ``flat`` (as ``time_gap_embedding``);
+        with ``weight`` [out, dim], those embeddings @ weight.T, gathered from the projected table."""
         seq = self._sequence_batch(batch, name)
         bucket = time_gap_bucket(seq.time_gap.reshape(-1)[flat], self.time_gap_buckets)
-        out = gather_rows(self.time_gap, bucket)
+        out = gather_rows(self.time_gap, bucket, None if weight is None else self.time_gap.weight @ weight.T)
         return out if valid is None else out * valid.unsqueeze(-1)
 
     def pooled_sequence(self, batch: RankingBatch, name: str, mode: SequencePool) -> torch.Tensor:

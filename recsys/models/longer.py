@@ -44,7 +44,7 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.models.batch import FeatureSpec, RankingBatch, RankingOutput
-from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer
+from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer, gather_rows
 from recsys.models.heads import HeadsConfig, TaskHeads
 from recsys.models.layers import MLP, TransformerBlock, recent_causal_mask
 from recsys.models.ops.unique_pooling import Backend
@@ -199,10 +199,7 @@ class Longer(nn.Module):
         flat = example.unsqueeze(1) * length + column  # [V, K] position in the [B * L] grid
         # Invalid steps (left of a history's start, in its first group) are zeroed once, at the end: before
         # that they reach nothing (InnerTrans masks them as keys, and their own outputs are zeroed).
-        steps = self.sparse_arch.step_rows(batch, self.sequence_name, flat)  # [V, K, e]
-        gaps = self.sparse_arch.time_gap_rows(batch, self.sequence_name, flat)  # [V, K, e]
-        positions = self.position(column + (self.max_len - length))  # [V, K, 2e]
-        x = self.token_mlp(torch.cat([steps, gaps], dim=-1) + positions)  # [V, K, d]
+        x = self._step_tokens(batch, flat, column + (self.max_len - length))  # [V, K, d]
         d = x.shape[-1]
         if self.inner is not None:
             x = self.inner(x, mask=step_valid.unsqueeze(1))  # keys: the valid steps of the group
@@ -211,6 +208,22 @@ class Longer(nn.Module):
         grid = rows.new_zeros(b * n_groups, rows.shape[-1])
         merged = grid.index_copy(0, example * n_groups + group, rows).view(b, n_groups, -1)
         return merged, merged_valid
+
+    def _step_tokens(self, batch: RankingBatch, flat: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token_mlp(concat(step, time gap) + position embedding) of the steps at ``flat``. The MLP's first
+        Linear is folded into the lookups (gathers from the tables times its weight: the same sums, without
+        the [.., 2e] concatenation and its matmul over every step)."""
+        emb, name = self.sparse_arch, self.sequence_name
+        first = self.token_mlp.net[0]
+        if batch.sequences[name].item_ids is None or not isinstance(first, nn.Linear):
+            steps = emb.step_rows(batch, name, flat)
+            gaps = emb.time_gap_rows(batch, name, flat)
+            return self.token_mlp(torch.cat([steps, gaps], dim=-1) + self.position(position))
+        e = self.config.embedding_dim
+        hidden = emb.projected_step_rows(batch, name, flat, first.weight[:, :e])
+        hidden = hidden + emb.time_gap_rows(batch, name, flat, weight=first.weight[:, e:])
+        hidden = hidden + gather_rows(self.position, position, self.position.weight @ first.weight.T)
+        return self.token_mlp.net[1:](hidden + first.bias)
 
     def global_tokens(self, batch: RankingBatch) -> torch.Tensor:
         """[B, m, D]: target, CLS tokens, then user / context / cross tokens (those the spec has)."""
