@@ -1,7 +1,7 @@
 """Training and evaluation throughput of every model, optionally against an earlier git revision.
 
-    python -m recsys.benchmarks.training_throughput --source-dir data/ml-100k --threads 1
-    python -m recsys.benchmarks.training_throughput --source-dir data/ml-100k --compare-to HEAD~3 \\
+    python -m recsys.benchmarks.training_throughput --source-dir ../shared/data/ml-100k --threads 1
+    python -m recsys.benchmarks.training_throughput --source-dir ../shared/data/ml-100k --compare-to HEAD~3 \\
         --json throughput.json
 
 What is measured, per dataset (MovieLens-100K from ``--source-dir``; the synthetic ``long_history`` preset

@@ -2,7 +2,8 @@
 multi-head attention, SwiGLU, feed-forward and a pre-norm transformer block.
 
 Masks are boolean with True = "may attend". Attention is a *safe* softmax: a query row whose keys are all
-masked (a padding step, an empty history) returns zeros instead of NaN.
+masked (a padding step, an empty history) returns zeros instead of NaN. Few queries over a long context
+(cross-attention) skip the key/value projections of the context: ``MultiHeadAttention.attend_context``.
 """
 
 from __future__ import annotations
