@@ -22,7 +22,7 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.models.batch import FeatureSpec, RankingBatch, RankingOutput
-from recsys.models.embeddings import FeatureEmbedding
+from recsys.models.embeddings import FeatureEmbedding, PackedSteps, pack_steps
 from recsys.models.heads import HeadsConfig, TaskHeads
 from recsys.models.layers import MLP, Activation
 from recsys.models.ops.unique_pooling import Backend
@@ -66,6 +66,17 @@ class TargetAttention(nn.Module):
             weights = scores * valid
         return torch.einsum("bl,ble->be", weights, steps)  # [B, e]
 
+    def packed(self, steps: torch.Tensor, candidate: torch.Tensor, packed: PackedSteps) -> torch.Tensor:
+        """The same interest from the valid steps only: ``steps`` [N, e] are the rows of ``packed``."""
+        c = candidate[packed.example]  # [N, e]
+        scores = self.unit(torch.cat([steps, c, steps - c, steps * c], dim=-1)).squeeze(-1)  # [N]
+        if self.norm == "softmax":  # softmax per example over its valid steps, via the padded grid
+            grid = scores.new_full((packed.batch_size * packed.seq_len,), float("-inf"))
+            grid = grid.index_copy(0, packed.flat, scores).view(packed.batch_size, packed.seq_len)
+            scores = torch.softmax(grid, dim=-1).reshape(-1)[packed.flat]
+        weighted = scores.unsqueeze(-1) * steps
+        return weighted.new_zeros(candidate.shape).index_add(0, packed.example, weighted)  # [B, e]
+
 
 class DIN(nn.Module):
     def __init__(self, config: DINConfig) -> None:
@@ -90,11 +101,11 @@ class DIN(nn.Module):
     def forward(self, batch: RankingBatch) -> RankingOutput:
         candidate = self.sparse_arch.candidate(batch)  # [B, e]
         parts = [self.sparse_arch.semantic_slots(batch).flatten(1), candidate]
-        for name in self.sequences:
-            steps = self.sparse_arch.sequence(batch, name)  # [B, L, e]
+        for name in self.sequences:  # the valid steps only (padding weighs nothing)
+            packed = pack_steps(batch.sequences[name])
+            steps = self.sparse_arch.step_rows(batch, name, packed.flat)  # [N, e]
             if self.config.use_time_gap:
-                steps = steps + self.sparse_arch.time_gap_embedding(batch, name)
-            valid = batch.sequences[name].valid_mask()  # [B, L]
-            parts.append(self.attention[name](steps, candidate, valid))
+                steps = steps + self.sparse_arch.time_gap_rows(batch, name, packed.flat)
+            parts.append(self.attention[name].packed(steps, candidate, packed))
         x = torch.cat(parts, dim=1)
         return RankingOutput(logits=self.heads(self.deep_arch(x)), aux_loss=x.new_zeros(()))

@@ -142,8 +142,8 @@ class QueryDecoder(nn.Module):
         self.attn = MultiHeadAttention(dim, heads, dropout)
 
     def forward(self, queries: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        k, v = self.attn.kv(self.kv_norm(seq))  # K_l, V_l: [B, H, n, d_h]
-        return queries + self.attn.attend(self.q_norm(queries), k, v, valid.unsqueeze(1))
+        # K_l, V_l = projections of LN(seq); MultiHeadAttention folds them into the few queries.
+        return queries + self.attn(self.q_norm(queries), self.kv_norm(seq), valid.unsqueeze(1))
 
 
 class HyFormer(nn.Module):

@@ -2,7 +2,8 @@
 multi-head attention, SwiGLU, feed-forward and a pre-norm transformer block.
 
 Masks are boolean with True = "may attend". Attention is a *safe* softmax: a query row whose keys are all
-masked (a padding step, an empty history) returns zeros instead of NaN.
+masked (a padding step, an empty history) returns zeros instead of NaN. Few queries over a long context
+(cross-attention) skip the key/value projections of the context: ``MultiHeadAttention.attend_context``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, N_q, d_h]
-        out = out.transpose(1, 2).reshape(b, n_q, -1)
+        out = out.transpose(1, 2).reshape(b, n_q, self.n_heads * self.head_dim)
         if mask is not None:
             out = out * any_key.to(out.dtype)
         return self.out_proj(out)
@@ -202,8 +203,46 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, query: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if context is not None and self._fold_keys(query.shape[1], context.shape[1]):
+            return self.attend_context(query, context, mask)
         k, v = self.kv(query if context is None else context)
         return self.attend(query, k, v, mask)
+
+    def _fold_keys(self, n_q: int, n_k: int) -> bool:
+        """Whether ``attend_context`` costs less: few queries over a longer context (its scores are D wide
+        per head instead of d_h, but no key or value is projected), and no attention dropout."""
+        no_dropout = self.dropout == 0.0 or not self.training
+        return no_dropout and n_k > n_q and n_q * (self.n_heads - 1) < self.n_heads * self.head_dim
+
+    def attend_context(
+        self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attend(query, *kv(context), mask)`` without projecting the context (same outputs and gradients
+        up to rounding; no attention dropout). Per head h, the scores q_h . (Wk_h c + bk_h) equal
+        (Wk_h^T q_h) . c plus a constant per query row, which the softmax drops; and as each row of the
+        attention P sums to one, P (c Wv_h^T + bv_h) = (P c) Wv_h^T + bv_h. The heads then share the raw
+        context as keys and values, so they run as one attention over H * N_q queries."""
+        b, n_q, dim = query.shape
+        n_k, h, dh = context.shape[1], self.n_heads, self.head_dim
+        if n_k == 0:  # no keys at all: nothing to read
+            return torch.zeros_like(query)
+        q = self.q_proj(query).view(b, n_q, h, dh)
+        folded = torch.einsum("bqhe,hed->bhqd", q, self.k_proj.weight.view(h, dh, dim))
+        attn_mask = None
+        if mask is not None:
+            mask = mask.expand(b, n_q, n_k)
+            any_key = mask.any(dim=-1, keepdim=True)  # [B, N_q, 1]
+            # A fully masked row would be NaN: let it attend to everything, then zero its output.
+            attn_mask = (mask | ~any_key).unsqueeze(1).expand(b, h, n_q, n_k).reshape(b, 1, h * n_q, n_k)
+        c = context.unsqueeze(1)  # [B, 1, N_k, D]: keys and values of every head
+        read = F.scaled_dot_product_attention(
+            folded.reshape(b, 1, h * n_q, dim), c, c, attn_mask=attn_mask, scale=dh**-0.5
+        ).view(b, h, n_q, dim)
+        out = torch.einsum("bhqd,hed->bqhe", read, self.v_proj.weight.view(h, dh, dim))
+        out = out.reshape(b, n_q, h * dh) + self.v_proj.bias
+        if mask is not None:
+            out = out * any_key.to(out.dtype)
+        return self.out_proj(out)
 
 
 class FeedForward(nn.Module):

@@ -44,7 +44,7 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.models.batch import FeatureSpec, RankingBatch, RankingOutput
-from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer
+from recsys.models.embeddings import FeatureEmbedding, SemanticTokenizer, gather_rows
 from recsys.models.heads import HeadsConfig, TaskHeads
 from recsys.models.layers import MLP, TransformerBlock, recent_causal_mask
 from recsys.models.ops.unique_pooling import Backend
@@ -175,33 +175,55 @@ class Longer(nn.Module):
     # --- tokens ---------------------------------------------------------------------------------------
 
     def sequence_tokens(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged sequence tokens [B, G, D] and their validity [B, G] (G = ceil(L / K))."""
+        """Merged sequence tokens [B, G, D] and their validity [B, G] (G = ceil(L / K)).
+
+        Only the merged tokens that hold a valid step are computed (token MLP, InnerTrans, merge projection
+        on those groups, then scattered into the zero [B, G, D] grid): a left-padded sequence of n valid
+        steps has its valid steps in its last ceil(n / K) groups, and every other group's output is zero
+        (its tokens are zeroed), so the result is the same as computing the whole grid."""
         seq = batch.sequences[self.sequence_name]
         length = seq.seq_len
         if length > self.max_len:
             raise ValueError(f"sequence {self.sequence_name!r} has L = {length} > max_len {self.max_len}")
-        valid = seq.valid_mask()  # [B, L]
-        steps = self.sparse_arch.sequence(batch, self.sequence_name)  # [B, L, e]
-        gaps = self.sparse_arch.time_gap_embedding(batch, self.sequence_name)  # [B, L, e]
-        positions = torch.arange(self.max_len - length, self.max_len, device=steps.device)
-        x = self.token_mlp(torch.cat([steps, gaps], dim=-1) + self.position(positions))  # [B, L, d]
-        x = x * valid.unsqueeze(-1)
         k = self.config.merge_k
-        pad = (-length) % k
-        if pad:  # left-pad to a multiple of K with invalid zero tokens
-            x = nn.functional.pad(x, (0, 0, pad, 0))
-            valid = nn.functional.pad(valid, (pad, 0), value=False)
-        b, n, d = x.shape
-        groups = x.view(b, n // k, k, d)  # [B, G, K, d]
-        group_valid = valid.view(b, n // k, k)  # [B, G, K]
+        b, n_groups = seq.batch_size, -(-length // k)
+        pad = n_groups * k - length  # invalid steps left of position 0 (the grid is a multiple of K)
+        lengths = seq.lengths.clamp(0, length)
+        merged_valid = torch.arange(n_groups, device=lengths.device).unsqueeze(0) >= (
+            n_groups - (lengths + k - 1) // k
+        ).unsqueeze(1)  # [B, G]
+        example, group = merged_valid.nonzero(as_tuple=True)  # the V valid groups
+        column = group.unsqueeze(1) * k + torch.arange(k, device=group.device) - pad  # [V, K] step column
+        step_valid = column >= (length - lengths[example]).unsqueeze(1)  # [V, K]
+        column = column.clamp_min(0)
+        flat = example.unsqueeze(1) * length + column  # [V, K] position in the [B * L] grid
+        # Invalid steps (left of a history's start, in its first group) are zeroed once, at the end: before
+        # that they reach nothing (InnerTrans masks them as keys, and their own outputs are zeroed).
+        x = self._step_tokens(batch, flat, column + (self.max_len - length))  # [V, K, d]
+        d = x.shape[-1]
         if self.inner is not None:
-            flat = groups.reshape(b * (n // k), k, d)
-            inner_mask = group_valid.reshape(b * (n // k), 1, k)  # keys: valid steps of the group
-            groups = self.inner(flat, mask=inner_mask).view(b, n // k, k, d)
-            groups = groups * group_valid.unsqueeze(-1)
-        merged = self.merge_proj(groups.reshape(b, n // k, k * d))  # [B, G, D]
-        merged_valid = group_valid.any(dim=-1)  # [B, G]
-        return merged * merged_valid.unsqueeze(-1), merged_valid
+            x = self.inner(x, mask=step_valid.unsqueeze(1))  # keys: the valid steps of the group
+        x = x * step_valid.unsqueeze(-1)
+        rows = self.merge_proj(x.reshape(-1, k * d))  # [V, D]
+        grid = rows.new_zeros(b * n_groups, rows.shape[-1])
+        merged = grid.index_copy(0, example * n_groups + group, rows).view(b, n_groups, -1)
+        return merged, merged_valid
+
+    def _step_tokens(self, batch: RankingBatch, flat: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token_mlp(concat(step, time gap) + position embedding) of the steps at ``flat``. The MLP's first
+        Linear is folded into the lookups (gathers from the tables times its weight: the same sums, without
+        the [.., 2e] concatenation and its matmul over every step)."""
+        emb, name = self.sparse_arch, self.sequence_name
+        first = self.token_mlp.net[0]
+        if batch.sequences[name].item_ids is None or not isinstance(first, nn.Linear):
+            steps = emb.step_rows(batch, name, flat)
+            gaps = emb.time_gap_rows(batch, name, flat)
+            return self.token_mlp(torch.cat([steps, gaps], dim=-1) + self.position(position))
+        e = self.config.embedding_dim
+        hidden = emb.projected_step_rows(batch, name, flat, first.weight[:, :e])
+        hidden = hidden + emb.time_gap_rows(batch, name, flat, weight=first.weight[:, e:])
+        hidden = hidden + gather_rows(self.position, position, self.position.weight @ first.weight.T)
+        return self.token_mlp.net[1:](hidden + first.bias)
 
     def global_tokens(self, batch: RankingBatch) -> torch.Tensor:
         """[B, m, D]: target, CLS tokens, then user / context / cross tokens (those the spec has)."""
