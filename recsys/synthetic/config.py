@@ -308,20 +308,21 @@ class SyntheticConfig(FrozenModel):
 
     @classmethod
     def drift(cls, seed: int = 0) -> SyntheticConfig:
-        """Drift across time: category appeal swings (amplitude 2, 30-45 day periods) and the profile x
-        category tastes turn half a circle over the 120 days, so what holds late contradicts what held
-        early (the continual-training benchmark). 3,000 users, no long-range signal."""
+        """Drift across time: category appeal swings slowly (amplitude 2, 240-360 day periods, so a 30-day
+        period sees one direction, not a whole cycle) and the profile x category tastes, the strongest
+        signal here, turn half a circle over the 120 days, so what holds late contradicts what held early
+        (the continual-training benchmark). 3,000 users, no long-range signal."""
         return cls(
             seed=seed,
             users=UserConfig(n_users=3_000),
             sessions=SessionConfig(requests_per_user_mean=25.0, horizon_days=120.0),
             policy=PolicyConfig(impression_log_rate=0.25),
             click=ClickModelConfig(
-                taste=1.0,
-                interaction=1.5,
+                taste=0.5,
+                interaction=2.5,
                 interaction_drift=3.141592653589793,
                 drift=2.0,
-                drift_period_days=(30.0, 45.0),
+                drift_period_days=(240.0, 360.0),
                 loyalty=0.0,
             ),
         )
@@ -345,7 +346,8 @@ class SyntheticConfig(FrozenModel):
         """Sequential retrieval with long-range recurrence: 1,000 users with ~1,200 clicks each (histories of
         200 and 1,000 are both meaningful); half of the pool slots try to resurface creators last clicked
         more than 100 clicks ago, and the response to such a dormant creator is strong (``dormant`` 4).
-        Impressions are not logged (retrieval learns from the click log)."""
+        1% of requests' impressions are logged (the oracle and last-100 figures; retrieval learns from the
+        click log)."""
         return cls(
             seed=seed,
             catalogue=CatalogueConfig(n_items=20_000, n_categories=24, n_creators=4_000),
@@ -356,7 +358,7 @@ class SyntheticConfig(FrozenModel):
                 requests_per_session_mean=8.0,
                 horizon_days=180.0,
             ),
-            policy=PolicyConfig(impression_log_rate=0.0, resurface_share=0.5, resurface_min_age=100),
+            policy=PolicyConfig(impression_log_rate=0.01, resurface_share=0.5, resurface_min_age=100),
             click=ClickModelConfig(taste=1.0, loyalty=0.0, dormant=4.0, dormant_after=100),
         )
 
