@@ -16,7 +16,12 @@ written LAST, so a directory without it is an incomplete run (``read_manifest`` 
 Ordering: users in id order; within a user, requests in time order and a slate's items by position;
 ``events.src_row`` and ``impressions.request_id`` are global 0-based counters in that order.
 ``impressions.p_click`` is the true P(click | shown at that position) (examination included);
-``p_click_unbiased`` is the position-free sigmoid(logit). ``dwell`` is NULL when there was no click.
+``p_click_unbiased`` is the position-free sigmoid(logit); ``p_click_last100`` is p_click of the last-100
+predictor (the true model with the history-dependent state rebuilt from only the user's last ``LAST_WINDOW``
+clicks; files only, not loaded into the warehouse). ``dwell`` is NULL when there was no click. The manifest
+gives the AUC of p_click (oracle) and of p_click_last100 over all logged impressions and over the test
+impressions (ts from the ``TEST_QUANTILE`` quantile on), and the share of the achievable lift that needs more
+than the last 100 clicks.
 
 OPEN choices, and what was picked:
 
