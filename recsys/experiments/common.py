@@ -8,6 +8,7 @@ tables and error messages do not change with the move.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,6 +33,51 @@ def check_comparisons(comparisons: Iterable[tuple[str, str]], models: Sequence[s
     for a, b in comparisons:
         if a not in models or b not in models:
             raise ValueError(f"comparisons: ({a}, {b}) names a model that is not in models {models}")
+
+
+# -- evidence profiles -------------------------------------------------------------------------------------
+
+#: The ``paper`` profile's floor: every training example, early stopping with at least this patience, at
+#: least this many seeds (mean ± std and paired tests over them), and an epoch cap early stopping can reach.
+PAPER_PATIENCE = 3
+PAPER_SEEDS = 3
+PAPER_MAX_EPOCHS = 12
+PROFILES = ("budget", "paper")
+
+
+@dataclass(frozen=True)
+class EvidenceProfile:
+    """What a ``--profile`` resolves to: the seeds, epoch cap and patience to use, and whether the caps on
+    examples (training subsample, examples per epoch, validation and test samples) are dropped."""
+
+    name: str
+    seeds: int
+    max_epochs: int
+    patience: int
+    all_examples: bool
+
+    def describe(self) -> str:
+        examples = "all examples" if self.all_examples else "the example caps given"
+        return (
+            f"{examples}, {self.seeds} seeds, at most {self.max_epochs} epochs, early stopping on validation "
+            f"with patience {self.patience}"
+        )
+
+
+def evidence_profile(name: str, *, seeds: int, max_epochs: int, patience: int) -> EvidenceProfile:
+    """``budget`` keeps the figures given; ``paper`` raises them to the evidence floor (PAPER_*) and uses
+    every example. Raises ValueError naming the choices for any other name."""
+    if name not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {name!r}")
+    if name == "budget":
+        return EvidenceProfile(name, seeds, max_epochs, patience, all_examples=False)
+    return EvidenceProfile(
+        name,
+        max(seeds, PAPER_SEEDS),
+        max(max_epochs, PAPER_MAX_EPOCHS),
+        max(patience, PAPER_PATIENCE),
+        all_examples=True,
+    )
 
 
 # -- significance -------------------------------------------------------------------------------------------

@@ -48,7 +48,17 @@ from recsys.evaluation.forgetting import (
     summarize_forgetting,
 )
 from recsys.evaluation.ranking import auc
-from recsys.experiments.common import split_csv, write_report
+from recsys.evaluation.significance import PairedTest, summarize
+from recsys.experiments.common import (
+    check_seeds,
+    evidence_profile,
+    format_count,
+    markdown_head,
+    markdown_row,
+    paired_seed_tests,
+    split_csv,
+    write_report,
+)
 from recsys.experiments.ranking import (
     RANKING_MODELS,
     RankingDataSource,
@@ -97,16 +107,15 @@ PROTOCOL = (
 )
 #: Claim check: SDFT's mean new-period AUC may trail fine-tuning's by at most this and still count as equal.
 EQUAL_AUC_TOLERANCE = 0.005
+#: The drift benchmark's premise: plain fine-tuning forgets at least this much AUC on average.
+FORGETTING_GOAL = 0.01
 #: AUC differences below this count as none in the claim check (single-seed noise on ~3,000 eval examples).
 NOISE_AUC = 0.002
-#: The ``synthetic_drift`` preset: the quick generator run with category appeal swinging 4x harder and about
-#: twice as fast (sinusoid periods 30-45 days over the 90-day horizon), so that a period's lesson goes stale.
-DRIFT_PRESET: dict[str, Any] = {"drift": 2.0, "drift_period_days": (30.0, 45.0)}
 #: ``ContinualConfig.quick`` per dataset: (served history, privileged history, training examples per period);
 #: every preset caps validation at 1,500 and eval at 3,000 examples per period.
 _QUICK_TRAIN: dict[str, tuple[int, int, int]] = {
     "synthetic": (5, 100, 4_000),
-    "synthetic_drift": (5, 100, 4_000),
+    "synthetic_drift": (5, 100, 20_000),
     "synthetic_long": (20, 200, 6_000),
     "ml100k": (20, 200, 10_000),
 }
@@ -147,7 +156,8 @@ class ContinualConfig(RankingDataSource):
     @classmethod
     def quick(cls, dataset: str = "synthetic", **overrides: Any) -> ContinualConfig:
         """Presets that run on a 2-core CPU: ``synthetic`` (the quick generator run, < 90 s for the three
-        methods on an idle machine), ``synthetic_drift`` (the same with ``DRIFT_PRESET``), ``synthetic_long``
+        methods on an idle machine), ``synthetic_drift`` (``SyntheticConfig.drift``: category appeal swings
+        and the profile x category tastes turn half a circle over the horizon), ``synthetic_long``
         (SyntheticConfig.long_history, ~1,100 events per user) and ``ml100k``.
 
         Served / privileged history: 5 / 100 on quick synthetic data (its users have ~20 clicks; a served
@@ -170,10 +180,7 @@ class ContinualConfig(RankingDataSource):
         if dataset == "synthetic":
             base["synthetic"] = SyntheticConfig.quick()
         elif dataset == "synthetic_drift":
-            quick = SyntheticConfig.quick()
-            base["synthetic"] = quick.model_copy(
-                update={"click": quick.click.model_copy(update=DRIFT_PRESET)}
-            )
+            base["synthetic"] = SyntheticConfig.drift()
         elif dataset == "synthetic_long":
             base["synthetic"] = SyntheticConfig.long_history()
         else:  # ml100k
@@ -756,8 +763,20 @@ def run_command(
         int | None, typer.Option(min=1, help="Learn only the first m periods (continue later).")
     ] = None,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch's default).")] = 1,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="budget (one seed, the preset's caps) or paper (every example, 3 passes per period, seeds "
+            "0..n-1 with n >= 3, mean ± std, paired tests against finetune; resumable)."
+        ),
+    ] = "budget",
+    seeds: Annotated[int, typer.Option(min=1, help="With --profile paper: seeds 0..n-1 (at least 3).")] = 3,
 ) -> None:
     """Run the streaming protocol and print the forgetting matrices and the summary."""
+    try:
+        p = evidence_profile(profile, seeds=seeds, max_epochs=1, patience=1)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -781,6 +800,17 @@ def run_command(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if p.all_examples:
+        paper = run_continual_paper(config, tuple(range(p.seeds)), echo=typer.echo)
+        typer.echo("")
+        typer.echo(paper_table(paper))
+        typer.echo("")
+        for t in paper.tests:
+            typer.echo(t.format())
+        for line in paper_claims(paper):
+            typer.echo(line)
+        typer.echo(f"\nreport: {paper.report_path}")
+        return
     result = run_continual(config, echo=typer.echo)
     typer.echo("")
     typer.echo(format_matrices(result))
@@ -788,6 +818,161 @@ def run_command(
     typer.echo("")
     typer.echo(claim_verdict(result))
     typer.echo(f"\nreport: {result.report_path} ({result.wall_time_s:.0f} s)")
+
+
+# -- the paper profile: seeds x methods, resumable, mean ± std and paired tests ------------------------------
+
+#: Passes over every period under the paper profile (the continual learner trains fixed passes per period).
+PAPER_EPOCHS = 3
+#: The figures of one (seed, method) cell that the paper table aggregates.
+PAPER_FIGURES = ("new_period_auc", "average_final_auc", "average_forgetting", "backward_transfer")
+
+
+def paper_config(base: ContinualConfig, seed: int, method: Method) -> ContinualConfig:
+    """``base`` with every example of every period, PAPER_EPOCHS passes per period, one seed, one method."""
+    train = base.train.model_copy(
+        update={
+            "max_train_per_period": None,
+            "max_valid_per_period": None,
+            "max_eval_per_period": None,
+            "epochs_first": max(base.train.epochs_first, PAPER_EPOCHS),
+            "epochs": max(base.train.epochs, PAPER_EPOCHS),
+            "seed": seed,
+        }
+    )
+    return ContinualConfig.model_validate(
+        {**base.model_dump(exclude={"train", "methods"}), "train": train, "methods": (method,)}
+    )
+
+
+@dataclass
+class PaperResult:
+    """Per method, per seed: the forgetting summary, train seconds, parameters; plus FLOPs per example."""
+
+    dataset: str
+    seeds: tuple[int, ...]
+    cells: dict[str, list[dict[str, float]]]
+    flops: dict[str, float]
+    tests: list[PairedTest]
+    report_path: Path | None = None
+
+
+def run_continual_paper(
+    base: ContinualConfig,
+    seeds: tuple[int, ...],
+    paths: PathsConfig | None = None,
+    *,
+    echo: Any = print,
+) -> PaperResult:
+    """Every method x seed under ``paper_config``; a finished cell (its summary file exists) is skipped, so
+    an interrupted run resumes; paired t-tests over seeds of each method against fine-tuning."""
+    paths = paths or PathsConfig()
+    say = echo or (lambda _msg: None)
+    check_seeds(seeds)
+    cells: dict[str, list[dict[str, float]]] = {m: [] for m in base.methods}
+    flops: dict[str, float] = {}
+    for seed in seeds:
+        for method in base.methods:
+            config = paper_config(base, seed, method)
+            done = (
+                paths.artifacts
+                / "continual"
+                / base.dataset
+                / "paper"
+                / f"{config.experiment_id}-{method}.json"
+            )
+            if done.exists():
+                cell = json.loads(done.read_text())
+                say(f"{method} seed {seed}: finished earlier ({done.name})")
+            else:
+                result = run_continual(config, paths, echo=echo)
+                r = result.methods[method]
+                cell = {
+                    **r.summary.as_dict(),
+                    "train_seconds": r.train_seconds,
+                    "num_parameters": float(r.num_parameters),
+                    **{f"flops_{k}": v for k, v in result.flops.items()},
+                }
+                write_report(done, json.dumps(cell, indent=1))
+            cells[method].append(cell)
+            flops = {k[len("flops_") :]: v for k, v in cell.items() if k.startswith("flops_")} or flops
+    tests: list[PairedTest] = []
+    if "finetune" in cells and len(seeds) >= 2:
+        for method in (m for m in base.methods if m != "finetune"):
+            tests += paired_seed_tests(
+                method,
+                "finetune",
+                cells[method],
+                cells["finetune"],
+                ("average_forgetting", "new_period_auc"),
+                lambda c, m: c[m],
+            )
+    result = PaperResult(base.dataset, seeds, cells, flops, tests)
+    result.report_path = write_report(
+        paths.home / "reports" / f"continual_{base.dataset}_paper.md", format_paper_report(base, result)
+    )
+    return result
+
+
+def paper_table(result: PaperResult) -> str:
+    """Mean ± std over seeds per method, then cost (parameters, FLOPs per example, train seconds)."""
+    header = ["Method", "New-period AUC", "Final avg AUC", "Avg forgetting", "BWT", "Params", "Train s"]
+    lines = markdown_head(header)
+    for method, cells in result.cells.items():
+        row = [method]
+        row += [summarize([c[f] for c in cells]).format(4) for f in PAPER_FIGURES]
+        t = summarize([c["train_seconds"] for c in cells])
+        row += [format_count(cells[0]["num_parameters"]), f"{t.mean:.0f} ± {t.std:.0f}"]
+        lines.append(markdown_row(row))
+    if result.flops:
+        lines += [
+            "",
+            "FLOPs/example: " + ", ".join(f"{k} {format_count(v)}" for k, v in result.flops.items()),
+        ]
+    return "\n".join(lines)
+
+
+def paper_claims(result: PaperResult) -> list[str]:
+    """Verdict lines: fine-tuning forgets (>= 0.01 AUC, the benchmark's premise), and SDFT forgets less than
+    fine-tuning at a new-period AUC not significantly lower (paired t-tests over seeds, alpha 0.05)."""
+    lines = []
+    if "finetune" in result.cells:
+        f = summarize([c["average_forgetting"] for c in result.cells["finetune"]])
+        verdict = "yes" if f.mean >= FORGETTING_GOAL else "no"
+        lines.append(f"- fine-tuning forgets >= {FORGETTING_GOAL} AUC: {verdict} ({f.format(4)})")
+    by = {(t.a, t.metric): t for t in result.tests}
+    forget, new = by.get(("sdft", "average_forgetting")), by.get(("sdft", "new_period_auc"))
+    if forget is not None and new is not None:
+        less = forget.mean_diff < 0 and forget.p_value < 0.05
+        lower = new.mean_diff < 0 and new.p_value < 0.05
+        verdict = "HOLDS" if less and not lower else "NOT SHOWN"
+        lines.append(
+            f"- SDFT forgets less than fine-tuning at equal new-period AUC: {verdict} (forgetting diff "
+            f"{forget.mean_diff:+.4f}, p={forget.p_value:.3g}; new-period AUC diff {new.mean_diff:+.4f}, "
+            f"p={new.p_value:.3g})"
+        )
+    return lines
+
+
+def format_paper_report(base: ContinualConfig, result: PaperResult) -> str:
+    t = base.train
+    lines = [
+        f"# Continual training, paper profile: {base.dataset}",
+        "",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {hardware_description()}.",
+        f"Protocol: {PROTOCOL}; every example of every period; {max(t.epochs, PAPER_EPOCHS)} passes per "
+        "period (fixed: the continual learner has no early stopping); "
+        f"{base.model}, served history {t.served_len}, "
+        f"privileged {t.privileged_len}; seeds {', '.join(map(str, result.seeds))} (mean ± std).",
+        "",
+        paper_table(result),
+        "",
+        "## Paired t-tests over seeds (against fine-tuning)",
+        "",
+    ]
+    lines += [f"- {x.format()}" for x in result.tests] or ["- (needs finetune and >= 2 seeds)"]
+    lines += ["", "## Claims", ""] + (paper_claims(result) or ["- (no claim applies)"])
+    return "\n".join(lines) + "\n"
 
 
 @app.command("continue")

@@ -53,6 +53,7 @@ from recsys.evaluation.ranking import ranking_metrics
 from recsys.evaluation.significance import PairedTest, summarize
 from recsys.experiments.common import (
     check_seeds,
+    evidence_profile,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -67,6 +68,7 @@ from recsys.experiments.ranking import (
     RankingExperimentConfig,
     build_model,
     check_ranking_monitor,
+    loop_key,
     prepare_data,
     ranking_loop,
 )
@@ -190,6 +192,9 @@ class TeacherStudentConfig(RankingDataSource):
         return self._ranking_config((self.baseline,), self.seeds)
 
 
+GOAL_ALPHA = 0.05  # significance the goal's student-vs-baseline paired test must reach
+
+
 @dataclass
 class RoleResult:
     """One row of the table: a role's model(s), test metrics per seed and cost."""
@@ -286,10 +291,29 @@ class TeacherStudentResult:
         return self.roles["student_distilled"].flops_per_example / teacher if teacher > 0 else float("inf")
 
     @property
-    def goal_met(self) -> bool:
+    def goal_reached_on_means(self) -> bool:
+        """The goal's figures (lift retained, FLOPs ratio) on the mean AUCs, without any significance."""
         lift = self.lift_retained
         return (
             lift is not None and lift >= self.config.lift_goal and self.flops_ratio <= self.config.flops_goal
+        )
+
+    @property
+    def student_vs_baseline(self) -> PairedTest | None:
+        """The paired test of the distilled student against the baseline on AUC (None with one seed)."""
+        return next((t for t in self.tests if t.b == "baseline" and t.metric == "auc"), None)
+
+    @property
+    def goal_met(self) -> bool:
+        """Met only as evidence: the figures reach the goal over >= 2 seeds and the distilled student beats
+        the baseline significantly (paired t-test over seeds, p < GOAL_ALPHA). One seed is never a success."""
+        t = self.student_vs_baseline
+        return (
+            self.goal_reached_on_means
+            and t is not None
+            and t.mean_diff > 0
+            and not np.isnan(t.p_value)
+            and t.p_value < GOAL_ALPHA
         )
 
     def summary(self) -> TeacherStudentSummary:
@@ -439,7 +463,7 @@ def run_teacher_student(
             teacher_seed,
             model_config.model_dump(mode="json", exclude={"features"}),
             t_train,
-            t_loop,
+            loop_key(t_loop),
             data.config,
             data.data_version,
         )
@@ -521,7 +545,7 @@ def run_teacher_student(
                     seed,
                     mc,
                     train_cfg,
-                    loop,
+                    loop_key(loop),
                     data.config,
                     data.data_version,
                     config.distill,
@@ -544,7 +568,16 @@ def run_teacher_student(
                     served_student = _served_student(config, data, name, model_config, max_len, ckpt, run)
             else:
                 ckpt = _checkpoint(
-                    paths, config, role, name, seed, mc, train_cfg, loop, data.config, data.data_version
+                    paths,
+                    config,
+                    role,
+                    name,
+                    seed,
+                    mc,
+                    train_cfg,
+                    loop_key(loop),
+                    data.config,
+                    data.data_version,
                 )
                 run = train_ranking(
                     name,
@@ -587,6 +620,15 @@ def run_teacher_student(
             roles["student_distilled"].test,
             roles["student_plain"].test,
             ("auc", "gauc", "log_loss"),
+            lambda t, m: t.get(m, float("nan")),
+        )
+        # The goal's other claim: the distilled student beats the baseline it is measured against.
+        tests += paired_seed_tests(
+            "student distilled",
+            "baseline",
+            roles["student_distilled"].test,
+            roles["baseline"].test,
+            ("auc",),
             lambda t, m: t.get(m, float("nan")),
         )
     result = TeacherStudentResult(
@@ -690,7 +732,18 @@ def goal_line(result: TeacherStudentResult) -> str:
         else "FLOPs ratio 0"
     )
     lift = result.lift_retained
-    verdict = "MET" if result.goal_met else "NOT MET"
+    t_base = result.student_vs_baseline
+    if result.goal_met:
+        verdict = "MET"
+    elif not result.goal_reached_on_means:
+        verdict = "NOT MET"
+    elif t_base is None:
+        verdict = "NOT ESTABLISHED (one seed: no spread and no paired test, so no claim)"
+    else:
+        verdict = (
+            f"NOT ESTABLISHED (the figures reach it, but the distilled student is not significantly above "
+            f"the baseline: paired t over {t_base.n} seeds p={t_base.p_value:.3g})"
+        )
     goal = (
         f"Goal ({c.lift_goal:.0%} of the teacher's AUC lift over the baseline at <= {c.flops_goal:g} of its "
         "FLOPs)"
@@ -772,7 +825,9 @@ def teacher_student_command(
     source_dir: Annotated[
         Path | None, typer.Option(help="MovieLens-100K folder (default: download).")
     ] = None,
-    synthetic_preset: Annotated[str, typer.Option(help="Synthetic preset: quick or long_history.")] = "quick",
+    synthetic_preset: Annotated[
+        str, typer.Option(help=f"Synthetic preset: {', '.join(SyntheticConfig.preset_names())}.")
+    ] = "quick",
     seeds: Annotated[int, typer.Option(min=1, help="Student/baseline seeds (0..n-1).")] = 3,
     teacher: Annotated[
         str, typer.Option(help="Teacher model(s), comma-separated (several = ensemble).")
@@ -795,8 +850,21 @@ def teacher_student_command(
     lr: Annotated[float, typer.Option()] = 2e-3,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch's default).")] = 1,
     progress: Annotated[bool, typer.Option()] = False,
+    profile: Annotated[
+        str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
+    ] = "budget",
 ) -> None:
     """Teacher vs distilled student vs plain student vs DeepFM: the table and the goal check."""
+    try:
+        p = evidence_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    if p.all_examples:
+        max_train = max_valid = max_test = epoch_examples = None
+        if teacher_epochs is not None:
+            teacher_epochs = max(teacher_epochs, p.max_epochs)
+    seeds, max_epochs, patience = p.seeds, p.max_epochs, p.patience
+    typer.echo(f"profile {profile}: {p.describe()}")
     if threads:
         torch.set_num_threads(threads)
     try:

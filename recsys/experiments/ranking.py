@@ -26,6 +26,7 @@ CLI: ``app`` (typer); ``python -m recsys.experiments.ranking run --help``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from recsys.experiments.common import (
     check_comparisons,
     check_seeds,
     echo_table_and_tests,
+    evidence_profile,
     format_count,
     markdown_head,
     markdown_row,
@@ -55,7 +57,7 @@ from recsys.features.point_in_time import build_examples
 from recsys.ingest.movielens import ingest_movielens
 from recsys.models.registry import REGISTRY, ModelEntry
 from recsys.synthetic.config import SyntheticConfig
-from recsys.synthetic.generator import generate, read_manifest
+from recsys.synthetic.generator import SyntheticManifest, generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
 from recsys.training.hstu_ranking import train_ranking_model
 from recsys.training.loop import LoopConfig, OptimizerConfig, seed_everything
@@ -84,6 +86,16 @@ EXPECTED_PAIRS: tuple[tuple[str, str], ...] = (
 )
 #: The generative ranker against the target-attention baseline and the strongest long-history model.
 GENERATIVE_PAIRS: tuple[tuple[str, str], ...] = (("hstu-ranker", "din"), ("hstu-ranker", "hyformer"))
+#: The ordering claims the report checks: (a, b, strict) reads "a > b" (strict) or "a >= b".
+CLAIMS: tuple[tuple[str, str, bool], ...] = (
+    ("hyformer", "longer-rankmixer", False),
+    ("longer-rankmixer", "rankmixer", True),
+    ("rankmixer", "deepfm", True),
+)
+#: Significance level of the verdicts (paired t-test over seeds on test AUC).
+ALPHA = 0.05
+#: The long-range dial counts as on when at least this share of the achievable lift needs > 100 events.
+LONG_RANGE_ON = 0.01
 PRETTY = {
     "deepfm": "DeepFM",
     "din": "DIN",
@@ -194,6 +206,7 @@ class RankingExperimentResult:
     prepare_time_s: float = 0.0
     report_path: Path | None = None
     synthetic_oracle_auc: float | None = None  # the generator's own figure over all logged impressions
+    manifest: SyntheticManifest | None = None  # the synthetic run's manifest (oracle / last-100 figures)
 
 
 def build_model(name: str, data: RankingData, max_len: int, overrides: dict[str, Any] | None = None):  # noqa: ANN201
@@ -244,6 +257,22 @@ def prepare_data(
     return data, oracle
 
 
+def loop_key(loop: LoopConfig) -> dict[str, Any]:
+    """The loop settings that change what a run trains: display and resume switches do not, and a higher
+    epoch cap only continues a run (the shared loop does that), so a re-run finds its finished runs."""
+    return loop.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"})
+
+
+def synthetic_manifest(paths: PathsConfig, config: RankingDataSource) -> SyntheticManifest | None:
+    """The generator's manifest of the experiment's synthetic run (None for real data or not generated)."""
+    if config.synthetic is None:
+        return None
+    try:
+        return read_manifest(paths.home / "synthetic" / f"{config.dataset}-{config.synthetic.data_version()}")
+    except FileNotFoundError:
+        return None
+
+
 def run_ranking_experiment(
     config: RankingExperimentConfig, paths: PathsConfig | None = None, *, echo: Any = None
 ) -> RankingExperimentResult:
@@ -272,7 +301,7 @@ def run_ranking_experiment(
                 name,
                 model_config.model_dump(mode="json", exclude={"features"}),
                 train_config,
-                config.loop,
+                loop_key(config.loop),
                 config.data,
                 data.data_version,
                 length=12,
@@ -307,6 +336,7 @@ def run_ranking_experiment(
         wall_time_s=time.perf_counter() - started,
         prepare_time_s=prepared,
         synthetic_oracle_auc=oracle,
+        manifest=synthetic_manifest(paths, config),
     )
     result.report_path = write_report(
         paths.home / "reports" / f"ranking_{config.dataset}.md", format_report(result)
@@ -379,6 +409,68 @@ def _examples_per_s(run: RankingRunResult, result: RankingExperimentResult) -> f
     return run.epochs_run * per_epoch / run.train_time_s if run.train_time_s > 0 else float("nan")
 
 
+def _claim_verdict(t: PairedTest, strict: bool) -> str:
+    """HOLDS / NOT SHOWN / CONTRADICTED for "a > b" (strict) or "a >= b" from a paired test on AUC."""
+    if math.isnan(t.p_value):
+        return "NOT TESTABLE (fewer than 2 seeds or identical runs)"
+    significant = t.p_value < ALPHA
+    if strict:
+        if t.mean_diff > 0 and significant:
+            return "HOLDS"
+        return "CONTRADICTED" if t.mean_diff < 0 and significant else "NOT SHOWN (not significant)"
+    return "CONTRADICTED" if t.mean_diff < 0 and significant else "HOLDS (not significantly lower)"
+
+
+def claim_verdicts(result: RankingExperimentResult) -> list[str]:
+    """One line per claim: the papers' ordering (paired t-tests over seeds on test AUC, alpha 0.05) and, on
+    synthetic data with a generator manifest, that the long-history models lead the best short-history model
+    where the long-range dial is on and do not where it is off."""
+    lines: list[str] = []
+    auc_tests = {(t.a, t.b): t for t in result.tests if t.metric == "auc"}
+    for a, b, strict in CLAIMS:
+        t = auc_tests.get((a, b))
+        if t is None:
+            continue
+        rel = ">" if strict else ">="
+        lines.append(
+            f"- {PRETTY[a]} {rel} {PRETTY[b]}: {_claim_verdict(t, strict)} "
+            f"(AUC {t.mean_a:.4f} vs {t.mean_b:.4f}, diff {t.mean_diff:+.4f}, p={t.p_value:.3g})"
+        )
+    share = result.manifest.long_range_share if result.manifest is not None else None
+    short = [m for m in result.runs if not RANKING_MODELS[m].long_sequence]
+    long = [m for m in result.runs if RANKING_MODELS[m].long_sequence]
+    if share is None or not short or not long:
+        return lines
+    dial_on = share >= LONG_RANGE_ON
+    shown = f"{max(share, 0.0):.1%}"  # a tiny negative share is sampling noise of the short-term term
+
+    def mean_auc(m: str) -> float:
+        return summarize([r.test["auc"] for r in result.runs[m]]).mean
+
+    best_short = max(short, key=mean_auc)
+    ahead = []
+    for m in long:
+        t = paired_seed_tests(m, best_short, result.runs[m], result.runs[best_short], ("auc",), _test_value)[
+            0
+        ]
+        is_ahead = t.mean_diff > 0 and not math.isnan(t.p_value) and t.p_value < ALPHA
+        ahead.append(is_ahead)
+        lines.append(
+            f"  - {PRETTY[m]} vs best short-history model {PRETTY[best_short]}: diff {t.mean_diff:+.4f}, "
+            f"p={t.p_value:.3g} ({'ahead' if is_ahead else 'not significantly ahead'})"
+        )
+    if dial_on:
+        claim = f"- long-history models ahead (long-range dial on: {shown} of the lift needs > 100 events)"
+        verdict = "HOLDS" if all(ahead) else ("PARTLY (some models)" if any(ahead) else "NOT SHOWN")
+    else:
+        claim = (
+            f"- long-history models not ahead (long-range dial off: {shown} of the lift needs > 100 events)"
+        )
+        verdict = "HOLDS" if not any(ahead) else "CONTRADICTED"
+    lines.insert(len(lines) - len(long), f"{claim}: {verdict}")
+    return lines
+
+
 def format_report(result: RankingExperimentResult) -> str:
     c, d = result.config, result.data
     seeds = ", ".join(str(s) for s in c.seeds)
@@ -414,6 +506,18 @@ def format_report(result: RankingExperimentResult) -> str:
             f"Synthetic data: the generator's oracle AUC over all logged impressions is "
             f"{result.synthetic_oracle_auc:.4f}."
         )
+    m = result.manifest
+    if (
+        m is not None
+        and m.test_oracle_auc is not None
+        and m.test_last100_auc is not None
+        and m.long_range_share is not None
+    ):
+        lines.append(
+            f"On its test impressions (the last 10% by time): oracle AUC {m.test_oracle_auc:.4f}, the true "
+            f"model fed only the last 100 clicks {m.test_last100_auc:.4f}: "
+            f"{max(m.long_range_share, 0):.1%} of the achievable lift needs the longer history."
+        )
     lines += [
         "",
         format_table(result),
@@ -422,6 +526,8 @@ def format_report(result: RankingExperimentResult) -> str:
         "",
     ]
     lines += [f"- {t.format()}" for t in result.tests] or ["- (no comparisons configured)"]
+    lines += ["", "## Claims (paired t-test over seeds on test AUC, alpha 0.05)", ""]
+    lines += claim_verdicts(result) or ["- (no claim applies to the models trained)"]
     lines += ["", "## Per seed", ""]
     header = "| Model | Seed | AUC | GAUC | Log loss | NE | Calibration | ECE |"
     oracle = d.has_oracle
@@ -466,7 +572,8 @@ def run_command(
         Path | None, typer.Option(help="Unzipped MovieLens-100K folder (default: download).")
     ] = None,
     synthetic_preset: Annotated[
-        str | None, typer.Option(help="Generate a synthetic dataset: quick or long_history.")
+        str | None,
+        typer.Option(help=f"Generate a synthetic dataset: {', '.join(SyntheticConfig.preset_names())}."),
     ] = None,
     synthetic_seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     models: Annotated[str, typer.Option(help="Comma-separated models.")] = ",".join(DEFAULT_MODELS),
@@ -495,8 +602,19 @@ def run_command(
         int, typer.Option(min=0, help="torch CPU threads (0 = torch's default; 1 on a busy shared machine).")
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Show tqdm progress bars.")] = True,
+    profile: Annotated[
+        str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
+    ] = "budget",
 ) -> None:
     """Train the ranking models over several seeds and print the comparison table."""
+    try:
+        p = evidence_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    if p.all_examples:
+        max_train = max_valid = max_test = epoch_examples = None
+    seeds, max_epochs, patience = p.seeds, p.max_epochs, p.patience
+    typer.echo(f"profile {profile}: {p.describe()}")
     chosen = split_csv(models)
     if threads:
         torch.set_num_threads(threads)
@@ -528,6 +646,9 @@ def run_command(
         raise typer.BadParameter(str(exc)) from exc
     result = run_ranking_experiment(config, echo=typer.echo)
     echo_table_and_tests(format_table(result), result.tests)
+    typer.echo("\nClaims (paired t-test over seeds on test AUC, alpha 0.05):")
+    for line in claim_verdicts(result):
+        typer.echo(line)
     typer.echo(f"\nreport: {result.report_path} ({result.wall_time_s:.0f} s)")
 
 

@@ -1,6 +1,7 @@
 """``synthetic`` commands (a typer sub-app; the lead mounts it on flows/cli.py).
 
 python -m recsys.synthetic.cli generate --out var/synthetic/quick                 # the quick preset
+python -m recsys.synthetic.cli generate --out var/synthetic/lr --preset long_range  # long-range dial on
 python -m recsys.synthetic.cli generate --out /tmp/bench --events 10000000 --workers 2
 python -m recsys.synthetic.cli load --out var/synthetic/quick --dataset synthetic
 """
@@ -16,7 +17,7 @@ import typer
 
 from recsys.core.config import PathsConfig
 from recsys.synthetic.config import SyntheticConfig
-from recsys.synthetic.generator import generate, read_manifest
+from recsys.synthetic.generator import LAST_WINDOW, generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
 from recsys.warehouse import Warehouse
 
@@ -26,7 +27,9 @@ app = typer.Typer(help="Synthetic data with known ground truth: generate it, loa
 @app.command("generate")
 def generate_cmd(
     out: Annotated[Path, typer.Option(help="Output directory (its previous run is replaced).")],
-    preset: Annotated[str, typer.Option(help="quick | long_history (ignored with --events).")] = "quick",
+    preset: Annotated[
+        str, typer.Option(help=f"{' | '.join(SyntheticConfig.preset_names())} (ignored with --events).")
+    ] = "quick",
     events: Annotated[int | None, typer.Option(help="Exactly this many click events (benchmark).")] = None,
     seed: Annotated[int, typer.Option(help="Master seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes simulating chunks (the data do not change).")] = 1,
@@ -53,7 +56,16 @@ def generate_cmd(
         f"({c['events'] / max(c['users'], 1):.1f} clicks/user)"
     )
     if manifest.oracle_auc is not None:
-        typer.echo(f"oracle AUC {manifest.oracle_auc:.4f}  click rate {manifest.click_rate:.4f}")
+        typer.echo(
+            f"oracle AUC {manifest.oracle_auc:.4f}  last-{LAST_WINDOW} AUC {manifest.last100_auc:.4f}  "
+            f"click rate {manifest.click_rate:.4f}  (all logged impressions)"
+        )
+    if manifest.test_oracle_auc is not None and manifest.long_range_share is not None:
+        typer.echo(
+            f"test impressions (ts >= {manifest.test_start_ts}): oracle AUC {manifest.test_oracle_auc:.4f}  "
+            f"last-{LAST_WINDOW} AUC {manifest.test_last100_auc:.4f}  share of the lift needing more "
+            f"than the last {LAST_WINDOW} clicks {max(manifest.long_range_share, 0.0):.1%}"
+        )
     typer.echo(
         f"wall {wall:.1f} s  {c['events'] / wall:,.0f} events/s  {c['requests'] / wall:,.0f} requests/s  "
         f"workers {workers}  peak RSS main {rss_self:.0f} MiB, largest worker {rss_child:.0f} MiB"

@@ -3,9 +3,11 @@
 The click logit of user u for item i at time t (position-free, ``ClickModel.logit``)::
 
     logit = b + a * taste_u[cat_i]                                   long-term taste (sparse, profile prior)
-              + x * (W_ag[age_u, gender_u, cat_i] + W_rd[region_u, device_u, band_i])   profile x item cross
+              + x * (W_ag(t)[age_u, gender_u, cat_i] + W_rd[region_u, device_u, band_i])   profile x item
+              + xc * W_ac[age_u, cat_i, daypart(t)]                  profile x item x context cross
               + s * log1p(short_u,t[cat_i])                          short-term interest
               + l * 1[u clicked creator_i at any time before t]      long-range creator loyalty
+              + r * 1[u clicked creator_i before, not in the last R clicks]   a dormant interest returning
               + q * quality_i
               + d * sin(2 pi (H(t) - H0) / period_c + phase_c)       slow drift of category appeal
               + h * cos(2 pi (hour(t) - peak_c) / 24)                hour-of-day effect
@@ -14,11 +16,16 @@ The click logit of user u for item i at time t (position-free, ``ClickModel.logi
 
 ``short_u,t[c] = sum over u's clicks j in category c before t of exp(-(t - t_j) / tau)`` (time-based, so it
 decays within a session and is ~0 at the next session); ``H(t) = floor(t / 3600)`` and ``hour(t) = H(t) mod
-24`` (UTC), ``H0 = H(start_ts)``. All coefficients are ``ClickModelConfig`` fields; the world's random parts
-(catalogue, W, phases, peaks, taste prior) derive from the config seed. OPEN choices picked: the short-term
-term is log1p of the decayed count (the raw count feeds back on itself within a session); the long-range
-effect is creator loyalty (not returning categories); W is two third-order crosses so that a
-feature-interaction model has something an additive one cannot fit.
+24`` (UTC), ``H0 = H(start_ts)``, ``daypart(t) = hour(t) // 6``; ``W_ag(t) = cos(r) W_ag + sin(r) W_ag'`` with
+``r = interaction_drift * (t - start_ts) / horizon`` (W_ag' an independent draw; r = 0 without drift).
+All coefficients are ``ClickModelConfig`` fields; the world's random parts (catalogue, W, phases, peaks,
+taste prior) derive from the config seed. OPEN choices picked: the short-term term is log1p of the decayed
+count (the raw count feeds back on itself within a session); the long-range effect is creator loyalty (not
+returning categories), and ``PolicyConfig.resurface_share`` makes it a dormant interest that returns: that
+share of the candidate pool shows creators the user clicked more than ``resurface_min_age`` clicks ago, so
+the response depends on events beyond the last 100; W is two third-order crosses (plus an optional
+profile x category x daypart cross) so that a feature-interaction model has something an additive one
+cannot fit.
 
 ``ClickModel.probability(state, item_ids, ts, position)`` returns the true probability for ANY batch of user
 states, items and times; ``ClickModel.state_from_history`` rebuilds a user's state from a logged click
@@ -177,6 +184,9 @@ class UserState:
     short_ts: np.ndarray  # [B] int64
     loyal: np.ndarray  # [B, n_creators] uint8, 1 = clicked this creator before
     n_clicks: np.ndarray  # [B] int64
+    # [B, n_creators] int32: 1 + the ordinal of the user's latest click on the creator (0 = never); [B, 0]
+    # when the dormant term is off (it is then never read).
+    last_click: np.ndarray
 
     def __len__(self) -> int:
         return int(self.user_ids.size)
@@ -213,6 +223,14 @@ class ClickModel:
         self.drift_phase = g.uniform(0.0, 2 * np.pi, c.n_categories)
         self.hour_peak = g.uniform(0.0, 24.0, c.n_categories)
         self.h0 = config.sessions.start_ts // HOUR_S
+        # Separate streams: worlds of configs without these terms stay exactly as they were.
+        self.w_age_cat_daypart = world_rng(config.seed, "context").standard_normal(
+            (shape[0], c.n_categories, 4)
+        )
+        self.w_age_gender_cat_late = world_rng(config.seed, "interaction_drift").standard_normal(
+            (shape[0], shape[1], c.n_categories)
+        )
+        self._horizon_s = config.sessions.horizon_days * DAY_S
         # Time effects tabulated per (hour, category) over the simulated window plus a margin.
         self._t_lo = self.h0 - 24 * 30
         self._t_hi = self.h0 + int(np.ceil(config.sessions.horizon_days + 60)) * 24
@@ -288,6 +306,7 @@ class ClickModel:
             short_ts=np.zeros(n, dtype=np.int64),
             loyal=np.zeros((n, self.n_creators), dtype=np.uint8),
             n_clicks=np.zeros(n, dtype=np.int64),
+            last_click=np.zeros((n, self.n_creators if cm.dormant else 0), dtype=np.int32),
         )
 
     def state_from_history(
@@ -309,6 +328,12 @@ class ClickModel:
         state.short_ts[:] = last
         state.loyal[rows, self.catalogue.creator[items]] = 1
         state.n_clicks[:] = np.bincount(rows, minlength=len(state))
+        if self.config.click.dormant:
+            order = np.lexsort((ts, rows))  # each user's clicks in time order
+            first = np.searchsorted(rows[order], rows[order])
+            ordinal = np.empty(rows.size, dtype=np.int32)
+            ordinal[order] = np.arange(rows.size) - first + 1
+            np.maximum.at(state.last_click, (rows, self.catalogue.creator[items]), ordinal)
         return state
 
     # -- the true model ---------------------------------------------------------------------------------
@@ -355,7 +380,22 @@ class ClickModel:
         z += cm.short * np.log1p(short)
         loyal = state.loyal.ravel()[row * self.n_creators + self.creator_r[ranks]]
         z += cm.loyalty * loyal
+        if cm.dormant:
+            last = state.last_click.ravel()[row * self.n_creators + self.creator_r[ranks]]
+            z += cm.dormant * ((last > 0) & (state.n_clicks[:, None] - last >= cm.dormant_after))
         z += self.time_effect(cat, ts)
+        if cm.context_interaction:
+            age = state.profile[:, 0][:, None]
+            daypart = ((ts // HOUR_S) % 24 // 6)[:, None]
+            z += cm.context_interaction * self.w_age_cat_daypart[age, cat, daypart]
+        if cm.interaction_drift:
+            # W[age, gender, cat] turns towards an independent draw: the static part holds the t = start
+            # weights, so only the change is added here.
+            age, gender = state.profile[:, 0][:, None], state.profile[:, 1][:, None]
+            theta = cm.interaction_drift * (ts - self.config.sessions.start_ts) / self._horizon_s
+            early = self.w_age_gender_cat[age, gender, cat]
+            late = self.w_age_gender_cat_late[age, gender, cat]
+            z += cm.interaction * ((np.cos(theta) - 1.0)[:, None] * early + np.sin(theta)[:, None] * late)
         return z
 
     def examine(self, position: np.ndarray | int) -> np.ndarray:
@@ -411,4 +451,9 @@ class ClickModel:
             w = np.exp((np.asarray(click_ts)[rows, cols] - ref[rows]) / tau)
             np.add.at(state.short, (rows, self.category_r[r]), w.astype(np.float32))
             state.loyal[rows, self.creator_r[r]] = 1
+            if self.config.click.dormant:
+                # np.nonzero is row-major: a row's clicks in slate order, i.e. in time order.
+                first = np.searchsorted(rows, rows)
+                ordinal = (state.n_clicks[rows] + np.arange(rows.size) - first + 1).astype(np.int32)
+                np.maximum.at(state.last_click, (rows, self.creator_r[r]), ordinal)
             state.n_clicks += np.bincount(rows, minlength=len(state))

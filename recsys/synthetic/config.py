@@ -123,6 +123,16 @@ class PolicyConfig(FrozenModel):
     impression_log_rate: float = Field(
         1.0, ge=0.0, le=1.0, description="Share of requests whose impressions are written (0 = none)."
     )
+    resurface_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of candidate-pool slots given to a dormant interest: an item of a creator the "
+        "user clicked more than resurface_min_age clicks ago (0 = pools by popularity only).",
+    )
+    resurface_min_age: int = Field(
+        100, ge=0, description="A resurfaced creator comes from a click at least this many clicks back."
+    )
 
 
 class ClickModelConfig(FrozenModel):
@@ -135,9 +145,25 @@ class ClickModelConfig(FrozenModel):
     )
     short_tau_s: float = Field(900.0, gt=0.0, description="Time constant (s) of the short-term decay.")
     loyalty: float = Field(1.0, description="l: added when the user ever clicked the item's creator before.")
+    dormant: float = Field(
+        0.0,
+        description="r: added when the user clicked the item's creator before, but not within the last "
+        "dormant_after clicks: a dormant interest that returns (the long-range dial).",
+    )
+    dormant_after: int = Field(
+        100, ge=1, description="Clicks since the last click on a creator after which it counts as dormant."
+    )
     quality: float = Field(0.4, description="q: weight of the item's latent quality (standard normal).")
     interaction: float = Field(
         0.6, description="x: weight of W[age, gender, category] + W[region, device, price band] (N(0,1))."
+    )
+    context_interaction: float = Field(
+        0.0, description="xc: weight of W[age, category, daypart] (N(0,1); daypart = UTC hour // 6)."
+    )
+    interaction_drift: float = Field(
+        0.0,
+        description="Radians W[age, gender, category] rotates over the horizon (towards an independent "
+        "draw): profile x category tastes that change over time, which counters cannot track.",
     )
     drift: float = Field(0.5, description="d: amplitude of the slow per-category sinusoid.")
     drift_period_days: tuple[float, float] = Field(
@@ -239,9 +265,125 @@ class SyntheticConfig(FrozenModel):
         )
 
     @classmethod
+    def long_range(cls, seed: int = 0, *, long_range: float = 4.0) -> SyntheticConfig:
+        """Long-range recurrence on: 2,000 users with ~400 clicks each; half of every candidate pool's slots
+        try to resurface a creator the user last clicked more than 100 clicks ago, and the response to such
+        a dormant creator gets ``click.dormant`` (the long-range dial, = ``long_range``), which only a
+        history longer than 100 clicks reveals. The other signals are moderate (taste 1, the profile and
+        context crosses, short-term interest, drift). 0.6% of requests' impressions are logged (~36k),
+        sized for the ranking table on 2 cores.
+        """
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=20_000, n_categories=24, n_creators=4_000),
+            users=UserConfig(n_users=2_000),
+            sessions=SessionConfig(
+                requests_per_user_mean=300.0,
+                requests_per_user_sigma=0.25,
+                requests_per_session_mean=8.0,
+                horizon_days=120.0,
+            ),
+            policy=PolicyConfig(impression_log_rate=0.006, resurface_share=0.5, resurface_min_age=100),
+            click=ClickModelConfig(
+                taste=1.0, loyalty=0.0, dormant=long_range, dormant_after=100, context_interaction=0.5
+            ),
+        )
+
+    @classmethod
+    def long_range_control(cls, seed: int = 0) -> SyntheticConfig:
+        """``long_range`` with the long-range dial at 0: nothing beyond the last 100 clicks matters."""
+        return cls.long_range(seed, long_range=0.0)
+
+    @classmethod
+    def interactions(cls, seed: int = 0) -> SyntheticConfig:
+        """Feature interactions dominate: profile x category, profile x price band and profile x category x
+        daypart crosses at high weight; no long-range signal. 3,000 users, ~60k logged impressions."""
+        return cls(
+            seed=seed,
+            users=UserConfig(n_users=3_000),
+            sessions=SessionConfig(requests_per_user_mean=25.0),
+            policy=PolicyConfig(impression_log_rate=0.08),
+            click=ClickModelConfig(taste=1.0, interaction=1.5, context_interaction=1.5, loyalty=0.0),
+        )
+
+    @classmethod
+    def drift(cls, seed: int = 0) -> SyntheticConfig:
+        """Drift across time: category appeal swings slowly (amplitude 2, 240-360 day periods, so a 30-day
+        period sees one direction, not a whole cycle) and the profile x category tastes, the strongest
+        signal here, turn half a circle over the 120 days, so what holds late contradicts what held early
+        (the continual-training benchmark). 3,000 users, no long-range signal."""
+        return cls(
+            seed=seed,
+            users=UserConfig(n_users=3_000),
+            sessions=SessionConfig(requests_per_user_mean=25.0, horizon_days=120.0),
+            policy=PolicyConfig(impression_log_rate=0.25),
+            click=ClickModelConfig(
+                taste=0.5,
+                interaction=2.5,
+                interaction_drift=3.141592653589793,
+                drift=2.0,
+                drift_period_days=(240.0, 360.0),
+                loyalty=0.0,
+            ),
+        )
+
+    @classmethod
+    def sparse_catalogue(cls, seed: int = 0) -> SyntheticConfig:
+        """Retrieval with sparse feedback: 20,000 users with a few requests each (~6 clicks) over a
+        200,000-item catalogue; 10% of requests' impressions are logged."""
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=200_000, n_categories=64, n_creators=20_000),
+            users=UserConfig(n_users=20_000),
+            sessions=SessionConfig(
+                requests_per_user_mean=4.0, requests_per_user_sigma=0.5, requests_per_session_mean=2.0
+            ),
+            policy=PolicyConfig(impression_log_rate=0.1),
+        )
+
+    @classmethod
+    def long_sequence(cls, seed: int = 0) -> SyntheticConfig:
+        """Sequential retrieval with long-range recurrence: 1,000 users with ~1,200 clicks each (histories of
+        200 and 1,000 are both meaningful); half of the pool slots try to resurface creators last clicked
+        more than 100 clicks ago, and the response to such a dormant creator is strong (``dormant`` 4).
+        1% of requests' impressions are logged (the oracle and last-100 figures; retrieval learns from the
+        click log)."""
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=20_000, n_categories=24, n_creators=4_000),
+            users=UserConfig(n_users=1_000),
+            sessions=SessionConfig(
+                requests_per_user_mean=700.0,
+                requests_per_user_sigma=0.25,
+                requests_per_session_mean=8.0,
+                horizon_days=180.0,
+            ),
+            policy=PolicyConfig(impression_log_rate=0.01, resurface_share=0.5, resurface_min_age=100),
+            click=ClickModelConfig(taste=1.0, loyalty=0.0, dormant=4.0, dormant_after=100),
+        )
+
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        """The names ``preset`` accepts."""
+        return tuple(_PRESETS)
+
+    @classmethod
     def preset(cls, name: str, seed: int = 0) -> SyntheticConfig:
-        """``quick`` or ``long_history``; use ``for_events(n)`` for an exact event count."""
-        presets = {"tiny": cls.tiny, "quick": cls.quick, "long_history": cls.long_history}
-        if name not in presets:
-            raise ValueError(f"unknown synthetic preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name](seed)
+        """A named preset (``preset_names()``); use ``for_events(n)`` for an exact event count."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown synthetic preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return getattr(cls, _PRESETS[name])(seed)
+
+
+#: Preset name -> the SyntheticConfig classmethod that builds it.
+_PRESETS: dict[str, str] = {
+    "tiny": "tiny",
+    "quick": "quick",
+    "long_history": "long_history",
+    "long_range": "long_range",
+    "long_range_control": "long_range_control",
+    "interactions": "interactions",
+    "drift": "drift",
+    "sparse_catalogue": "sparse_catalogue",
+    "long_sequence": "long_sequence",
+}

@@ -16,7 +16,12 @@ written LAST, so a directory without it is an incomplete run (``read_manifest`` 
 Ordering: users in id order; within a user, requests in time order and a slate's items by position;
 ``events.src_row`` and ``impressions.request_id`` are global 0-based counters in that order.
 ``impressions.p_click`` is the true P(click | shown at that position) (examination included);
-``p_click_unbiased`` is the position-free sigmoid(logit). ``dwell`` is NULL when there was no click.
+``p_click_unbiased`` is the position-free sigmoid(logit); ``p_click_last100`` is p_click of the last-100
+predictor (the true model with the history-dependent state rebuilt from only the user's last ``LAST_WINDOW``
+clicks; files only, not loaded into the warehouse). ``dwell`` is NULL when there was no click. The manifest
+gives the AUC of p_click (oracle) and of p_click_last100 over all logged impressions and over the test
+impressions (ts from the ``TEST_QUANTILE`` quantile on), and the share of the achievable lift that needs more
+than the last 100 clicks.
 
 OPEN choices, and what was picked:
 
@@ -54,7 +59,7 @@ from pydantic import Field
 from recsys.core.atomic import atomic_path
 from recsys.core.config import FrozenModel
 from recsys.synthetic import rng
-from recsys.synthetic.click_model import DAY_S, AliasSampler, ClickModel, sigmoid
+from recsys.synthetic.click_model import DAY_S, AliasSampler, ClickModel, UserState, sigmoid
 from recsys.synthetic.config import GENERATOR_VERSION, SyntheticConfig
 from recsys.synthetic.policy import plackett_luce_slate
 
@@ -67,10 +72,18 @@ TABLES = ("users", "items", "impressions", "events")
 # gap, logged?) per user; _S_POLICY = (score noise, Plackett-Luce Gumbel) per pool slot; _S_RESPONSE =
 # (click, like, dwell Box-Muller pair) per slate slot. Static per-user draws: step -1, streams 8.. (0..3 are
 # the click model's).
-_S_STEP, _S_POOL, _S_BACK, _S_POLICY, _S_RESPONSE = 0, 1, 2, 3, 4
+_S_STEP, _S_POOL, _S_BACK, _S_POLICY, _S_RESPONSE, _S_RESURFACE = 0, 1, 2, 3, 4, 5
 _S_N_REQUESTS, _S_N_SESSIONS = 8, 9
 
 _AUC_BINS = 1 << 20
+
+#: The window of the "last events" predictor: clicks a model that reads only the latest ones would see.
+LAST_WINDOW = 100
+#: The test impressions of the manifest's figures: ts at or after this quantile of the logged impressions'
+#: ts, the test cut of the ranking split with the default ``FeatureConfig.split_quantiles``.
+TEST_QUANTILE = 0.9
+#: Above this many logged impressions the test figures (which read back ts and probabilities) are skipped.
+_TEST_FIGURES_MAX = 50_000_000
 
 
 class SyntheticManifest(FrozenModel):
@@ -88,6 +101,23 @@ class SyntheticManifest(FrozenModel):
     mean_p_click: float | None = Field(description="Mean true p_click over logged impressions.")
     oracle_auc: float | None = Field(
         description="AUC of p_click (the true probabilities) for the logged impressions' clicks."
+    )
+    last100_auc: float | None = Field(
+        None,
+        description="AUC of p_click_last100: the true model with the user's state rebuilt from only the "
+        "last 100 clicks (the best a model reading the last 100 events can do, up to the static profile).",
+    )
+    test_start_ts: int | None = Field(None, description="The test cut: the 0.9 quantile of impression ts.")
+    test_oracle_auc: float | None = Field(
+        None, description="oracle_auc on the impressions from test_start_ts."
+    )
+    test_last100_auc: float | None = Field(
+        None, description="last100_auc on the impressions from test_start_ts."
+    )
+    long_range_share: float | None = Field(
+        None,
+        description="Share of the achievable AUC lift over 0.5 that needs more than the last 100 clicks, on "
+        "the test impressions: (test_oracle_auc - test_last100_auc) / (test_oracle_auc - 0.5).",
     )
     root: Path | None = Field(None, exclude=True, description="The directory the files are in (not stored).")
 
@@ -167,6 +197,99 @@ class ChunkSimulator:
         self.back_sampler = AliasSampler(pop_r[back], values=back)
         self.log_pop_r = np.log(pop_r)
         self.timeline = _Timeline(self.model)
+        # Items of each creator (by rank), for resurfacing a dormant creator: CSR over creators.
+        by_creator = np.argsort(self.model.creator_r, kind="stable")
+        self.creator_items = by_creator
+        self.creator_start = np.searchsorted(
+            self.model.creator_r[by_creator], np.arange(config.catalogue.n_creators + 1)
+        )
+
+    def _resurface(
+        self,
+        pool: np.ndarray,
+        keys: np.ndarray,
+        step: int,
+        n_clicks: np.ndarray,
+        hist_rank: np.ndarray,
+        ts: np.ndarray,
+    ) -> None:
+        """Replace pool slots (in place) by items of dormant creators: for each slot drawn with probability
+        ``resurface_share``, a click at least ``resurface_min_age`` clicks back is picked uniformly; unless
+        its creator was clicked again within the last ``resurface_min_age`` clicks, the slot gets an item of
+        its creator, popular ones more likely (the clicked item itself when the drawn one is not
+        released yet)."""
+        pol = self.config.policy
+        model = self.model
+        c = pool.shape[1]
+        old = n_clicks - pol.resurface_min_age  # clicks [0, old) are old enough
+        u = rng.uniform(keys, step, _S_RESURFACE, 3 * c)
+        rows, slots = np.nonzero((u[:, :c] < pol.resurface_share) & (old > 0)[:, None])
+        if not rows.size:
+            return
+        pick = np.minimum((u[rows, c + slots] * old[rows]).astype(np.int64), old[rows] - 1)
+        clicked = hist_rank[rows, pick].astype(np.int64)
+        creator = model.creator_r[clicked]
+        lo, hi = self.creator_start[creator], self.creator_start[creator + 1]
+        # Skewed to the creator's popular items (its items are stored by popularity rank): u^2.
+        size = hi - lo
+        offset = np.minimum((u[rows, 2 * c + slots] ** 2 * size).astype(np.int64), size - 1)
+        item = self.creator_items[lo + offset]
+        item = np.where(model.release_r[item] <= ts[rows], item, clicked)
+        # Dormant only: a creator the user clicked within the last resurface_min_age clicks is not resurfaced
+        # (the slot keeps its popularity draw), so the interest really returns after a long gap.
+        recent = n_clicks[rows, None] - 1 - np.arange(pol.resurface_min_age)[None, :]
+        recent_creators = model.creator_r[hist_rank[rows[:, None], np.maximum(recent, 0)]]
+        dormant = ~((recent_creators == creator[:, None]) & (recent >= 0)).any(axis=1)
+        pool[rows[dormant], slots[dormant]] = item[dormant]
+
+    def _last_window_logit(
+        self,
+        state: UserState,
+        rows: np.ndarray,
+        ranks: np.ndarray,
+        z: np.ndarray,
+        ts: np.ndarray,
+        hist_rank: np.ndarray,
+        hist_ts: np.ndarray,
+    ) -> np.ndarray:
+        """The logits ``z`` of items ``ranks`` shown to users ``rows`` with the history-dependent terms
+        (creator loyalty, dormant interest, short-term interest) recomputed from only the user's last
+        LAST_WINDOW clicks: what the true model says with the older clicks forgotten."""
+        model, cm = self.model, self.config.click
+        out = z.copy()
+        n = state.n_clicks[rows]
+        cut = n > LAST_WINDOW
+        if not cut.any():
+            return out
+        rows, ranks, n, idx = rows[cut], ranks[cut], n[cut], np.flatnonzero(cut)
+        t = ts[rows]
+        window = n[:, None] - LAST_WINDOW + np.arange(LAST_WINDOW)[None, :]
+        w_rank = hist_rank[rows[:, None], window]
+        creator = model.creator_r[ranks]
+        match = model.creator_r[w_rank] == creator[:, None]  # [m, W]: the window's clicks on the creator
+        in_window = match.any(axis=1)
+        if cm.loyalty:
+            loyal_full = state.loyal[rows, creator].astype(np.float64)
+            out[idx] += cm.loyalty * (in_window - loyal_full)
+        if cm.dormant:
+            last = state.last_click[rows, creator].astype(np.int64)
+            dormant_full = (last > 0) & (n - last >= cm.dormant_after)
+            # Clicks after the window's latest click on the creator; a creator not in the window looks new.
+            since = np.argmax(match[:, ::-1], axis=1)
+            dormant_win = in_window & (since >= cm.dormant_after)
+            out[idx] += cm.dormant * (dormant_win.astype(np.float64) - dormant_full)
+        # Short-term: only when the newest dropped click still counts (within 30 time constants).
+        dropped_ts = hist_ts[rows, n - LAST_WINDOW - 1]
+        recent = (t - dropped_ts) < 30.0 * cm.short_tau_s
+        if cm.short and recent.any():
+            r, i = rows[recent], idx[recent]
+            cat = model.category_r[ranks[recent]]
+            decay = np.exp((state.short_ts[r] - t[recent]) / cm.short_tau_s)
+            full = state.short[r, cat] * decay
+            w = np.exp((hist_ts[r[:, None], window[recent]] - t[recent][:, None]) / cm.short_tau_s)
+            win = (w * (model.category_r[w_rank[recent]] == cat[:, None])).sum(axis=1)
+            out[i] += cm.short * (np.log1p(win) - np.log1p(full))
+        return out
 
     def run(self, lo: int, hi: int) -> ChunkResult:
         cfg, model = self.config, self.model
@@ -189,12 +312,17 @@ class ChunkSimulator:
         frac = np.zeros(n_users)  # position of the last session start in the horizon (order statistics)
         busy_until = np.zeros(n_users, dtype=np.int64)  # last event time
         examine = model.examine(np.arange(k))
+        # Every click of the chunk's users, in order (item rank, ts): resurfacing draws dormant creators from
+        # it, and the last-100 predictor reads its last LAST_WINDOW entries. Grown on demand.
+        track = pol.resurface_share > 0 or pol.impression_log_rate > 0
+        hist_rank = np.zeros((n_users, 64 if track else 0), dtype=np.int32)
+        hist_ts = np.zeros((n_users, 64 if track else 0), dtype=np.int64)
         n_active = np.searchsorted(-n_req, -np.arange(int(n_req.max()) + 1), side="left")
         ev: dict[str, list[np.ndarray]] = {f: [] for f in ("row", "item_id", "ts", "value", "request")}
         im: dict[str, list[np.ndarray]] = {
             f: []
             for f in ("row", "request", "item_id", "ts", "position", "propensity", "click", "like", "dwell",
-                      "p_click", "p_click_unbiased")
+                      "p_click", "p_click_unbiased", "p_click_last100")
         }  # fmt: skip
         for j in range(int(n_req.max())):
             n = int(n_active[j])
@@ -220,6 +348,8 @@ class ChunkSimulator:
             rows, slots = np.nonzero(unreleased)
             if rows.size:
                 pool[rows, slots] = self.back_sampler.sample(rng.uniform_at(kj[rows], j, _S_BACK, slots))
+            if pol.resurface_share > 0:
+                self._resurface(pool, kj, j, st.n_clicks, hist_rank, ts)
             pool.sort(axis=1)
             # -- logging policy: Plackett-Luce over a noisy score, duplicates of the pool excluded
             z_pool = model.logit_ranks(st, pool, ts)
@@ -247,6 +377,29 @@ class ChunkSimulator:
             spent = np.where(click, np.ceil(dwell), 0).astype(np.int64)
             click_ts = ts[:, None] + 1 + np.cumsum(spent, axis=1) - spent
             busy_until[:n] = ts + 1 + spent.sum(axis=1)
+            logged = np.zeros((n, k), dtype=bool)
+            if pol.impression_log_rate > 0:
+                logged = (
+                    valid
+                    if pol.impression_log_rate >= 1
+                    else (valid & (u_step[:, 3:4] < pol.impression_log_rate))
+                )
+                r, p = np.nonzero(logged)
+                # Before the update: the state that produced z.
+                p_last = sigmoid(self._last_window_logit(st, r, shown[r, p], z[r, p], ts, hist_rank, hist_ts))
+                p_last *= examine[p]
+            if track:
+                rows, cols = np.nonzero(click)
+                if rows.size:
+                    need = int(st.n_clicks.max()) + k
+                    if need > hist_rank.shape[1]:
+                        grow = max(need, 2 * hist_rank.shape[1]) - hist_rank.shape[1]
+                        hist_rank = np.pad(hist_rank, ((0, 0), (0, grow)))
+                        hist_ts = np.pad(hist_ts, ((0, 0), (0, grow)))
+                    first = np.searchsorted(rows, rows)  # rows are sorted: index of each row's first click
+                    slot = st.n_clicks[rows] + np.arange(rows.size) - first
+                    hist_rank[rows, slot] = shown[rows, cols]
+                    hist_ts[rows, slot] = click_ts[rows, cols]
             model.update_ranks(st, shown, click, click_ts, ts)
             shown = model.id_of_rank[shown]
             # -- record
@@ -258,11 +411,6 @@ class ChunkSimulator:
                 ev["value"].append(dwell[r, p])
                 ev["request"].append(np.full(r.size, j, dtype=np.int64))
             if pol.impression_log_rate > 0:
-                logged = (
-                    valid
-                    if pol.impression_log_rate >= 1
-                    else (valid & (u_step[:, 3:4] < pol.impression_log_rate))
-                )
                 r, p = np.nonzero(logged)
                 if r.size:
                     im["row"].append(r)
@@ -276,6 +424,7 @@ class ChunkSimulator:
                     im["dwell"].append(np.where(click[r, p], dwell[r, p], np.nan))
                     im["p_click"].append(p_click[r, p])
                     im["p_click_unbiased"].append(p_unbiased[r, p])
+                    im["p_click_last100"].append(p_last)
         # -- back to user-id order; a stable sort keeps each user's rows in time order
         profile = np.empty_like(state.profile)
         profile[order] = state.profile
@@ -400,6 +549,28 @@ class _AucHistogram:
         return auc, rate, mean_p
 
 
+def _test_figures(out_dir: Path, files: list[str]) -> dict[str, float | int | None]:
+    """Oracle and last-100 AUC on the test impressions (ts >= the TEST_QUANTILE quantile of ts)."""
+    table = pa.concat_tables(
+        pq.read_table(out_dir / f, columns=["ts", "click", "p_click", "p_click_last100"]) for f in files
+    )
+    ts = table["ts"].to_numpy()
+    start = int(np.quantile(ts, TEST_QUANTILE, method="lower"))
+    keep = ts >= start
+    y = table["click"].to_numpy(zero_copy_only=False)[keep]
+    if y.all() or not y.any():
+        return {"test_start_ts": start}
+    oracle = auc(y, table["p_click"].to_numpy()[keep])
+    last = auc(y, table["p_click_last100"].to_numpy()[keep])
+    share = (oracle - last) / (oracle - 0.5) if oracle > 0.5 else None
+    return {
+        "test_start_ts": start,
+        "test_oracle_auc": oracle,
+        "test_last100_auc": last,
+        "long_range_share": share,
+    }
+
+
 def _clear(out_dir: Path) -> None:
     """Remove a previous run's files (only the generator's own names) so no stale part survives."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -458,6 +629,7 @@ def generate(
     ranges = [(lo, min(lo + chunk, u.n_users)) for lo in range(0, u.n_users, chunk)]
     vocab = (u.age_buckets, u.genders, u.regions, u.devices)
     auc = _AucHistogram()
+    auc_last = _AucHistogram()
     truncated = False
 
     def chunks_needed() -> float:
@@ -533,12 +705,14 @@ def generate(
                         "dwell": pa.array(dwell, mask=~click),
                         "p_click": pa.array(im["p_click"].astype(np.float64)),
                         "p_click_unbiased": pa.array(im["p_click_unbiased"].astype(np.float64)),
+                        "p_click_last100": pa.array(im["p_click_last100"].astype(np.float64)),
                     }
                 ),
                 out_dir / "impressions" / name,
             )
             files["impressions"].append(f"impressions/{name}")
             auc.add(im["p_click"], click)
+            auc_last.add(im["p_click_last100"], click)
         counts["users"] += n_users_kept
         counts["events"] += n_ev
         counts["impressions"] += n_im
@@ -548,6 +722,9 @@ def generate(
         if config.max_events is not None and counts["events"] >= config.max_events:
             break
     oracle, rate, mean_p = auc.result()
+    test = (
+        _test_figures(out_dir, files["impressions"]) if 0 < counts["impressions"] <= _TEST_FIGURES_MAX else {}
+    )
     manifest = SyntheticManifest(
         data_version=config.data_version(),
         generator_version=GENERATOR_VERSION,
@@ -558,6 +735,8 @@ def generate(
         click_rate=rate,
         mean_p_click=mean_p,
         oracle_auc=oracle,
+        last100_auc=auc_last.result()[0],
+        **test,
     )
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(json.loads(manifest.model_dump_json()), indent=2, sort_keys=True) + "\n")

@@ -12,14 +12,17 @@ from typer.testing import CliRunner
 
 from recsys.core.config import PathsConfig
 from recsys.experiments.continual import (
+    PAPER_EPOCHS,
     RESULT_COLUMNS,
     RESULTS_TABLE,
     ContinualConfig,
     app,
     continue_from_latest,
+    paper_config,
     publish_results,
     read_results,
     run_continual,
+    run_continual_paper,
 )
 from recsys.synthetic.config import SyntheticConfig
 from recsys.warehouse import Warehouse
@@ -116,3 +119,31 @@ def test_presets_and_bad_configs_name_the_problem() -> None:
         ContinualConfig(stop_after=9)
     out = CliRunner().invoke(app, ["run", "--methods", "finetune,ewc"])
     assert out.exit_code != 0 and "ewc" in out.output
+
+
+def test_paper_profile_runs_every_seed_and_method_once_and_tests_against_finetune(tmp_path: Path) -> None:
+    paths = PathsConfig(home=tmp_path / "home")
+    base = ContinualConfig(dataset="syn_paper", synthetic=TINY, train=TRAIN, methods=("finetune", "replay"))
+    first = run_continual_paper(base, (0, 1), paths, echo=None)
+    assert {m: len(c) for m, c in first.cells.items()} == {"finetune": 2, "replay": 2}
+    for cells in first.cells.values():
+        assert all(np.isfinite(c["average_forgetting"]) and c["train_seconds"] > 0 for c in cells)
+        assert cells[0]["num_parameters"] == cells[1]["num_parameters"] > 0
+    assert first.flops["served"] > 0 and first.flops["privileged"] > first.flops["served"]
+    assert {(t.a, t.b, t.metric) for t in first.tests} == {
+        ("replay", "finetune", "average_forgetting"),
+        ("replay", "finetune", "new_period_auc"),
+    }
+    # Every example, PAPER_EPOCHS passes, the seed: the paper config of a cell.
+    cell = paper_config(base, 1, "replay")
+    assert cell.train.max_train_per_period is None and cell.train.epochs == PAPER_EPOCHS
+    assert cell.train.seed == 1 and cell.methods == ("replay",)
+    n_runs = RunLog(paths.warehouse).runs("continual").height
+    assert n_runs == 4
+    # A second invocation finds every cell finished: nothing is trained again, the figures are the same.
+    messages: list[str] = []
+    again = run_continual_paper(base, (0, 1), paths, echo=messages.append)
+    assert again.cells == first.cells and RunLog(paths.warehouse).runs("continual").height == n_runs
+    assert sum("finished earlier" in m for m in messages) == 4
+    report = first.report_path.read_text()
+    assert "Avg forgetting" in report and "replay vs finetune" in report and "## Claims" in report

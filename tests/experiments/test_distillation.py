@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from recsys.core.config import PathsConfig
+from recsys.experiments.common import paired_seed_tests
 from recsys.experiments.distillation import (
     RoleResult,
     TeacherStudentConfig,
@@ -81,17 +82,34 @@ def test_experiment_reports_the_table_and_records_runs(tmp_path: Path) -> None:
 
 
 def _result(
-    teacher: float, student: float, baseline: float, flops: tuple[float, float]
+    teacher: float,
+    student: float | list[float],
+    baseline: float | list[float],
+    flops: tuple[float, float],
 ) -> TeacherStudentResult:
-    def role(name: str, auc: float, f: float) -> RoleResult:
-        return RoleResult(name, name, 10, [{"auc": auc}], 1, f, 1.0, [1.0])
+    """A result with one teacher run and per-seed student/baseline AUCs (a float = one seed)."""
+    students = student if isinstance(student, list) else [student]
+    baselines = baseline if isinstance(baseline, list) else [baseline]
+
+    def role(name: str, aucs: list[float], f: float) -> RoleResult:
+        return RoleResult(name, name, 10, [{"auc": a} for a in aucs], 1, f, 1.0, [1.0] * len(aucs))
 
     roles = {
-        "teacher": role("teacher", teacher, flops[0]),
-        "student_distilled": role("student_distilled", student, flops[1]),
-        "student_plain": role("student_plain", baseline, flops[1]),
-        "baseline": role("baseline", baseline, 1.0),
+        "teacher": role("teacher", [teacher], flops[0]),
+        "student_distilled": role("student_distilled", students, flops[1]),
+        "student_plain": role("student_plain", baselines, flops[1]),
+        "baseline": role("baseline", baselines, 1.0),
     }
+    tests = []
+    if len(students) >= 2:
+        tests = paired_seed_tests(
+            "student distilled",
+            "baseline",
+            roles["student_distilled"].test,
+            roles["baseline"].test,
+            ("auc",),
+            lambda t, m: t[m],
+        )
     return TeacherStudentResult(
         config=TeacherStudentConfig(),
         data=None,
@@ -99,24 +117,36 @@ def _result(
         scores_rows=0,
         scores_computed=True,  # type: ignore[arg-type]
         scores_version="v",
+        tests=tests,
     )
 
 
 def test_goal_arithmetic() -> None:
-    met = _result(0.80, 0.796, 0.72, (100.0, 10.0))
+    met = _result(0.80, [0.795, 0.796, 0.797], [0.720, 0.719, 0.721], (100.0, 10.0))
     assert met.lift_retained == pytest.approx(0.95) and met.goal_met
     assert "MET - lift retained 95.0%" in goal_line(met)
-    short = _result(0.80, 0.79, 0.72, (100.0, 10.0))
+    short = _result(0.80, [0.789, 0.79, 0.791], [0.719, 0.72, 0.721], (100.0, 10.0))
     assert not short.goal_met and "NOT MET - lift retained 87.5%" in goal_line(short)
-    costly = _result(0.80, 0.80, 0.72, (100.0, 11.0))
+    costly = _result(0.80, [0.799, 0.80, 0.801], [0.719, 0.72, 0.721], (100.0, 11.0))
     assert costly.lift_retained == pytest.approx(1.0) and not costly.goal_met
     no_lift = _result(0.70, 0.71, 0.72, (100.0, 1.0))
     assert no_lift.lift_retained is None and not no_lift.goal_met
     assert "does not beat the baseline" in goal_line(no_lift)
-    noisy = _result(0.74, 0.74, 0.73, (100.0, 1.0))
-    noisy.roles["baseline"].test = [{"auc": 0.72}, {"auc": 0.74}]  # mean 0.73, 2 std = 0.028 > lift 0.01
-    assert noisy.goal_met and "not informative" in goal_line(noisy)
+    noisy = _result(0.74, [0.75, 0.74, 0.73], [0.74, 0.72, 0.73], (100.0, 1.0))
+    assert noisy.goal_met is False and "not informative" in goal_line(noisy)
     assert "not informative" not in goal_line(met)
+
+
+def test_one_seed_is_never_a_success() -> None:
+    # The figures reach the goal, but one seed has no spread and no paired test: no claim.
+    one = _result(0.80, 0.796, 0.72, (100.0, 10.0))
+    assert one.goal_reached_on_means and not one.goal_met
+    line = goal_line(one)
+    assert "NOT ESTABLISHED (one seed" in line and ": MET" not in line
+    # Figures reached over seeds, but the student is not significantly above the baseline.
+    shaky = _result(0.80, [0.88, 0.70, 0.81], [0.72, 0.72, 0.72], (100.0, 10.0))
+    assert shaky.goal_reached_on_means and not shaky.goal_met
+    assert "NOT ESTABLISHED (the figures reach it" in goal_line(shaky)
 
 
 def test_quick_preset_and_bad_configs() -> None:

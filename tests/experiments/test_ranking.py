@@ -9,14 +9,19 @@ import pytest
 from typer.testing import CliRunner
 
 from recsys.core.config import PathsConfig
+from recsys.experiments.common import evidence_profile
 from recsys.experiments.ranking import (
     EXPECTED_PAIRS,
     RankingExperimentConfig,
+    RankingExperimentResult,
     app,
+    claim_verdicts,
     format_table,
+    paired_tests,
     run_ranking_experiment,
 )
-from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
+from recsys.synthetic.generator import SyntheticManifest
+from recsys.training.ranking import RankingDataConfig, RankingRunResult, RankingTrainConfig
 from recsys.warehouse.runs import RunLog
 from tests.fixtures import EXPERIMENT_SYNTHETIC, one_epoch_loop
 
@@ -51,6 +56,9 @@ def test_experiment_writes_the_report_and_records_runs(tmp_path: Path) -> None:
     assert "Oracle AUC" in report and "paired t-test over seeds" in report
     assert "hyformer vs longer-rankmixer" in report and "rankmixer vs deepfm" in report
     assert format_table(result) in report
+    assert "## Claims" in report and "- RankMixer > DeepFM:" in report
+    # The dial-off tiny data: the long-range claim is checked and its share printed.
+    assert "of the achievable lift needs the longer history" in report
 
     runs = RunLog(paths.warehouse).runs("ranking")
     assert runs.height == 8 and set(runs["status"]) == {"finished"}
@@ -105,3 +113,58 @@ def test_bad_configs_name_the_problem() -> None:
         RankingExperimentConfig(models=("deepfm",))
     out = CliRunner().invoke(app, ["run", "--models", "deepfm,nope"])
     assert out.exit_code != 0 and "unknown ranking model" in out.output
+
+
+def _runs(aucs: dict[str, list[float]]) -> dict[str, list[RankingRunResult]]:
+    def run(name: str, seed: int, value: float) -> RankingRunResult:
+        return RankingRunResult(name, seed, 10, {}, {"auc": value}, 1, 1.0, 1.0, 1.0, 1, 1, None)
+
+    return {m: [run(m, s, v) for s, v in enumerate(values)] for m, values in aucs.items()}
+
+
+def _verdicts(aucs: dict[str, list[float]], share: float | None) -> list[str]:
+    config = RankingExperimentConfig(models=tuple(aucs), seeds=tuple(range(3)))
+    runs = _runs(aucs)
+    manifest = None if share is None else SyntheticManifest.model_construct(long_range_share=share)
+    result = RankingExperimentResult(config=config, data=None, runs=runs, manifest=manifest)  # type: ignore[arg-type]
+    result.tests = paired_tests(runs, config)
+    return claim_verdicts(result)
+
+
+def test_claim_verdicts_follow_the_paired_tests() -> None:
+    ordered = {
+        "deepfm": [0.700, 0.702, 0.701],
+        "rankmixer": [0.710, 0.711, 0.713],
+        "longer-rankmixer": [0.730, 0.729, 0.732],
+        "hyformer": [0.729, 0.731, 0.730],
+    }
+    lines = _verdicts(ordered, share=0.2)
+    assert lines[0].startswith("- HyFormer >= LONGER+RankMixer: HOLDS (not significantly lower)")
+    assert lines[1].startswith("- LONGER+RankMixer > RankMixer: HOLDS")
+    assert lines[2].startswith("- RankMixer > DeepFM: HOLDS")
+    assert "long-history models ahead (long-range dial on: 20.0% of the lift" in lines[3]
+    assert lines[3].endswith(": HOLDS") and "best short-history model RankMixer" in lines[4]
+    # Dial off: long models ahead contradicts the claim that they should not be.
+    assert _verdicts(ordered, share=0.0)[3].endswith(": CONTRADICTED")
+    flat = {m: [0.70, 0.71, 0.705] for m in ordered}
+    flat["deepfm"] = [0.71, 0.70, 0.704]
+    lines = _verdicts(flat, share=0.0)
+    assert "RankMixer > DeepFM: NOT SHOWN" in lines[2] and lines[3].endswith(
+        "not ahead (long-range dial off: 0.0% of the lift needs > 100 events): HOLDS"
+    )
+    worse = dict(ordered, rankmixer=[0.690, 0.691, 0.689])
+    assert "RankMixer > DeepFM: CONTRADICTED" in _verdicts(worse, share=None)[2]
+    assert len(_verdicts(worse, share=None)) == 3  # no manifest: no long-range claim
+
+
+def test_evidence_profiles() -> None:
+    paper = evidence_profile("paper", seeds=1, max_epochs=2, patience=1)
+    assert (
+        paper.all_examples and paper.seeds >= 3 and paper.patience >= 3 and paper.max_epochs > paper.patience
+    )
+    budget = evidence_profile("budget", seeds=1, max_epochs=2, patience=1)
+    assert (budget.seeds, budget.max_epochs, budget.patience, budget.all_examples) == (1, 2, 1, False)
+    with pytest.raises(ValueError, match="profile must be one of"):
+        evidence_profile("fast", seeds=1, max_epochs=1, patience=1)
+    out = CliRunner().invoke(app, ["run", "--profile", "fast"])
+    assert out.exit_code != 0 and "profile must be one of" in out.output
