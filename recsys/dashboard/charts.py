@@ -511,17 +511,16 @@ def rejects_by_reason(counts: pl.DataFrame) -> alt.Chart:
 
 
 def scaling(points: pl.DataFrame, metric: str, cost_title: str) -> alt.LayerChart:
-    """Quality against cost (``evidence.scaling_points`` of one kind), cost on a log scale, one colour per
-    group, each point labelled with its model."""
+    """Quality against cost (``evidence.scaling_points`` of one kind with a ``group_no`` column, a short
+    name for each group that the page spells out), cost on a log scale, one colour per group, each point
+    labelled with its model."""
     rows = _finite(points, "cost", "value")
     base = alt.Chart(rows).encode(
         x=alt.X("cost:Q", title=f"{cost_title} (log)", scale=alt.Scale(type="log")),
         y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
     )
     dots = base.mark_circle(size=90).encode(
-        color=alt.Color(
-            "group:N", title="group", legend=alt.Legend(orient="bottom", labelLimit=0, columns=1)
-        ),
+        color=alt.Color("group_no:N", title="group", legend=alt.Legend(labelLimit=0)),
         tooltip=[
             "model:N",
             "group:N",

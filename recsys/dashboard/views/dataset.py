@@ -72,13 +72,10 @@ def main() -> None:
     st.header("Item popularity and the long tail")
     popularity = cache.read(explore.item_popularity, path, dataset)
     tail = explore.long_tail(popularity)
+    share = max(tail.items, 1)
     cols = st.columns(4)
-    cols[0].metric(
-        "items holding half the events", f"{tail.head_items:,}", f"{tail.head_items / max(tail.items, 1):.1%}"
-    )
-    cols[1].metric(
-        "items holding 80 %", f"{tail.items_for_80:,}", f"{tail.items_for_80 / max(tail.items, 1):.1%}"
-    )
+    cols[0].metric("items holding half the events", f"{tail.head_items:,} ({tail.head_items / share:.1%})")
+    cols[1].metric("items holding 80 % of them", f"{tail.items_for_80:,} ({tail.items_for_80 / share:.1%})")
     cols[2].metric("events of the top 1 % items", f"{tail.top_1pct_share:.1%}")
     cols[3].metric("items with 0 / 1-5 events", f"{tail.cold_items:,} / {tail.rare_items:,}")
     left, right = st.columns(2)

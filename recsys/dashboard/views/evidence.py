@@ -96,10 +96,14 @@ def main() -> None:
                 f"No {kind} run recorded both `{metric}` and `{cost}` (points with zero cost are left out)."
             )
         else:
+            # Group names are whole protocols: the legend names them by number, spelled out below.
+            numbers = {g: f"group {i}" for i, g in enumerate(points["group"].unique(maintain_order=True), 1)}
+            points = points.with_columns(pl.col("group").replace_strict(numbers).alias("group_no"))
             st.altair_chart(charts.scaling(points, metric, evidence.COSTS[cost]))
             st.caption(
                 "One point per model (mean over seeds); summary runs add one per role they record "
-                "(`<role>/<metric>` beside `<role>/<cost>`)."
+                "(`<role>/<metric>` beside `<role>/<cost>`); models of zero cost (popularity) are left "
+                "off the log scale.  \n" + "  \n".join(f"**{n}**: {g}" for g, n in numbers.items())
             )
 
     st.header("Goals the experiments recorded")

@@ -90,6 +90,7 @@ def main() -> None:
         rows = summary.filter(pl.col("group") == group)
         seeds = of_kind.filter((pl.col("group") == group) & (pl.col("metric") == metric))
         st.subheader(group)
+        st.caption(f"{rows.height} models: {', '.join(sorted(rows['name'].to_list()))}")
         st.altair_chart(charts.metric_by_model(rows, seeds, metric))
         st.dataframe(
             rows.select(
