@@ -13,6 +13,7 @@ it is also set here, for a server started with another config.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 # `streamlit run recsys/dashboard/app.py` puts recsys/dashboard/ on sys.path, not the repository root.
@@ -37,6 +38,24 @@ st.set_page_config(
     },
 )
 
+
+@st.cache_resource(show_spinner=False)
+def _warm_up() -> threading.Thread:
+    """Import what the Evidence and User pages need (SciPy; PyTorch, BentoML and the model registry) in the
+    background, once per server process, so that the first visit to those pages does not wait for it."""
+
+    def work() -> None:
+        import scipy.stats  # noqa: F401
+
+        import recsys.dashboard.recommend  # noqa: F401
+        import recsys.serving.registry  # noqa: F401
+
+    thread = threading.Thread(target=work, name="dashboard-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+_warm_up()
 if "warehouse_path" not in st.session_state:
     st.session_state["warehouse_path"] = str(data.default_warehouse_path())
 st.sidebar.text_input(

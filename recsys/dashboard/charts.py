@@ -30,10 +30,11 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
     """
     summary = _finite(summary, "mean", "lo", "hi")
     runs = _finite(runs, "value")
+    order = summary.sort("mean", descending=True, nulls_last=True)["name"].to_list()  # best model first
     x = alt.X(
         "name:N",
         title="model",
-        sort=alt.EncodingSortField("mean", order="descending"),
+        sort=order,
         axis=alt.Axis(labelAngle=0, labelLimit=0),
     )
     base = alt.Chart(summary).encode(x=x)
@@ -54,7 +55,7 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
         alt.Chart(runs)
         .mark_circle(size=45, color="black", opacity=0.8)
         .encode(
-            x=alt.X("name:N"),
+            x=alt.X("name:N", sort=order),
             y=alt.Y("value:Q"),
             tooltip=["name:N", "seed:Q", alt.Tooltip("value:Q", format=".4f"), "run_id:N"],
         )
