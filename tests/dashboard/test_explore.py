@@ -6,6 +6,9 @@ run registry's dataset and code version, and the cache key; then the three pages
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import duckdb
@@ -216,6 +219,49 @@ def test_rank_orders_candidates_with_a_sequence_model(models: dict[str, str]) ->
     assert ranked["score"].is_sorted(descending=True)
 
 
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[str, list[tuple[str, dict, str | None]]]]:
+    """A stand-in for the recommendation service on loopback: POST /recommend answers item 7 for any user
+    but 404, which gets the 400 a validation error gives; yields its URL and the requests it saw."""
+    seen: list[tuple[str, dict, str | None]] = []
+
+    class Service(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            seen.append((self.path, body, self.headers.get(recommend.API_KEY_HEADER)))
+            if body["user_id"] == 404:
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(b'{"error": "user_id: unknown"}')
+                return
+            item = {"item_id": 3, "score": 1.5, "position": 0, "propensity": 1.0}
+            answer = {"items": [item], "source": "ranker", "models": {"retriever": "r:1", "ranker": "k:1"}}
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(answer).encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_served_posts_the_user_to_the_service(service: tuple[str, list]) -> None:
+    url, seen = service
+    response = recommend.served(url, 13, 5, api_key="secret")
+    assert response["items"][0]["item_id"] == 3 and response["source"] == "ranker"
+    assert seen[-1] == ("/recommend", {"user_id": 13, "k": 5}, "secret")
+    with pytest.raises(OSError, match="HTTP 400.*user_id: unknown"):
+        recommend.served(url, 404, 5)
+
+
 def test_served_reports_an_unreachable_service() -> None:
     import socket
 
@@ -389,7 +435,7 @@ def test_dataset_page(monkeypatch: pytest.MonkeyPatch, shop: Path) -> None:
 
 
 def test_user_page_shows_history_and_each_models_list(
-    monkeypatch: pytest.MonkeyPatch, shop: Path, models: dict[str, str]
+    monkeypatch: pytest.MonkeyPatch, shop: Path, models: dict[str, str], service: tuple[str, list]
 ) -> None:
     at = _app(monkeypatch, shop, "views/user.py")
     assert at.subheader[0].value == "User 13"  # the most active user first
@@ -400,6 +446,14 @@ def test_user_page_shows_history_and_each_models_list(
     popular = at.dataframe[1].value
     assert list(popular["item_id"]) == [5]  # user 13 has every item but 5
     assert any("No service URL set" in c.value for c in at.caption)
+
+    # The running service's answer, with the item's attributes, once its URL is given.
+    at.text_input(key="service_url").set_value(service[0]).run()
+    assert not at.exception
+    assert f"**Served by {service[0]}**" in [m.value for m in at.markdown]
+    served = at.dataframe[-1].value
+    assert list(served["item_id"]) == [3] and list(served["category"]) == ["books"]
+    assert service[1][-1][1] == {"user_id": 13, "k": 10}
 
     at.selectbox[1].set_value(12).run()  # another user: the choice is kept in the URL
     assert not at.exception
