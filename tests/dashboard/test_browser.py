@@ -276,6 +276,19 @@ def _deploy_buttons(page) -> int:  # noqa: ANN001
     )
 
 
+def _menu(page) -> str:  # noqa: ANN001
+    """The text of Streamlit's main menu (top right), opened and closed again; empty when there is none."""
+    button = page.locator('[data-testid="stMainMenu"]')
+    if not button.count():
+        return ""
+    button.first.click()
+    items = page.locator('[data-testid="stMainMenuList"]')
+    items.wait_for(timeout=10_000)
+    text = items.inner_text()
+    page.keyboard.press("Escape")
+    return text
+
+
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 
@@ -398,6 +411,7 @@ def test_a_user_browses_the_pipeline_warehouse(chromium: Path, pipeline_home: Pa
         try:
             page = browser.new_context(viewport={"width": WIDTH, "height": 900}).new_page()
             boot = _open(page, url, PIPELINE_PAGES[0])
+            menu = _menu(page)  # viewer mode: no developer items (rerun, clear cache, settings)
             for spec in PIPELINE_PAGES[1:] + PIPELINE_PAGES[:1]:
                 first[spec.title] = _navigate(page, spec)
             for spec in PIPELINE_PAGES:
@@ -425,6 +439,7 @@ def test_a_user_browses_the_pipeline_warehouse(chromium: Path, pipeline_home: Pa
 
     assert not failures, "\n".join(failures)
     assert "Traceback" not in log.read_text()
+    assert not {"Rerun", "Clear cache", "Settings", "Developer options"} & set(menu.splitlines()), menu
     # One comparison group for the retrieval runs, holding all three models.
     offline = texts["Offline comparison"]
     assert offline.count("leave-one-out") == 1, offline
