@@ -91,6 +91,8 @@ _REPO = Path(__file__).resolve().parents[2]
 def code_version() -> str:
     """``git:<commit>`` (``+dirty`` when tracked files changed) of the checkout the code runs from, else
     ``package:<installed version>``: what a run's figures can be traced back to."""
+    if not (_REPO / "pyproject.toml").is_file():  # an installed package, not a source checkout
+        return _package_version()
     try:
         commit = subprocess.run(
             ["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
@@ -106,6 +108,10 @@ def code_version() -> str:
             return f"git:{commit.stdout.strip()}{dirty}"
     except (OSError, subprocess.TimeoutExpired):  # no git binary, or a hung filesystem
         pass
+    return _package_version()
+
+
+def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
