@@ -30,11 +30,12 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
     """
     summary = _finite(summary, "mean", "lo", "hi")
     runs = _finite(runs, "value")
+    order = summary.sort("mean", descending=True, nulls_last=True)["name"].to_list()  # best model first
     x = alt.X(
         "name:N",
         title="model",
-        sort=alt.EncodingSortField("mean", order="descending"),
-        axis=alt.Axis(labelAngle=0, labelLimit=200),
+        sort=order,
+        axis=alt.Axis(labelAngle=0, labelLimit=0),
     )
     base = alt.Chart(summary).encode(x=x)
     bars = base.mark_bar(opacity=0.55).encode(
@@ -54,7 +55,7 @@ def metric_by_model(summary: pl.DataFrame, runs: pl.DataFrame, metric: str) -> a
         alt.Chart(runs)
         .mark_circle(size=45, color="black", opacity=0.8)
         .encode(
-            x=alt.X("name:N"),
+            x=alt.X("name:N", sort=order),
             y=alt.Y("value:Q"),
             tooltip=["name:N", "seed:Q", alt.Tooltip("value:Q", format=".4f"), "run_id:N"],
         )
@@ -71,7 +72,7 @@ def training_curves(curves: pl.DataFrame, series: str) -> alt.Chart:
         .encode(
             x=alt.X("step:Q", title="epoch / step", axis=alt.Axis(tickMinStep=1, format="d")),
             y=alt.Y("value:Q", title=series, scale=alt.Scale(zero=False)),
-            color=alt.Color("label:N", title="run"),
+            color=alt.Color("label:N", title="run", legend=alt.Legend(labelLimit=0)),
             tooltip=["label:N", "step:Q", alt.Tooltip("value:Q", format=".4f")],
         )
         .properties(width=_WIDTH, height=320)
@@ -119,7 +120,7 @@ def lift_with_ci(comparisons: pl.DataFrame) -> alt.LayerChart:
         (pl.col("metric") + " · " + pl.col("arm")).alias("row")
     )
     base = alt.Chart(rows).encode(
-        y=alt.Y("row:N", title="metric · arm"),
+        y=alt.Y("row:N", title="metric · arm", axis=alt.Axis(labelLimit=0)),
         yOffset=alt.YOffset("estimate:N"),
         color=alt.Color("estimate:N", title="estimate", sort=["raw (Welch)", "CUPED"]),
     )
@@ -169,7 +170,7 @@ def sequential_p_values(sequential: pl.DataFrame, alpha: float) -> alt.LayerChar
             x=alt.X(f"{x_field}:Q", title=x_title),
             y=alt.Y("p_value:Q", title="p-value", scale=alt.Scale(type="log")),
             color=alt.Color("test:N", title="test"),
-            strokeDash=alt.StrokeDash("arm:N", title="arm"),
+            strokeDash=alt.StrokeDash("arm:N", title="arm", legend=alt.Legend(labelLimit=0)),
             tooltip=[f"{x_field}:Q", "arm:N", "test:N", alt.Tooltip("p_value:Q", format=".4g")],
         )
     )
@@ -192,7 +193,9 @@ def sequential_interval(sequential: pl.DataFrame) -> alt.LayerChart:
         )
     )
     rows = _finite(sequential, "diff", "ci_low", "ci_high")
-    base = alt.Chart(rows).encode(x=alt.X(f"{x_field}:Q", title=x_title), color=alt.Color("arm:N"))
+    base = alt.Chart(rows).encode(
+        x=alt.X(f"{x_field}:Q", title=x_title), color=alt.Color("arm:N", legend=alt.Legend(labelLimit=0))
+    )
     band = base.mark_area(opacity=0.25).encode(
         y=alt.Y("ci_low:Q", title="difference mean_t - mean_c (always-valid CI)"), y2="ci_high:Q"
     )
@@ -213,7 +216,7 @@ def srm_counts(srm: pl.DataFrame) -> alt.Chart:
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            x=alt.X("arm:N", title="arm", axis=alt.Axis(labelAngle=0)),
+            x=alt.X("arm:N", title="arm", axis=alt.Axis(labelAngle=0, labelLimit=0)),
             xOffset=alt.XOffset("count:N"),
             y=alt.Y("users:Q", title="users"),
             color=alt.Color("count:N", title=None),
@@ -232,7 +235,7 @@ def off_policy_estimates(estimates: pl.DataFrame) -> alt.LayerChart:
     interval = base.mark_rule(strokeWidth=2).encode(
         x=alt.X("ci_low:Q", title="policy value (reward per slot)", scale=alt.Scale(zero=False)),
         x2="ci_high:Q",
-        color=alt.Color("policy:N", title="target policy"),
+        color=alt.Color("policy:N", title="target policy", legend=alt.Legend(labelLimit=0)),
     )
     point = base.mark_point(filled=True, size=70).encode(
         x="value:Q",
@@ -274,7 +277,7 @@ def latency_percentiles(figures: pl.DataFrame) -> alt.Chart:
             ),
             xOffset=alt.XOffset("label:N"),
             y=alt.Y("value:Q", title="latency (ms)"),
-            color=alt.Color("label:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=400)),
+            color=alt.Color("label:N", title="run", legend=alt.Legend(orient="bottom", labelLimit=0)),
             column=alt.Column("scenario:N", title="scenario"),
             tooltip=["label:N", "scenario:N", "stat:N", alt.Tooltip("value:Q", format=".2f"), "hardware:N"],
         )
@@ -291,7 +294,7 @@ def throughput(figures: pl.DataFrame) -> alt.Chart:
         alt.Chart(rows)
         .mark_bar()
         .encode(
-            y=alt.Y("bar:N", title=None, axis=alt.Axis(labelLimit=400)),
+            y=alt.Y("bar:N", title=None, axis=alt.Axis(labelLimit=0)),
             x=alt.X("value:Q", title="requests / s"),
             color=alt.Color("label:N", legend=None),
             tooltip=["label:N", "scenario:N", alt.Tooltip("value:Q", format=".1f"), "hardware:N"],
@@ -311,7 +314,7 @@ def slice_by_model(summary: pl.DataFrame, metric: str, dimension: str) -> alt.La
     )
     bars = base.mark_bar(opacity=0.7).encode(
         y=alt.Y("mean:Q", title=f"{metric} (mean ± std over seeds)"),
-        color=alt.Color("name:N", title="model"),
+        color=alt.Color("name:N", title="model", legend=alt.Legend(labelLimit=0)),
         tooltip=[
             "bucket:N",
             "name:N",
@@ -376,7 +379,7 @@ def final_by_period(results: pl.DataFrame, metric: str) -> alt.Chart:
         .encode(
             x=alt.X("eval_period:O", title="period evaluated", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("value:Q", title=f"{metric} of the final model", scale=alt.Scale(zero=False)),
-            color=alt.Color("method:N", title="method"),
+            color=alt.Color("method:N", title="method", legend=alt.Legend(labelLimit=0)),
             tooltip=[
                 "method:N",
                 "eval_period:O",
@@ -396,8 +399,137 @@ def seen_average(curve: pl.DataFrame, metric: str) -> alt.Chart:
         .encode(
             x=alt.X("step:O", title="after learning period", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("value:Q", title=f"mean {metric} over periods learned", scale=alt.Scale(zero=False)),
-            color=alt.Color("method:N", title="method"),
+            color=alt.Color("method:N", title="method", legend=alt.Legend(labelLimit=0)),
             tooltip=["method:N", "step:O", "periods:Q", alt.Tooltip("value:Q", format=".4f")],
         )
         .properties(width=_WIDTH, height=280)
     )
+
+
+# -- Dataset page ------------------------------------------------------------------------------------------
+
+
+def events_over_time(rows: pl.DataFrame, grain: str) -> alt.Chart:
+    """Events per period (``explore.events_over_time``), stacked by event type."""
+    return (
+        alt.Chart(rows)
+        .mark_bar()
+        .encode(
+            x=alt.X("period:T", title=f"{grain} (UTC)"),
+            y=alt.Y("events:Q", title="events", stack=True),
+            color=alt.Color("event:N", title="event", legend=alt.Legend(labelLimit=0)),
+            tooltip=[
+                alt.Tooltip("period:T", title=grain),
+                "event:N",
+                alt.Tooltip("events:Q", format=","),
+                alt.Tooltip("users:Q", title="active users", format=","),
+            ],
+        )
+        .properties(width=_WIDTH, height=260)
+    )
+
+
+def rank_frequency(popularity: pl.DataFrame) -> alt.Chart:
+    """Events per item against the item's popularity rank, both on log scales: the long tail."""
+    rows = popularity.filter(pl.col("events") > 0)
+    return (
+        alt.Chart(rows)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("rank:Q", title="item rank by events (log)", scale=alt.Scale(type="log")),
+            y=alt.Y("events:Q", title="events (log)", scale=alt.Scale(type="log")),
+            tooltip=[
+                "rank:Q",
+                "item_id:Q",
+                alt.Tooltip("events:Q", format=","),
+                alt.Tooltip("share:Q", format=".2%"),
+            ],
+        )
+        .properties(width=_WIDTH, height=280)
+    )
+
+
+def cumulative_share(popularity: pl.DataFrame) -> alt.LayerChart:
+    """Share of all events held by the most popular x % of the catalogue (the concentration curve), with the
+    80 % line."""
+    n = max(popularity.height, 1)
+    rows = popularity.select(
+        (pl.col("rank") / n).alias("item_share"), pl.col("cum_share"), pl.col("rank"), pl.col("item_id")
+    )
+    curve = (
+        alt.Chart(rows)
+        .mark_line()
+        .encode(
+            x=alt.X(
+                "item_share:Q", title="most popular items (share of the catalogue)", axis=alt.Axis(format="%")
+            ),
+            y=alt.Y("cum_share:Q", title="share of all events", axis=alt.Axis(format="%")),
+            tooltip=[
+                alt.Tooltip("rank:Q", title="top items"),
+                alt.Tooltip("item_share:Q", title="of the catalogue", format=".1%"),
+                alt.Tooltip("cum_share:Q", title="of the events", format=".1%"),
+            ],
+        )
+    )
+    line = alt.Chart(pl.DataFrame({"y": [0.8]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return alt.layer(curve, line).properties(width=_WIDTH, height=280)
+
+
+def history_lengths(histogram: pl.DataFrame) -> alt.Chart:
+    """Users per history-length bin (``explore.length_histogram``), bins in order."""
+    return (
+        alt.Chart(histogram)
+        .mark_bar()
+        .encode(
+            x=alt.X(
+                "bin:N",
+                title="events per user",
+                sort=histogram["bin"].to_list(),
+                axis=alt.Axis(labelAngle=0, labelLimit=0),
+            ),
+            y=alt.Y("users:Q", title="users"),
+            tooltip=[alt.Tooltip("bin:N", title="events"), alt.Tooltip("users:Q", format=",")],
+        )
+        .properties(width=_WIDTH, height=260)
+    )
+
+
+def rejects_by_reason(counts: pl.DataFrame) -> alt.Chart:
+    """Rejected rows per reason (``reason``, ``rows``), one horizontal bar each."""
+    return (
+        alt.Chart(counts)
+        .mark_bar()
+        .encode(
+            y=alt.Y("reason:N", title=None, sort="-x", axis=alt.Axis(labelLimit=0)),
+            x=alt.X("rows:Q", title="rejected rows"),
+            tooltip=["reason:N", alt.Tooltip("rows:Q", format=",")],
+        )
+        .properties(width=_WIDTH, height=alt.Step(28))
+    )
+
+
+# -- Evidence page -----------------------------------------------------------------------------------------
+
+
+def scaling(points: pl.DataFrame, metric: str, cost_title: str) -> alt.LayerChart:
+    """Quality against cost (``evidence.scaling_points`` of one kind with a ``group_no`` column, a short
+    name for each group that the page spells out), cost on a log scale, one colour per group, each point
+    labelled with its model."""
+    rows = _finite(points, "cost", "value")
+    base = alt.Chart(rows).encode(
+        x=alt.X("cost:Q", title=f"{cost_title} (log)", scale=alt.Scale(type="log")),
+        y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
+    )
+    dots = base.mark_circle(size=90).encode(
+        color=alt.Color("group_no:N", title="group", legend=alt.Legend(labelLimit=0)),
+        tooltip=[
+            "model:N",
+            "group:N",
+            "source:N",
+            alt.Tooltip("cost:Q", title=cost_title, format=",.4~g"),
+            alt.Tooltip("value:Q", title=metric, format=".4f"),
+            "n_seeds:Q",
+        ],
+    )
+    labels = base.mark_text(align="left", dx=7, dy=-6, fontSize=11).encode(text="model:N")
+    return alt.layer(dots, labels).properties(width=_WIDTH, height=340)

@@ -173,6 +173,38 @@ def warehouse_status(path: str | Path) -> WarehouseStatus:
         return WarehouseStatus(Path(path), True, tuple(sorted(_tables(wh))))
 
 
+# Tables written outside ``Warehouse.publish`` (so without a lineage version): their row count and newest
+# timestamp stand in for a version.
+_UNVERSIONED_STAMPS = {
+    "runs": "count(*)::VARCHAR || '@' || coalesce(greatest(max(started_at), max(finished_at))::VARCHAR, '')",
+    "run_metrics": "count(*)::VARCHAR || '@' || coalesce(max(recorded_at)::VARCHAR, '')",
+    "pipeline_stages": "count(*)::VARCHAR || '@' || coalesce(max(finished_at)::VARCHAR, '')",
+}
+
+
+def table_versions(path: str | Path) -> tuple[tuple[str, str], ...]:
+    """``(table, version)`` of every table the dashboard reads: the current lineage version of each
+    published table, and a count-and-newest-time stamp of the run registry tables, which ``RunLog`` writes
+    row by row. Equal tuples mean equal contents, so the pages' caches are keyed on it; empty for a
+    missing file."""
+    with _open(path) as wh:
+        if wh is None:
+            return ()
+        tables = _tables(wh)
+        out: list[tuple[str, str]] = []
+        if "lineage" in tables:
+            rows = wh.con.execute(
+                "SELECT table_name, arg_max(version, created_at) FROM lineage GROUP BY table_name"
+                " ORDER BY table_name"
+            ).fetchall()
+            out += [(str(t), str(v)) for t, v in rows]
+        for table, stamp in _UNVERSIONED_STAMPS.items():
+            if table in tables:
+                (value,) = wh.con.execute(f"SELECT {stamp} FROM {table}").fetchall()[0]
+                out.append((table, str(value)))
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------
@@ -187,6 +219,7 @@ RUNS_SCHEMA: dict[str, pl.DataType] = {
     "data_version": pl.String(),
     "protocol": pl.String(),
     "hardware": pl.String(),
+    "code_version": pl.String(),
     "started_at": pl.Datetime("us"),
     "finished_at": pl.Datetime("us"),
     "wall_time_s": pl.Float64(),
@@ -194,6 +227,10 @@ RUNS_SCHEMA: dict[str, pl.DataType] = {
     "metrics": pl.String(),
     "error": pl.String(),
 }
+
+# Where runs recorded before ``runs.dataset`` existed name their dataset in the config: at the top, under the
+# training loop's ``task`` section, or under an experiment's ``experiment`` section.
+_CONFIG_DATASET_PATHS = ("$.dataset", "$.task.dataset", "$.experiment.dataset")
 
 
 def _empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -208,17 +245,22 @@ def list_runs(
     statuses: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
 ) -> pl.DataFrame:
-    """Every recorded run, newest first, with ``dataset`` read from ``config.dataset`` (``NO_DATASET`` when
-    the config has none). A filter left at None (or empty) keeps everything."""
+    """Every recorded run, newest first, with its ``dataset`` (the ``runs.dataset`` column that ``RunLog``
+    records; for runs recorded before it existed, the dataset their config names; ``NO_DATASET`` for a run
+    on none) and ``code_version``. A filter left at None (or empty) keeps everything."""
     with _open(path) as wh:
         if wh is None or "runs" not in _tables(wh):
             return _empty(RUNS_SCHEMA)
+        present = {row[0] for row in wh.con.execute("DESCRIBE runs").fetchall()}
+        from_config = ", ".join(f"json_extract_string(config, '{p}')" for p in _CONFIG_DATASET_PATHS)
+        recorded = "dataset, " if "dataset" in present else ""
+        code = "code_version" if "code_version" in present else "NULL::VARCHAR"
         frame = wh.sql(
             f"""
             SELECT run_id, kind, name, status,
-                   coalesce(json_extract_string(config, '$.dataset'), '{NO_DATASET}') AS dataset,
-                   seed, data_version, protocol, hardware, started_at, finished_at, wall_time_s,
-                   config::VARCHAR AS config, metrics::VARCHAR AS metrics, error
+                   coalesce({recorded}{from_config}, '{NO_DATASET}') AS dataset,
+                   seed, data_version, protocol, hardware, {code} AS code_version, started_at, finished_at,
+                   wall_time_s, config::VARCHAR AS config, metrics::VARCHAR AS metrics, error
             FROM runs ORDER BY started_at DESC, run_id
             """
         )

@@ -42,7 +42,7 @@ from recsys.training.checkpoint import (
     save_checkpoint,
 )
 from recsys.training.checkpoint import weights_path as checkpoint_weights_path
-from recsys.warehouse.runs import RunLog
+from recsys.warehouse.runs import RunLog, dataset_of
 
 T = TypeVar("T")
 WAREHOUSE_LOCK_WAIT_S = 120.0
@@ -202,13 +202,15 @@ def fit(
     data_version: str | None = None,
     protocol: str | None = None,
     test_fn: Callable[[nn.Module, torch.device], dict[str, float]] | None = None,
+    dataset: str | None = None,
 ) -> FitResult:
     """Train ``task.model`` in place; on return it holds the best-validation weights.
 
     ``test_fn`` (if given) is called once on the best weights and its metrics are logged with split 'test'.
     A checkpoint directory that already holds a finished run returns that run (best weights, stored history)
     after re-reading the test metrics, unless it ended at a lower ``max_epochs`` than asked now: then it
-    trains on from its last epoch. One built under a different config is an error.
+    trains on from its last epoch. One built under a different config is an error. The run is recorded
+    with ``dataset``, by default the ``dataset`` of ``run_config``.
     """
     device = resolve_device(config.device)
     model = task.model.to(device)
@@ -272,6 +274,7 @@ def fit(
             data_version=data_version,
             protocol=protocol,
             seed=config.seed,
+            dataset=dataset if dataset is not None else dataset_of(run_config or {}),
         )
         state["run_id"] = run_id
     best_state: dict[str, torch.Tensor] | None = None

@@ -1,5 +1,9 @@
-"""The run registry: every training, evaluation, distillation, A/B or benchmark run, with its config,
-data version, hardware and metrics, where the dashboard reads them.
+"""The run registry: every training, evaluation, distillation, A/B or benchmark run, with its dataset, config,
+data version, code version, hardware and metrics, where the dashboard reads them.
+
+``dataset`` (the warehouse schema the run read, NULL for runs on no dataset such as a serving benchmark) and
+``code_version`` (``git:<commit>`` of the checkout, ``+dirty`` with uncommitted changes, else
+``package:<version>``) are columns of their own, so runs group by dataset whatever their config looks like.
 
 Each call opens the warehouse briefly and closes it again, because DuckDB lets only one process hold a
 read-write handle; a training loop that kept it open would lock the dashboard out for hours.
@@ -7,9 +11,11 @@ read-write handle; a training loop that kept it open would lock the dashboard ou
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import subprocess
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -37,7 +43,9 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TIMESTAMP,
     wall_time_s DOUBLE,
     metrics JSON,
-    error VARCHAR
+    error VARCHAR,
+    dataset VARCHAR,
+    code_version VARCHAR
 );
 -- The process that runs it (pid + start time, recsys.core.ownership): only a gone owner's run is interrupted.
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR;
@@ -49,6 +57,9 @@ CREATE TABLE IF NOT EXISTS run_metrics (
     value DOUBLE,
     recorded_at TIMESTAMP NOT NULL
 );
+-- Warehouses written before these columns existed gain them (NULL for their old runs).
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS dataset VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS code_version VARCHAR;
 """
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
@@ -75,6 +86,60 @@ def hardware_description() -> str:
     return f"CPU {cpu} x{os.cpu_count()}"
 
 
+PACKAGE = "recsys-platform"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def code_version() -> str:
+    """``git:<commit>`` (``+dirty`` when tracked files changed) of the checkout the code runs from, else
+    ``package:<installed version>``: what a run's figures can be traced back to."""
+    if not (_REPO / "pyproject.toml").is_file():  # an installed package, not a source checkout
+        return _package_version()
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0 and commit.stdout.strip():
+            status = subprocess.run(
+                ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = "+dirty" if status.returncode == 0 and status.stdout.strip() else ""
+            return f"git:{commit.stdout.strip()}{dirty}"
+    except (OSError, subprocess.TimeoutExpired):  # no git binary, or a hung filesystem
+        pass
+    return _package_version()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"package:{version(PACKAGE)}"
+    except PackageNotFoundError:
+        return "package:unknown"
+
+
+def dataset_of(config: Mapping[str, Any] | Any) -> str | None:
+    """The ``dataset`` a run config names: its own ``dataset`` field, else that of a nested section (the
+    training loop records ``{"loop": ..., "task": {"dataset": ...}}``); a ``dataset`` that is itself a
+    mapping (a dataset spec) gives its ``dataset`` or ``name``."""
+    obj = _canonical(config)
+    if not isinstance(obj, dict):
+        return None
+    candidates = [obj] + [v for v in obj.values() if isinstance(v, dict)]
+    for section in candidates:
+        value = section.get("dataset")
+        if isinstance(value, dict):
+            value = value.get("dataset") or value.get("name")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -96,12 +161,18 @@ class RunLog:
         data_version: str | None,
         protocol: str | None = None,
         seed: int | None = None,
+        dataset: str | None = None,
     ) -> str:
+        """Record a run as 'running' and return its id. ``dataset`` defaults to the one the config names
+        (``dataset_of``); a run on no dataset (a benchmark of the service) records NULL."""
         run_id = f"{kind}-{name}-{uuid.uuid4().hex[:12]}"
+        if dataset is None:
+            dataset = dataset_of(config)
         with Warehouse(self.path) as wh:
             wh.con.execute(
                 "INSERT INTO runs (run_id, kind, name, status, config, data_version, protocol, seed,"
-                " hardware, started_at, owner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                " hardware, dataset, code_version, started_at, owner)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     kind,
@@ -111,6 +182,8 @@ class RunLog:
                     protocol,
                     seed,
                     hardware_description(),
+                    dataset,
+                    code_version(),
                     _now(),
                     owner_tag(),
                 ],

@@ -228,6 +228,9 @@ def test_serving_page_charts_benchmark_latency(monkeypatch: pytest.MonkeyPatch, 
         ("views/ab_results.py", "ab_experiments"),
         ("views/serving.py", "recsys.benchmarks.serving_load"),
         ("views/continual.py", "continual_results"),
+        ("views/evidence.py", "RunLog"),
+        ("views/dataset.py", "recsys pipeline"),
+        ("views/user.py", "recsys pipeline"),
     ],
 )
 def test_an_empty_warehouse_shows_guidance(

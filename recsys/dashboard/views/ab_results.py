@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from recsys.dashboard import charts, data
+from recsys.dashboard import cache, charts, data
 
 
 def _guidance(path: Path) -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     path = Path(st.session_state.get("warehouse_path") or data.default_warehouse_path())
     st.title("A/B results")
     try:
-        experiments = data.ab_experiments(path)
+        experiments = cache.read(data.ab_experiments, path)
     except data.ABContractError as exc:
         st.error(str(exc))
         return
@@ -46,22 +46,24 @@ def main() -> None:
     alpha = exp["alpha"] if exp["alpha"] is not None else 0.05
     design = data.parse_design(exp["design"])
     split = " / ".join(f"{arm} {w:g}" for arm, w in design.items())
-    facts = st.columns(4)
-    facts[0].metric("control", exp["control"])
-    facts[1].metric("arms", len(exp["arms"] or design))
-    facts[2].metric("users", f"{exp['n_users']:,}" if exp["n_users"] is not None else "-")
-    facts[3].metric("alpha", f"{alpha:g}")
+    # Arm names are long ("<dataset>-<model>"): a table wraps them where st.metric would cut them off.
+    treatments = [a for a in (exp["arms"] or list(design)) if a != exp["control"]]
+    users = f"{exp['n_users']:,}" if exp["n_users"] is not None else "-"
+    st.markdown(
+        "| control | treatment arms | users | alpha |\n|---|---|---|---|\n"
+        f"| `{exp['control']}` | {', '.join(f'`{a}`' for a in treatments) or '-'} | {users} | {alpha:g} |"
+    )
     st.caption(
         f"design {split or '-'} · dataset {exp['dataset'] or '-'} · started {exp['started_at'] or '-'}"
         + (f" · run {exp['run_id']}" if exp["run_id"] else "")
     )
 
     try:
-        srm = data.ab_srm(path, eid)
-        comparisons = data.ab_comparisons(path, eid)
-        arms = data.ab_metrics(path, eid)
-        sequential = data.ab_sequential(path, eid)
-        ope = data.ab_off_policy(path, eid)
+        srm = cache.read(data.ab_srm, path, eid)
+        comparisons = cache.read(data.ab_comparisons, path, eid)
+        arms = cache.read(data.ab_metrics, path, eid)
+        sequential = cache.read(data.ab_sequential, path, eid)
+        ope = cache.read(data.ab_off_policy, path, eid)
     except data.ABContractError as exc:
         st.error(str(exc))
         return

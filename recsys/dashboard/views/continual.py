@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from recsys.dashboard import charts, data
+from recsys.dashboard import cache, charts, data
 
 
 def _guidance(path: Path) -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     path = Path(st.session_state.get("warehouse_path") or data.default_warehouse_path())
     st.title("Continual training")
     try:
-        results = data.continual_results(path)
+        results = cache.read(data.continual_results, path)
     except data.ContractError as exc:
         st.error(str(exc))
         return

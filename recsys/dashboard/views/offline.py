@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from recsys.dashboard import charts, data
+from recsys.dashboard import cache, charts, data
 
 
 def _slices(final: pl.DataFrame) -> None:
@@ -55,7 +55,7 @@ def _slices(final: pl.DataFrame) -> None:
 def main() -> None:
     path = Path(st.session_state.get("warehouse_path") or data.default_warehouse_path())
     st.title("Offline comparison")
-    final = data.final_metrics(path)
+    final = cache.read(data.final_metrics, path)
     if final.is_empty():
         st.info(
             "No finished run with numeric metrics yet. Train and evaluate models with "
@@ -90,6 +90,7 @@ def main() -> None:
         rows = summary.filter(pl.col("group") == group)
         seeds = of_kind.filter((pl.col("group") == group) & (pl.col("metric") == metric))
         st.subheader(group)
+        st.caption(f"{rows.height} models: {', '.join(sorted(rows['name'].to_list()))}")
         st.altair_chart(charts.metric_by_model(rows, seeds, metric))
         st.dataframe(
             rows.select(
@@ -108,7 +109,7 @@ def main() -> None:
 
     st.header("Training curves")
     curve_kinds = [kind, data.DISTILL_KIND] if with_students else [kind]
-    runs = data.list_runs(path, kinds=curve_kinds)
+    runs = cache.read(data.list_runs, path, kinds=curve_kinds)
     runs = runs.filter(pl.col("status") != "running") if runs.height > 1 else runs
     labels = {}
     for r in runs.iter_rows(named=True):
@@ -122,7 +123,7 @@ def main() -> None:
         key=f"curve_runs_{kind}_{with_students}",
         help="Newest first.",
     )
-    curves = data.run_metrics(path, [labels[c] for c in chosen])
+    curves = cache.read(data.run_metrics, path, [labels[c] for c in chosen])
     if curves.is_empty():
         st.caption("The chosen runs recorded no per-epoch metrics (`run_metrics`).")
         return

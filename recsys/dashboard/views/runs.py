@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from recsys.dashboard import charts, data
+from recsys.dashboard import cache, charts, data
 
 
 def _summary(metrics: str | None, limit: int = 4) -> str:
@@ -21,7 +21,7 @@ def _summary(metrics: str | None, limit: int = 4) -> str:
 def main() -> None:
     path = Path(st.session_state.get("warehouse_path") or data.default_warehouse_path())
     st.title("Runs")
-    runs = data.list_runs(path)
+    runs = cache.read(data.list_runs, path)
     if runs.is_empty():
         where = "the warehouse" if path.is_file() else f"`{path}` (the file does not exist yet)"
         st.info(
@@ -44,7 +44,8 @@ def main() -> None:
     ):
         options = sorted(runs[field].drop_nulls().unique().to_list())
         filters[field] = col.multiselect(label, options, key=f"runs_filter_{field}")
-    shown = data.list_runs(
+    shown = cache.read(
+        data.list_runs,
         path,
         kinds=filters["kind"],
         names=filters["name"],
@@ -62,6 +63,7 @@ def main() -> None:
         "data_version",
         pl.col("wall_time_s").round(1),
         "hardware",
+        "code_version",
         "started_at",
         pl.col("metrics").map_elements(_summary, return_dtype=pl.String).alias("metrics"),
         "config",
@@ -93,11 +95,14 @@ def main() -> None:
     facts[1].metric("wall time", f"{run['wall_time_s']:.1f} s" if run["wall_time_s"] is not None else "-")
     facts[2].metric("dataset", run["dataset"])
     facts[3].metric("data version", run["data_version"] or "-")
-    st.caption(f"protocol: {run['protocol'] or '-'} · hardware: {run['hardware'] or '-'} · {run['run_id']}")
+    st.caption(
+        f"protocol: {run['protocol'] or '-'} · hardware: {run['hardware'] or '-'} · "
+        f"code: {run['code_version'] or 'not recorded'} · {run['run_id']}"
+    )
     if run["error"]:
         st.error(f"The run failed: {run['error']}")
     try:
-        experiments = data.ab_experiments(path)
+        experiments = cache.read(data.ab_experiments, path)
     except data.ABContractError:  # the A/B page names the broken table; here it only hides the link
         experiments = pl.DataFrame(schema={"run_id": pl.String, "experiment_id": pl.String})
     linked = experiments.filter(pl.col("run_id") == run_id)["experiment_id"].to_list()
@@ -119,7 +124,7 @@ def main() -> None:
             hide_index=True,
         )
 
-    curves = data.run_metrics(path, [run_id])
+    curves = cache.read(data.run_metrics, path, [run_id])
     st.markdown("**Per-epoch metrics** (`run_metrics`)")
     if curves.is_empty():
         st.caption("This run recorded no per-step metrics.")
@@ -129,7 +134,7 @@ def main() -> None:
         st.dataframe(wide, hide_index=True)
 
     if run["data_version"]:
-        tables = data.lineage(path, version=run["data_version"])
+        tables = cache.read(data.lineage, path, version=run["data_version"])
         if not tables.is_empty():
             st.caption(
                 "data version "
@@ -139,7 +144,7 @@ def main() -> None:
             )
 
     with st.expander("Tables and data versions (lineage)"):
-        current = data.lineage(path)
+        current = cache.read(data.lineage, path)
         if current.is_empty():
             st.caption("No table has been published through Warehouse.publish yet.")
         else:

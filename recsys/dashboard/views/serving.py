@@ -7,13 +7,13 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from recsys.dashboard import charts, data
+from recsys.dashboard import cache, charts, data
 
 
 def main() -> None:
     path = Path(st.session_state.get("warehouse_path") or data.default_warehouse_path())
     st.title("Serving")
-    figures = data.benchmark_figures(path)
+    figures = cache.read(data.benchmark_figures, path)
     if figures.is_empty():
         st.info(
             "No benchmark runs with latency figures in this warehouse. Measure the service with "
