@@ -173,7 +173,16 @@ def run_tca4rec_experiment(
         f"vocab {lm_config.vocab_size}, {np.mean([len(t) for t in title_tokens]):.1f} tokens per title, "
         f"trie {trie.num_nodes} nodes"
     )
-    runs: list[SeedRun] = []
+    result = TCA4RecResult(
+        config,
+        data_version,
+        split.num_items,
+        len(cases),
+        lm_config.vocab_size,
+        float(np.mean([len(t) for t in title_tokens])),
+        [],
+        hardware=hardware_description(),
+    )
     for seed in config.seeds:
         key = stable_hash(
             "sasrec",
@@ -229,7 +238,12 @@ def run_tca4rec_experiment(
                 ks=KS,
             )
             times[name], params[name], losses[name] = fit.train_time_s, fit.num_parameters, fit.losses[-1]
-        runs.append(SeedRun(seed, evaluations, times, params, losses))
+        result.runs.append(SeedRun(seed, evaluations, times, params, losses))
+        # The report is rewritten after every seed, so a long run leaves its finished seeds behind.
+        result.tests = paired_tests(result.runs)
+        result.report_path = write_report(
+            paths.home / "reports" / f"tca4rec_{config.dataset}.md", format_report(result)
+        )
         say(
             f"seed {seed}: "
             + ", ".join(
@@ -237,20 +251,6 @@ def run_tca4rec_experiment(
                 for m, e in ((m, evaluations[m]) for m in MODELS)
             )
         )
-    result = TCA4RecResult(
-        config,
-        data_version,
-        split.num_items,
-        len(cases),
-        lm_config.vocab_size,
-        float(np.mean([len(t) for t in title_tokens])),
-        runs,
-        paired_tests(runs),
-        hardware_description(),
-    )
-    result.report_path = write_report(
-        paths.home / "reports" / f"tca4rec_{config.dataset}.md", format_report(result)
-    )
     return result
 
 
@@ -306,7 +306,8 @@ def format_report(result: TCA4RecResult) -> str:
         "",
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {result.hardware}; data version "
         f"{result.data_version}; {result.num_items} items; {result.num_eval_users} test users; seeds "
-        f"{', '.join(map(str, c.seeds))} (mean ± std over seeds).",
+        f"{', '.join(str(r.seed) for r in result.runs)} finished of {len(c.seeds)} planned "
+        "(mean ± std over seeds).",
         "",
         f"Protocol: {PROTOCOL}; the LMs rank by trie-constrained beam search (width {t.beam_width}), items "
         "outside the beam tie last.",

@@ -137,7 +137,7 @@ def test_loss_mixes_hard_and_soft_labels() -> None:
         return z
 
     mixed = tca_loss(model, batch, trie, config.model_copy(update={"alpha": 0.7}), teacher)
-    assert float(mixed) == pytest.approx(float(hard), rel=1e-5)
+    assert mixed.item() == pytest.approx(hard.item(), rel=1e-5)
     with pytest.raises(ValueError, match="CF scorer"):
         tca_loss(model, batch, trie, config.model_copy(update={"alpha": 0.5}), None)
 
