@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.evaluation.retrieval import EvalCases, evaluate_retrieval
 from recsys.models.title_lm import TitleLM, TitleLMConfig
 from recsys.training.tca4rec import (
     ANS_ID,
@@ -17,6 +18,7 @@ from recsys.training.tca4rec import (
     TCATrainConfig,
     TitleTrie,
     beam_search,
+    generative_score_fn,
     make_batch,
     tca_loss,
     train_title_lm,
@@ -162,3 +164,32 @@ def test_training_lowers_the_loss() -> None:
     assert not model.training
     with pytest.raises(ValueError, match="train_items"):
         train_title_lm(model, [np.array([1])], prompts, trie, config, teacher)
+
+
+def test_generative_scores_rank_the_beam_and_tie_the_rest_last() -> None:
+    trie = TitleTrie(TITLES)
+    config = TCATrainConfig(history_items=2)
+    prompts = PromptBuilder(TITLES, config)
+    model = _random_model(16, 2)
+    histories = [np.array([4, 2]), np.array([1])]
+    cases = EvalCases(
+        np.array([0, 1]),
+        histories,
+        [np.zeros(2, dtype=np.int64), np.zeros(1, dtype=np.int64)],
+        np.array([3, 2]),
+        np.zeros(2, dtype=np.int64),
+    )
+    score = generative_score_fn(model, prompts, trie, width=2)
+    batch = cases.batch(np.arange(2), history_len=2)
+    scores = score(batch)
+    for r, history in enumerate(histories):
+        beam = beam_search(model, prompts.prompt(history), trie, 2, history.tolist())
+        assert [i for i in range(1, 6) if scores[r, i] > -1e9] == sorted(i for i, _ in beam)
+        for item, lp in beam:
+            assert scores[r, item].item() == pytest.approx(lp)
+    result = evaluate_retrieval(score, cases, num_items=5, history_len=2, ks=(1, 10))
+    ranks = [
+        1 + sum(scores[r, i] >= scores[r, t] for i in range(1, 6) if i != t and i not in h)
+        for r, (h, t) in enumerate(zip([set(x.tolist()) for x in histories], [3, 2], strict=True))
+    ]
+    assert result.ranks.tolist() == [int(x) for x in ranks]
