@@ -329,7 +329,7 @@ def format_report(result: TCA4RecResult) -> str:
         "",
         "## Per seed",
         "",
-        "| Model | Seed | HR@10 | NDCG@10 | Final loss |",
+        "| Model | Seed | HR@10 | NDCG@10 | Final training objective |",
         "|---|---|---|---|---|",
     ]
     for r in result.runs:
