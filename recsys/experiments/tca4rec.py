@@ -8,6 +8,9 @@ full ranking, HR/NDCG@10; the LMs rank by trie-constrained beam search (items ou
 Paired t-tests over seeds and Wilcoxon/t over users (first seed); the markdown report goes to
 ``<home>/reports/tca4rec_<dataset>.md``.
 
+``lm_path`` swaps the small LM for any local Hugging Face causal LM directory (its own tokenizer with
+``<sep>`` and ``<ans>`` added; optionally LoRA adapters through peft); nothing is downloaded.
+
 CLI: ``app`` (typer), ``run`` command; ``python -m recsys.experiments.tca4rec run --help``.
 """
 
@@ -41,6 +44,10 @@ from recsys.experiments.common import (
 )
 from recsys.experiments.retrieval import RetrievalExperimentConfig, prepare_split
 from recsys.models.title_lm import (
+    LOCAL_SPECIAL_IDS,
+    CausalTitleLM,
+    HFCausalLM,
+    LoRASettings,
     TitleLM,
     TitleLMConfig,
     TitleTokenizerConfig,
@@ -82,11 +89,17 @@ class TCA4RecExperimentConfig(FrozenModel):
     sasrec_train: RetrievalTrainConfig = RetrievalTrainConfig(max_len=50, ks=(10,))
     sasrec_loop: LoopConfig = LoopConfig(max_epochs=30, patience=5, device="cpu", progress=False)
     eval_users: int | None = Field(None, gt=0, description="Evaluate the first n test users; None = all.")
+    lm_path: Path | None = Field(
+        None, description="A local Hugging Face causal LM directory to fine-tune instead of the small LM."
+    )
+    lora: LoRASettings | None = Field(None, description="With lm_path: train LoRA adapters only (peft).")
 
     def model_post_init(self, _context: Any) -> None:
         check_seeds(self.seeds)
         if self.train.alpha == 0.0:
             raise ValueError("train.alpha: the TCA variant needs alpha > 0 (alpha = 0 is the next-token run)")
+        if self.lora is not None and self.lm_path is None:
+            raise ValueError("lora: LoRA applies to a local Hugging Face LM; set lm_path too")
         if self.train.beam_width < max(KS):
             raise ValueError(f"train.beam_width must be >= {max(KS)} to score HR/NDCG@{max(KS)}")
 
@@ -155,19 +168,34 @@ def run_tca4rec_experiment(
     titles = load_titles(paths.warehouse, config.dataset)
     if len(titles) != split.num_items:
         raise ValueError(f"{config.dataset}: {len(titles)} titles for {split.num_items} items")
-    # Tokenizer corpus: every title once, then once per training interaction (popular titles weigh more).
-    corpus = titles + [titles[int(i) - 1] for items in split.train_items for i in items]
-    tokenizer = train_title_tokenizer(corpus, config.tokenizer)
-    title_tokens = encode_titles(tokenizer, titles)
-    trie = TitleTrie(title_tokens)
-    prompts = PromptBuilder(title_tokens, config.train)
+    if config.lm_path is None:
+        # Tokenizer corpus: every title once, then once per training interaction (popular titles weigh more).
+        corpus = titles + [titles[int(i) - 1] for items in split.train_items for i in items]
+        tokenizer = train_title_tokenizer(corpus, config.tokenizer)
+        title_tokens = encode_titles(tokenizer, titles)
+        special = LOCAL_SPECIAL_IDS
+        vocab_size = tokenizer.get_vocab_size()
+    else:
+        probe = HFCausalLM(config.lm_path)
+        title_tokens = probe.encode_titles(titles)
+        special = probe.special
+        vocab_size = len(probe.tokenizer)
+        del probe
+    trie = TitleTrie(title_tokens, special)
+    prompts = PromptBuilder(title_tokens, config.train, special)
     cases = _subset(split.test, config.eval_users)
     longest_prompt = config.train.history_items * (config.train.prompt_title_tokens + 1)
     lm_config = TitleLMConfig(
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=vocab_size,
         max_positions=longest_prompt + trie.max_depth + 1,
         **config.lm.model_dump(),
     )
+
+    def new_lm() -> CausalTitleLM:
+        if config.lm_path is None:
+            return TitleLM(lm_config)
+        return HFCausalLM(config.lm_path, config.lora)
+
     say(
         f"{config.dataset}: {split.num_items} items, {len(split.train_users)} users, {len(cases)} evaluated; "
         f"vocab {lm_config.vocab_size}, {np.mean([len(t) for t in title_tokens]):.1f} tokens per title, "
@@ -220,7 +248,7 @@ def run_tca4rec_experiment(
                 update={"seed": seed, "alpha": 0.0 if name == "next-token" else config.train.alpha}
             )
             torch.manual_seed(seed)
-            model = TitleLM(lm_config)
+            model = new_lm()
             fit = train_title_lm(
                 model,
                 split.train_items,
@@ -301,6 +329,12 @@ def format_table(result: TCA4RecResult) -> str:
 def format_report(result: TCA4RecResult) -> str:
     c = result.config
     t = c.train
+    if c.lm_path is None:
+        lm_text = f"{c.lm.num_layers} layers, dim {c.lm.dim}, {c.lm.num_heads} heads, local BPE"
+    else:
+        lm_text = f"{c.lm_path.name} (local directory), " + (
+            f"LoRA rank {c.lora.rank}" if c.lora else "all weights trained"
+        )
     lines = [
         f"# TCA4Rec: {c.dataset}",
         "",
@@ -311,8 +345,7 @@ def format_report(result: TCA4RecResult) -> str:
         "",
         f"Protocol: {PROTOCOL}; the LMs rank by trie-constrained beam search (width {t.beam_width}), items "
         "outside the beam tie last.",
-        f"LM: {c.lm.num_layers} layers, dim {c.lm.dim}, {c.lm.num_heads} heads, "
-        f"BPE vocab {result.vocab_size} "
+        f"LM: {lm_text}, vocab {result.vocab_size} "
         f"({result.mean_title_tokens:.1f} tokens per title); prompt = last {t.history_items} titles; "
         f"{t.epochs} epochs of {t.examples_per_epoch or 'all'} examples, batch {t.batch_size}, lr {t.lr}. "
         f"TCA: alpha {t.alpha}, CF temperature {t.cf_temperature}, teacher SASRec (history "
@@ -369,6 +402,12 @@ def run_command(
         int | None, typer.Option(min=1, help="Evaluate only the first n test users.")
     ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    lm_path: Annotated[
+        Path | None, typer.Option(help="Local Hugging Face causal LM directory (instead of the small LM).")
+    ] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(min=1, help="With --lm-path: train LoRA adapters of this rank only.")
+    ] = None,
 ) -> None:
     """Train SASRec, a next-token title LM and a TCA title LM per seed; print the table and the tests."""
     try:
@@ -382,6 +421,8 @@ def run_command(
             ),
             sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=5, device="cpu", progress=False),
             eval_users=eval_users,
+            lm_path=lm_path,
+            lora=None if lora_rank is None else LoRASettings(rank=lora_rank),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

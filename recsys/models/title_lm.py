@@ -16,6 +16,9 @@ key/value cache so that beam search encodes the history once and then feeds one 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,24 @@ PAD, SEP, ANS, EOS = "<pad>", "<sep>", "<ans>", "<eos>"
 SPECIAL_TOKENS = (PAD, SEP, ANS, EOS)
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the prompts, the trie and the beam rely on; a title never contains any of them."""
+
+    pad: int = 0
+    sep: int = 1
+    ans: int = 2
+    eos: int = 3
+
+    @property
+    def all(self) -> frozenset[int]:
+        return frozenset((self.pad, self.sep, self.ans, self.eos))
+
+
+#: The ids of the locally trained tokenizer (``train_title_tokenizer``).
+LOCAL_SPECIAL_IDS = SpecialIds()
 
 
 class TitleTokenizerConfig(FrozenModel):
@@ -148,3 +169,84 @@ class TitleLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.tokens.weight.T  # [..., V]
+
+    def reorder_cache(self, cache: KVCache, index: torch.Tensor) -> KVCache:
+        """The cache rows of ``index`` (beam search keeps, drops and copies hypotheses)."""
+        return [(k[index], v[index]) for k, v in cache]
+
+
+class LoRASettings(FrozenModel):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | tuple[str, ...] = Field("all-linear", description="peft's target_modules.")
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM from a local directory behind ``TitleLM``'s interface (hidden states, tied-or-
+    not output head, a reorderable cache). ``<sep>`` and ``<ans>`` are added to its tokenizer as special
+    tokens (the embedding table grows by two rows); ``<eos>`` is the tokenizer's own. With ``lora``, only
+    LoRA adapters (peft) are trained."""
+
+    def __init__(self, path: str | Path, lora: LoRASettings | None = None) -> None:
+        super().__init__()
+        try:
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError(
+                "lm_path: loading a local causal LM needs transformers (pip install transformers)"
+            ) from exc
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"lm_path: {path} is not a directory with a Hugging Face model")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"lm_path: the tokenizer in {path} has no eos token")
+        self.tokenizer.add_special_tokens({"additional_special_tokens": [SEP, ANS]})
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        sep, ans = self.tokenizer.convert_tokens_to_ids([SEP, ANS])
+        eos = int(self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        # Right padding sits after every supervised position (causal attention), so any id pads.
+        self.special = SpecialIds(pad=eos if pad is None else int(pad), sep=int(sep), ans=int(ans), eos=eos)
+        if lora is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as exc:
+                raise ImportError("lora: LoRA needs peft (pip install peft)") from exc
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules)
+                    if isinstance(lora.target_modules, tuple)
+                    else lora.target_modules,
+                ),
+            )
+        self.model = model
+        # transformers 5 renamed the cache argument; older versions take past_key_values.
+        self._cache_arg = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+
+    def encode_titles(self, titles: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(titles), add_special_tokens=False)["input_ids"]
+        return [[int(t) for t in x if int(t) not in self.special.all] for x in ids]
+
+    def forward(self, tokens: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
+        kwargs = {self._cache_arg: past} if past is not None else {}
+        out = self.model(input_ids=tokens, use_cache=True, output_hidden_states=True, **kwargs)
+        return out.hidden_states[-1], out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+    def reorder_cache(self, cache: Any, index: torch.Tensor) -> Any:
+        cache.reorder_cache(index)
+        return cache
+
+
+#: What the TCA4Rec trainer and beam search accept.
+CausalTitleLM = TitleLM | HFCausalLM

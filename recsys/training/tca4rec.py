@@ -34,9 +34,14 @@ from torch import nn
 
 from recsys.core.config import FrozenModel
 from recsys.evaluation.retrieval import EvalBatch, ScoreFn
-from recsys.models.title_lm import ANS, EOS, PAD, SEP, SPECIAL_TOKENS, TitleLM
+from recsys.models.title_lm import LOCAL_SPECIAL_IDS, CausalTitleLM, SpecialIds
 
-PAD_ID, SEP_ID, ANS_ID, EOS_ID = (SPECIAL_TOKENS.index(t) for t in (PAD, SEP, ANS, EOS))
+PAD_ID, SEP_ID, ANS_ID, EOS_ID = (
+    LOCAL_SPECIAL_IDS.pad,
+    LOCAL_SPECIAL_IDS.sep,
+    LOCAL_SPECIAL_IDS.ans,
+    LOCAL_SPECIAL_IDS.eos,
+)
 
 #: [B, L] item histories (0-padded on the right) and their lengths -> [B, num_items + 1] CF logits.
 CFScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,7 +50,8 @@ CFScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class TitleTrie:
     """Prefix trie over ``title tokens + <eos>`` of items 1..n (``titles[i - 1]`` is item i's token list)."""
 
-    def __init__(self, titles: Sequence[Sequence[int]]) -> None:
+    def __init__(self, titles: Sequence[Sequence[int]], special: SpecialIds = LOCAL_SPECIAL_IDS) -> None:
+        self.special = special
         if not titles:
             raise ValueError("titles: the trie needs at least one item")
         self.num_items = len(titles)
@@ -53,10 +59,10 @@ class TitleTrie:
         self.paths: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # item 0 (padding): root only
         terminal_items: dict[int, list[int]] = {}
         for item, tokens in enumerate(titles, start=1):
-            if any(int(t) < len(SPECIAL_TOKENS) for t in tokens):
-                raise ValueError(f"titles[{item - 1}]: contains a special token id")
+            if not tokens or any(int(t) in special.all for t in tokens):
+                raise ValueError(f"titles[{item - 1}]: empty or contains a special token id")
             node, path = 0, [0]
-            for tok in [*map(int, tokens), EOS_ID]:
+            for tok in [*map(int, tokens), special.eos]:
                 nxt = children[node].get(tok)
                 if nxt is None:
                     nxt = len(children)
@@ -149,21 +155,27 @@ def training_examples(train_items: Sequence[np.ndarray]) -> list[Example]:
 class PromptBuilder:
     """Token ids of prompts (history titles) and answers (target title + ``<eos>``)."""
 
-    def __init__(self, title_tokens: Sequence[Sequence[int]], config: TCATrainConfig) -> None:
+    def __init__(
+        self,
+        title_tokens: Sequence[Sequence[int]],
+        config: TCATrainConfig,
+        special: SpecialIds = LOCAL_SPECIAL_IDS,
+    ) -> None:
         self.titles = [list(map(int, t)) for t in title_tokens]  # item i at index i - 1
         self.config = config
+        self.special = special
 
     def prompt(self, history: np.ndarray) -> list[int]:
         out: list[int] = []
         for k, item in enumerate(history[-self.config.history_items :]):
             if k:
-                out.append(SEP_ID)
+                out.append(self.special.sep)
             out += self.titles[int(item) - 1][: self.config.prompt_title_tokens]
-        out.append(ANS_ID)
+        out.append(self.special.ans)
         return out
 
     def answer(self, item: int) -> list[int]:
-        return [*self.titles[item - 1], EOS_ID]
+        return [*self.titles[item - 1], self.special.eos]
 
 
 @dataclass(frozen=True)
@@ -187,7 +199,7 @@ def make_batch(examples: Sequence[Example], prompts: PromptBuilder, trie: TitleT
             labels.append(tok)
             nodes.append(int(path[j]))
     width = max(len(s) for s in seqs)
-    tokens = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    tokens = np.full((len(seqs), width), prompts.special.pad, dtype=np.int64)
     for r, s in enumerate(seqs):
         tokens[r, : len(s)] = s
     hist = [ex.history[-cf_len:] for ex in examples]
@@ -205,7 +217,7 @@ def make_batch(examples: Sequence[Example], prompts: PromptBuilder, trie: TitleT
 
 
 def tca_loss(
-    model: TitleLM,
+    model: CausalTitleLM,
     batch: LMBatch,
     trie: TitleTrie,
     config: TCATrainConfig,
@@ -232,7 +244,7 @@ class LMTrainResult:
 
 
 def train_title_lm(
-    model: TitleLM,
+    model: CausalTitleLM,
     train_items: Sequence[np.ndarray],
     prompts: PromptBuilder,
     trie: TitleTrie,
@@ -247,7 +259,8 @@ def train_title_lm(
         raise ValueError("train_items: no user has 2 or more training interactions")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = min(config.examples_per_epoch or len(examples), len(examples))
     steps = config.epochs * math.ceil(per_epoch / config.batch_size)
     warmup = max(1, steps // 10)
@@ -268,7 +281,7 @@ def train_title_lm(
             loss = tca_loss(model, batch, trie, config, cf_scorer)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             total, count = total + float(loss.detach()), count + 1
@@ -284,7 +297,7 @@ def train_title_lm(
 
 @torch.no_grad()
 def beam_search(
-    model: TitleLM, prompt: Sequence[int], trie: TitleTrie, width: int, exclude: Sequence[int] = ()
+    model: CausalTitleLM, prompt: Sequence[int], trie: TitleTrie, width: int, exclude: Sequence[int] = ()
 ) -> list[tuple[int, float]]:
     """Up to ``width`` (item, log-prob) pairs, best first, decoded only along titles of non-excluded items.
 
@@ -319,7 +332,7 @@ def beam_search(
         candidates.sort(key=lambda c: -c[0])
         live: list[tuple[float, int, int, int]] = []
         for cand in candidates:
-            if cand[3] == EOS_ID:
+            if cand[3] == trie.special.eos:
                 finished += [(i, cand[0]) for i in trie.terminal_items[cand[2]] if i not in excluded]
             elif len(live) < width:
                 live.append(cand)
@@ -328,7 +341,7 @@ def beam_search(
         if not live or (len(finished) >= width and live[0][0] <= finished[width - 1][1]):
             break
         index = torch.tensor([c[1] for c in live], dtype=torch.long)
-        past = [(k[index], v[index]) for k, v in cache]
+        past = model.reorder_cache(cache, index)
         hidden, cache = model(torch.tensor([[c[3]] for c in live], dtype=torch.long), past)
         last = hidden[:, -1]
         beams = [(c[2], c[0]) for c in live]
@@ -336,7 +349,7 @@ def beam_search(
 
 
 def generative_score_fn(
-    model: TitleLM, prompts: PromptBuilder, trie: TitleTrie, width: int, *, floor: float = -1e9
+    model: CausalTitleLM, prompts: PromptBuilder, trie: TitleTrie, width: int, *, floor: float = -1e9
 ) -> ScoreFn:
     """Full-ranking scores from the beam: its items get their log-prob, every other item ``floor``.
 

@@ -75,3 +75,31 @@ def test_config_and_cli_reject_bad_values(ml_slice: Path) -> None:
         TCA4RecExperimentConfig(seeds=(1, 1))
     result = CliRunner().invoke(app, ["run", "--source-dir", str(ml_slice), "--alpha", "0"])
     assert result.exit_code != 0 and "alpha" in result.output
+
+
+def test_experiment_fine_tunes_a_local_hf_model_with_lora(ml_slice: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from recsys.models.title_lm import LoRASettings, TitleTokenizerConfig, train_title_tokenizer
+
+    tok = train_title_tokenizer(
+        ["Star Wars (1977)", "Toy Story (1995)"] * 3, TitleTokenizerConfig(vocab_size=300)
+    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    lm_dir = tmp_path / "tiny-lm"
+    config = transformers.GPT2Config(vocab_size=len(fast), n_positions=512, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(lm_dir)
+    fast.save_pretrained(lm_dir)
+    base = _config(ml_slice)
+    result = run_tca4rec_experiment(
+        base.model_copy(
+            update={"seeds": (0,), "eval_users": 4, "lm_path": lm_dir, "lora": LoRASettings(rank=2)}
+        ),
+        PathsConfig(home=tmp_path / "home"),
+    )
+    run = result.runs[0]
+    assert run.num_parameters["tca"] == run.num_parameters["next-token"] > 0
+    assert set(run.evaluations) == {"next-token", "tca", "sasrec"}
+    assert "tiny-lm (local directory), LoRA rank 2" in result.report_path.read_text()
+    with pytest.raises(ValueError, match="lora"):
+        TCA4RecExperimentConfig(lora=LoRASettings())
