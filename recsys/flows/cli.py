@@ -48,6 +48,7 @@ SUBAPPS: dict[str, tuple[str, str]] = {
     "parallel-features": ("recsys.flows.parallel_features", "Feature build partitioned over a Dask cluster."),
     "train-ddp": ("recsys.training.distributed", "DistributedDataParallel training launched by torchrun."),
     "users": ("recsys.experiments.user_representation", "User representations: GG-SM mask schedules."),
+    "tca4rec": ("recsys.experiments.tca4rec", "LLM-style generation of item titles with TCA4Rec alignment."),
 }
 
 
