@@ -79,7 +79,8 @@ class RLConfig(FrozenModel):
 
 class GenRetConfig(FrozenModel):
     dataset: str = Field("ml100k", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    source_dir: Path | None = None
+    source_dir: Path | None = Field(None, description="MovieLens-100K folder.")
+    events_path: Path | None = Field(None, description="A user's own events file instead (no attributes).")
     seeds: tuple[int, ...] = (0,)
     vectors: Literal["attributes", "sasrec", "both"] = "both"
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
@@ -235,7 +236,7 @@ def rl_finetune(
     config: RLConfig,
     seed: int,
 ) -> list[dict[str, float]]:
-    """RL updates of ``mode`` ("value" trains only the value head); returns per-step mean reward and losses."""
+    """RL updates of ``mode`` ("value" trains only the value head); per step: mean reward and losses."""
     params = model.value_head.parameters() if mode == "value" else model.parameters()
     optimizer = torch.optim.Adam(params, lr=config.lr if mode != "value" else 1e-3)
     rng = np.random.default_rng(seed)
@@ -343,7 +344,8 @@ def run_seed(
     fitted = fit(task, loop, run_kind="genret", run_name="generator")
     model.eval()
     say(
-        f"seed {seed}: generator best valid {fitted.best_valid} (epoch {fitted.best_epoch}/{fitted.epochs_run})"
+        f"seed {seed}: generator best valid {fitted.best_valid} "
+        f"(epoch {fitted.best_epoch}/{fitted.epochs_run})"
     )
 
     data = sasrec_percentiles(sasrec, split, config.sasrec_max_len)
@@ -394,7 +396,13 @@ def run_genret_experiment(
     split, data_version = record(
         prepare_split,
         paths.warehouse,
-        RetrievalExperimentConfig(dataset=config.dataset, source_dir=config.source_dir, models=("sasrec",)),
+        RetrievalExperimentConfig(
+            dataset=config.dataset,
+            source_dir=config.source_dir,
+            events_path=config.events_path,
+            models=("sasrec",),
+            comparisons=(),
+        ),
     )
     say(f"{config.dataset}: {split.num_items} items, {len(split.test)} test users")
     seeds = [run_seed(config, split, data_version, paths, s, say) for s in config.seeds]

@@ -54,7 +54,7 @@ class GeneratorConfig(FrozenModel):
     max_items: int = Field(50, gt=0, description="History items the generator reads.")
 
 
-# -- token layout and trie ------------------------------------------------------------------------------------
+# -- token layout and trie -----------------------------------------------------------------------------------
 class TokenLayout:
     """Global token ids: 0 pad, 1 BOS, then one vocabulary slice per level (K, K, K, dedup size)."""
 
@@ -92,7 +92,7 @@ class PrefixTrie:
         return out
 
 
-# -- model ----------------------------------------------------------------------------------------------------
+# -- model ---------------------------------------------------------------------------------------------------
 class _Block(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
@@ -224,7 +224,7 @@ class GenerativeRetriever(nn.Module):
         return hidden
 
 
-# -- node evaluation (one row = one model call) ---------------------------------------------------------------
+# -- node evaluation (one row = one model call) --------------------------------------------------------------
 @dataclass
 class NodeEval:
     logp: torch.Tensor  # [R, size] constrained log-probabilities over the next level's codes (-inf elsewhere)
@@ -526,7 +526,8 @@ def rl_loss(
     if mode in ("sibling", "joint"):
         adv = np.stack([sibling_advantages(p, r) for p, r in zip(paths, rewards, strict=True)])
         policy_loss = policy_loss - (torch.as_tensor(adv, dtype=torch.float32, device=device) * logp).mean()
-    return policy_loss + value_loss, {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach())}
+    parts = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach())}
+    return policy_loss + value_loss, parts
 
 
 # -- supervised training windows -----------------------------------------------------------------------------

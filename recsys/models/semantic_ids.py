@@ -89,7 +89,7 @@ class SemanticIds:
         return out
 
 
-# -- item vectors ---------------------------------------------------------------------------------------------
+# -- item vectors --------------------------------------------------------------------------------------------
 def attribute_vectors(wh: Warehouse, dataset: str, num_items: int) -> np.ndarray:
     """[num_items, G + 1]: genre one-hot (``<ds>.items.genres``) + standardised release year, by item_idx."""
     frame = wh.sql(
@@ -128,9 +128,9 @@ def combine_vectors(*parts: np.ndarray) -> np.ndarray:
     return np.concatenate([_unit_rows(p.astype(np.float32)) for p in parts], axis=1)
 
 
-# -- quantisers -----------------------------------------------------------------------------------------------
+# -- quantisers ----------------------------------------------------------------------------------------------
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ init: (centroids [k', D], assignment [n]); k' = min(k, distinct rows)."""
+    """Lloyd's k-means, k-means++ init: (centroids [k', D], assignment [n]); k' = min(k, distinct rows)."""
     n = len(x)
     k = min(k, len(np.unique(x, axis=0)))
     centroids = np.empty((k, x.shape[1]), dtype=np.float64)
@@ -187,7 +187,7 @@ class RQVAE(nn.Module):
         )
 
     def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(quantised latent with straight-through gradient, codes [n, levels], codebook + commitment loss)."""
+        """(quantised latent, straight-through gradient; codes [n, levels]; codebook + commitment loss)."""
         residual, total = z, torch.zeros_like(z)
         codes, vq_loss = [], z.new_zeros(())
         for book in self.codebooks:
