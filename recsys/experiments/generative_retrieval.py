@@ -34,7 +34,7 @@ from torch import nn
 from recsys.core.config import FrozenModel, PathsConfig
 from recsys.evaluation.retrieval import EvalCases, LeaveOneOutSplit, RetrievalEvaluation, metrics_from_ranks
 from recsys.evaluation.significance import PairedTest, paired_t_over_seeds, paired_tests_over_users, summarize
-from recsys.experiments.common import markdown_head, markdown_row, write_report
+from recsys.experiments.common import markdown_head, markdown_row, split_csv, write_report
 from recsys.experiments.retrieval import RetrievalExperimentConfig, prepare_split
 from recsys.models.generative_retrieval import (
     GenerativeRetriever,
@@ -68,7 +68,7 @@ Decoder = Callable[[PolicyEvaluator, list[set[int]]], SearchResult]
 
 
 class RLConfig(FrozenModel):
-    steps: int = Field(60, ge=0, description="RL updates per mode (and for the value head alone).")
+    steps: int = Field(40, ge=0, description="RL updates per mode (and for the value head alone).")
     users_per_step: int = Field(64, gt=0)
     group: int = Field(8, ge=2, description="Candidates sampled per user (the GRPO group).")
     lr: float = Field(1e-4, gt=0.0)
@@ -86,14 +86,20 @@ class GenRetConfig(FrozenModel):
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     generator: GeneratorConfig = GeneratorConfig()
     batch_size: int = Field(64, gt=0)
-    loop: LoopConfig = LoopConfig(max_epochs=20, patience=3, eval_every=2, progress=False)
-    sasrec_loop: LoopConfig = LoopConfig(max_epochs=30, patience=3, eval_every=2, progress=False)
+    loop: LoopConfig = LoopConfig(max_epochs=10, patience=2, eval_every=2, progress=False)
+    sasrec_loop: LoopConfig = LoopConfig(max_epochs=20, patience=2, eval_every=2, progress=False)
     sasrec_max_len: int = Field(200, gt=0)
     rl: RLConfig = RLConfig()
-    beam: int = Field(16, ge=1, description="Beam width of the main table.")
-    curve_beams: tuple[int, ...] = (4, 8, 16)
+    beam: int = Field(10, ge=1, description="Beam width of the main table.")
+    curve_beams: tuple[int, ...] = (4, 10)
     lam: float = Field(0.1, ge=0.0, description="lambda of G = V + lambda * H.")
     eval_batch_size: int = Field(128, gt=0)
+    valid_users: int | None = Field(
+        300,
+        gt=0,
+        description="Validate on the first this many validation users (None = all): decoding "
+        "every user each epoch costs more than the epoch itself on a CPU.",
+    )
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -150,8 +156,12 @@ class GeneratorTask:
         batch_size: int,
         beam: int,
         eval_batch_size: int,
+        valid_users: int | None = None,
     ) -> None:
         self.model, self.trie, self.split = model, trie, split
+        v = split.valid
+        n = len(v) if valid_users is None else min(valid_users, len(v))
+        self.valid = EvalCases(v.users[:n], v.histories[:n], v.history_ts[:n], v.targets[:n], v.target_ts[:n])
         self.batch_size, self.beam, self.eval_batch_size = batch_size, beam, eval_batch_size
         self.sequences = [s for s in split.train_items if len(s) >= 1]
         if not self.sequences:
@@ -176,7 +186,7 @@ class GeneratorTask:
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         assert isinstance(model, GenerativeRetriever)
         evaluation, _ = evaluate_decoder(
-            model, self.trie, self.split.valid, beam_decoder(self.beam), self.eval_batch_size
+            model, self.trie, self.valid, beam_decoder(self.beam), self.eval_batch_size
         )
         return evaluation.metrics
 
@@ -339,7 +349,9 @@ def run_seed(
     seed_everything(seed)
     layout, trie = TokenLayout(ids), PrefixTrie(ids.codes)
     model = GenerativeRetriever(layout, config.generator)
-    task = GeneratorTask(model, trie, split, config.batch_size, config.beam, config.eval_batch_size)
+    task = GeneratorTask(
+        model, trie, split, config.batch_size, config.beam, config.eval_batch_size, config.valid_users
+    )
     loop = LoopConfig(**{**config.loop.model_dump(), "seed": seed})
     fitted = fit(task, loop, run_kind="genret", run_name="generator")
     model.eval()
@@ -368,7 +380,11 @@ def run_seed(
         h = max(1, b // 2)
         budget = (1 + (ids.codes.shape[1] - 1) * b) - (1 + (ids.codes.shape[1] - 1) * h)
         for name, decoder in (("beam", beam_decoder(b)), ("VED", ved_decoder(h, budget, config.lam))):
-            evaluation, calls = evaluate_decoder(model, trie, test, decoder, bs)
+            if b == config.beam:  # the main table's runs: not decoded twice
+                v = variants[f"GR beam {b}" if name == "beam" else f"GR VED {h}+{budget}"]
+                evaluation, calls = v.evaluation, v.calls
+            else:
+                evaluation, calls = evaluate_decoder(model, trie, test, decoder, bs)
             curve.append((name, b, calls, evaluation.metrics["hr@10"], evaluation.metrics["ndcg@10"]))
     for mode in config.rl.modes:
         tuned = copy.deepcopy(model)
@@ -514,10 +530,17 @@ def run_command(
     vectors: Annotated[str, typer.Option(help="attributes, sasrec or both.")] = "both",
     method: Annotated[str, typer.Option(help="rq-kmeans or rq-vae.")] = "rq-kmeans",
     codebook_size: Annotated[int, typer.Option(min=2)] = 32,
-    max_epochs: Annotated[int, typer.Option(min=1)] = 20,
-    sasrec_epochs: Annotated[int, typer.Option(min=1)] = 30,
-    rl_steps: Annotated[int, typer.Option(min=0)] = 60,
-    beam: Annotated[int, typer.Option(min=1)] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1)] = 10,
+    sasrec_epochs: Annotated[int, typer.Option(min=1)] = 20,
+    rl_steps: Annotated[int, typer.Option(min=0)] = 40,
+    beam: Annotated[int, typer.Option(min=1)] = 10,
+    curve_beams: Annotated[
+        str, typer.Option(help="Comma-separated beam widths of the budget curve.")
+    ] = "4,10",
+    max_items: Annotated[int, typer.Option(min=1, help="History items the generator reads.")] = 20,
+    rl_modes: Annotated[
+        str, typer.Option(help="Comma-separated: grpo, sibling, joint.")
+    ] = "grpo,sibling,joint",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
 ) -> None:
     """Train SASRec and the generator, fine-tune with RL, and print the comparison tables."""
@@ -528,10 +551,12 @@ def run_command(
             seeds=tuple(range(seeds)),
             vectors=vectors,  # type: ignore[arg-type]
             semantic_ids=SemanticIdConfig(method=method, codebook_size=codebook_size),  # type: ignore[arg-type]
-            loop=LoopConfig(max_epochs=max_epochs, patience=3, eval_every=2, progress=False),
-            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=3, eval_every=2, progress=False),
-            rl=RLConfig(steps=rl_steps),
+            loop=LoopConfig(max_epochs=max_epochs, patience=2, eval_every=2, progress=False),
+            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=2, eval_every=2, progress=False),
+            generator=GeneratorConfig(max_items=max_items),
+            rl=RLConfig(steps=rl_steps, modes=split_csv(rl_modes)),  # type: ignore[arg-type]
             beam=beam,
+            curve_beams=tuple(int(b) for b in split_csv(curve_beams)),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -51,7 +51,7 @@ class GeneratorConfig(FrozenModel):
     heads: int = Field(2, gt=0)
     layers: int = Field(2, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    max_items: int = Field(50, gt=0, description="History items the generator reads.")
+    max_items: int = Field(20, gt=0, description="History items the generator reads.")
 
 
 # -- token layout and trie -----------------------------------------------------------------------------------
