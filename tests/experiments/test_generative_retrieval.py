@@ -1,0 +1,101 @@
+"""The generative-retrieval experiment end to end on a tiny events file (SASRec -> semantic IDs -> generator
+-> value head -> RL -> decoding -> report), the rank rule for items not generated, and the CLI's errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from recsys.core.config import PathsConfig
+from recsys.evaluation.retrieval import EvalCases
+from recsys.experiments.generative_retrieval import (
+    GenRetConfig,
+    RLConfig,
+    app,
+    beam_decoder,
+    decoded_ranks,
+    run_genret_experiment,
+)
+from recsys.models.generative_retrieval import (
+    GenerativeRetriever,
+    GeneratorConfig,
+    PolicyEvaluator,
+    PrefixTrie,
+    TokenLayout,
+    beam_search,
+)
+from recsys.models.semantic_ids import SemanticIdConfig, SemanticIds, add_dedup_code
+from recsys.training.loop import LoopConfig
+from recsys.warehouse import Warehouse
+
+
+@pytest.fixture
+def events_csv(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(1, 31):
+        start, n = int(rng.integers(0, 12)), int(rng.integers(4, 9))
+        lines += [f"{user},{100 + (start + i) % 12},{1_600_000_000 + 3600 * i}" for i in range(n)]
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_experiment_end_to_end(events_csv: Path, tmp_path: Path) -> None:
+    paths = PathsConfig(home=tmp_path / "home")
+    loop = LoopConfig(max_epochs=1, patience=1, progress=False, device="cpu")
+    config = GenRetConfig(
+        dataset="tiny",
+        events_path=events_csv,
+        vectors="sasrec",
+        semantic_ids=SemanticIdConfig(codebook_size=2),
+        generator=GeneratorConfig(dim=16, heads=2, layers=1, max_items=8),
+        loop=loop,
+        sasrec_loop=loop,
+        sasrec_max_len=8,
+        rl=RLConfig(steps=2, users_per_step=4, group=3, modes=("sibling",)),
+        beam=4,
+        curve_beams=(2,),
+    )
+    result = run_genret_experiment(config, paths)
+    seed = result.seeds[0]
+    assert set(seed.variants) == {"GR beam 4", "GR VED 2+6", "GR+sibling beam 4", "GR+sibling VED 2+6"}
+    assert seed.variants["GR beam 4"].calls == pytest.approx(seed.variants["GR VED 2+6"].calls, abs=6)
+    for v in seed.variants.values():
+        assert 0.0 <= v.evaluation.metrics["ndcg@10"] <= v.evaluation.metrics["hr@10"] <= 1.0
+    report = (paths.home / "reports" / "genret_tiny.md").read_text()
+    assert "| SASRec |" in report and "Decoding budget" in report and "Wilcoxon signed-rank" in report
+    with Warehouse(paths.warehouse, read_only=True) as wh:
+        table = wh.table("tiny.semantic_ids")
+    assert table.height == result.num_items
+    assert len({tuple(r[1:]) for r in table.iter_rows()}) == result.num_items
+
+
+def test_items_not_generated_rank_last() -> None:
+    codes = add_dedup_code(np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 1]]))
+    ids = SemanticIds(codes, codebook_size=2, levels=3)
+    model = GenerativeRetriever(TokenLayout(ids), GeneratorConfig(dim=8, heads=2, layers=1, max_items=4))
+    cases = EvalCases(
+        np.array([0, 1]),
+        [np.array([1]), np.array([2])],
+        [np.array([0]), np.array([0])],
+        np.array([3, 1]),
+        np.array([1, 1]),
+    )
+    trie = PrefixTrie(ids.codes)
+    model.eval()
+    top = beam_search(PolicyEvaluator(model, trie, cases.histories), 1, [{1}, {2}]).items
+    ranks, calls = decoded_ranks(model, trie, cases, beam_decoder(1), 8)
+    # Beam 1 returns one item: rank 1 when it is the target, else the target ranks last (num_items = 4).
+    assert ranks.tolist() == [1 if top[u] == [t] else 4 for u, t in enumerate(cases.targets.tolist())]
+    assert calls.tolist() == [4, 4]
+    wide, _ = decoded_ranks(model, trie, cases, beam_decoder(4), 8)
+    assert all(1 <= r <= 3 for r in wide.tolist())  # every non-history item is generated
+
+
+def test_cli_rejects_a_bad_vector_source() -> None:
+    result = CliRunner().invoke(app, ["run", "--vectors", "pixels"])
+    assert result.exit_code != 0 and "vectors" in result.output
