@@ -49,6 +49,7 @@ SUBAPPS: dict[str, tuple[str, str]] = {
     "train-ddp": ("recsys.training.distributed", "DistributedDataParallel training launched by torchrun."),
     "users": ("recsys.experiments.user_representation", "User representations: GG-SM mask schedules."),
     "tca4rec": ("recsys.experiments.tca4rec", "LLM-style generation of item titles with TCA4Rec alignment."),
+    "genret": ("recsys.experiments.generative_retrieval", "Semantic-ID generative retrieval with V-STAR."),
 }
 
 
