@@ -70,19 +70,25 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 
 class ObjectiveVariant(FrozenModel):
-    """One training recipe of the table: an objective (None = the data's rule) and model fields that
-    override the data's defaults (e.g. the GR recipe's d = 50)."""
+    """One training recipe of the table: an objective (None = the data's rule), model fields and a history
+    length that override the data's defaults (e.g. the GR recipe's d 50, dropout 0.2, history 200)."""
 
     name: str = Field(pattern=NAME_PATTERN)
     objective: RetrievalObjective | None = None
     model_params: dict[str, int | float] = Field(default_factory=dict)
+    max_len: int | None = Field(None, gt=0, description="History length; None = the data's rule.")
 
 
 OBJECTIVE_PRESETS: dict[str, ObjectiveVariant] = {
     v.name: v
     for v in (
         ObjectiveVariant(name="auto"),
-        ObjectiveVariant(name="gr", objective=SampledSoftmaxConfig(), model_params={"embedding_dim": 50}),
+        ObjectiveVariant(
+            name="gr",
+            objective=SampledSoftmaxConfig(),
+            model_params={"embedding_dim": 50, "dropout": 0.2},
+            max_len=200,
+        ),
         ObjectiveVariant(name="sampled", objective=SampledSoftmaxConfig()),
         ObjectiveVariant(name="full", objective=FullSoftmaxConfig()),
         ObjectiveVariant(name="full-l2", objective=FullSoftmaxConfig(normalize=True, temperature=0.05)),
@@ -144,7 +150,11 @@ class RetrievalExperimentConfig(FrozenModel):
     event_schema: EventSchema = EventSchema()
     models: tuple[str, ...] = DEFAULT_MODELS
     seeds: tuple[int, ...] = (0, 1, 2)
-    objectives: tuple[ObjectiveVariant, ...] = (OBJECTIVE_PRESETS["auto"],)
+    objectives: tuple[ObjectiveVariant, ...] = Field(
+        (OBJECTIVE_PRESETS["gr"],),
+        description="The recipes to compare. The config's default is the GR recipe, which the pipeline "
+        "packages and serves (its package stage rebuilds d-50 L2 models); the CLI's default is 'auto'.",
+    )
     train: RetrievalTrainConfig = Field(
         RetrievalTrainConfig(),
         description="Training knobs; its max_len when set explicitly, else the data's rule; its loss is "
@@ -193,9 +203,12 @@ def resolve_run(
     train: RetrievalTrainConfig,
     model_fields: dict[str, int | float],
 ) -> tuple[RetrievalTrainConfig, dict[str, int | float]]:
-    """The train config and model fields of one variant: explicit fields first (the experiment's, then the
+    """The train config and model fields of one variant: explicit values first (the experiment's, then the
     variant's), then the data's rule for history, dimension, dropout and objective."""
-    max_len = train.max_len if "max_len" in train.model_fields_set else recipe.max_len
+    if "max_len" in train.model_fields_set:
+        max_len = train.max_len
+    else:
+        max_len = variant.max_len if variant.max_len is not None else recipe.max_len
     objective = variant.objective if variant.objective is not None else recipe.objective
     fields: dict[str, int | float] = {
         "embedding_dim": recipe.embedding_dim,
