@@ -64,7 +64,7 @@ from recsys.training.retrieval import (
     TrainBatch,
     model_fields_for,
     objective_loss,
-    split_recipe,
+    rule_objective,
 )
 from recsys.warehouse.runs import RunLog
 
@@ -222,7 +222,8 @@ def train_distributed(
     try:
         split, data_version = load_split(export_dir)
         if train_config.loss is None:  # the data's rule, recorded explicitly in the run's config
-            train_config = train_config.model_copy(update={"loss": split_recipe(split).objective})
+            normalize = bool((model_fields or {}).get("normalize", True))
+            train_config = train_config.model_copy(update={"loss": rule_objective(split, normalize)})
         assert train_config.loss is not None
         fields = {
             "num_items": split.num_items,

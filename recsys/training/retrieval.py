@@ -187,21 +187,26 @@ def stochastic_length(
     return items[index], ts[index]
 
 
+def rule_objective(split: LeaveOneOutSplit, normalize: bool) -> RetrievalObjective:
+    """The data's objective (``split_recipe``) for a model that does (or does not) L2-normalise: the rule's
+    own form when it matches, else the same objective on cosine scores at temperature 0.05 (or raw dot
+    products at temperature 1). Models built from registry defaults normalise, so code that rebuilds a model
+    from ``model_config(name, num_items, max_len)`` gets the vectors it was trained with."""
+    objective = split_recipe(split).objective
+    if objective.normalize != normalize:
+        temperature = 0.05 if normalize else 1.0
+        objective = objective.model_copy(update={"normalize": normalize, "temperature": temperature})
+    return objective
+
+
 def resolve_objective(
     objective: RetrievalObjective | None, split: LeaveOneOutSplit, model: nn.Module
 ) -> RetrievalObjective:
     """The objective to train ``model`` with: the given one (its normalisation must be the model's), or the
-    data's rule (``split_recipe``), adapted to a model built without the rule's normalisation (L2 with
-    temperature 0.05, or raw dot products with temperature 1)."""
-    model_normalizes = getattr(getattr(model, "config", None), "normalize", True)
+    data's (``rule_objective``) in the model's normalisation."""
+    model_normalizes = bool(getattr(getattr(model, "config", None), "normalize", True))
     if objective is None:
-        objective = split_recipe(split).objective
-        if objective.normalize != model_normalizes:
-            temperature = 0.05 if model_normalizes else 1.0
-            objective = objective.model_copy(
-                update={"normalize": model_normalizes, "temperature": temperature}
-            )
-        return objective
+        return rule_objective(split, model_normalizes)
     if isinstance(model, Popularity):
         return objective
     if objective.normalize != model_normalizes:
@@ -381,11 +386,13 @@ def train_retrieval(
     (``evaluate_test=False`` leaves the test set untouched; calling again with the same checkpoint directory
     and True evaluates it on the stored best weights without retraining).
 
-    ``train_config.loss`` None = the data's objective (``split_recipe``); the model gets the objective's
-    normalisation and learned temperature unless ``model_fields`` sets them."""
+    ``train_config.loss`` None = the data's objective (``rule_objective``, in the normalisation
+    ``model_fields`` asks for, L2 by default); the model gets the objective's normalisation and learned
+    temperature unless ``model_fields`` sets them."""
     train_config = train_config or RetrievalTrainConfig()
     if train_config.loss is None:  # the data's rule, recorded explicitly in the run's config
-        train_config = train_config.model_copy(update={"loss": split_recipe(split).objective})
+        normalize = bool((model_fields or {}).get("normalize", True))
+        train_config = train_config.model_copy(update={"loss": rule_objective(split, normalize)})
     assert train_config.loss is not None
     loop_config = LoopConfig(**{**(loop_config or LoopConfig()).model_dump(), "seed": seed})
     fields = {"num_items": split.num_items, **(model_fields or {})}

@@ -3,12 +3,16 @@ learning the cyclic pattern, a learned temperature moving, and DDP sharding unde
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from recsys.models.losses import FullSoftmaxConfig, GBCEConfig, SampledSoftmaxConfig
-from recsys.models.registry import build_model
+from recsys.models.registry import build_model, model_config
+from recsys.training.checkpoint import load_weights, weights_path
 from recsys.training.distributed import ShardedRetrievalTask
 from recsys.training.loop import LoopConfig, OptimizerConfig
 from recsys.training.retrieval import (
@@ -19,6 +23,7 @@ from recsys.training.retrieval import (
     split_recipe,
     train_retrieval,
 )
+from recsys.warehouse.runs import RunLog
 from tests.training.test_retrieval import NUM_ITEMS, _cyclic_split
 
 
@@ -133,3 +138,33 @@ def test_sharded_full_softmax_matches_one_process_and_in_batch_is_refused() -> N
     )
     with pytest.raises(ValueError, match="uniform negatives only"):
         ShardedRetrievalTask(RetrievalTask(model, split, mixed), 0, 2)
+
+
+def test_default_objective_keeps_registry_default_models_servable(tmp_path: Path) -> None:
+    """loss None without model fields: the rule's full softmax on L2 vectors, so the model rebuilt from
+    ``model_config(name, num_items, max_len)`` (what packaging does) is the trained one."""
+    split = _cyclic_split()
+    log = RunLog(tmp_path / "wh.duckdb")
+    cfg = RetrievalTrainConfig(max_len=16, batch_size=16, ks=(1, 5))
+    loop = LoopConfig(max_epochs=1, patience=1, monitor="ndcg@5", progress=False)
+    result = train_retrieval(
+        "sasrec",
+        split,
+        seed=0,
+        train_config=cfg,
+        loop_config=loop,
+        checkpoint_dir=tmp_path / "c",
+        run_log=log,
+    )
+    recorded = json.loads(log.runs("retrieval")["config"][0])["task"]
+    assert recorded["train"]["loss"] == FullSoftmaxConfig(normalize=True, temperature=0.05).model_dump(
+        mode="json"
+    )
+    assert recorded["model_config"]["normalize"] is True
+    rebuilt = build_model("sasrec", model_config("sasrec", num_items=NUM_ITEMS, max_len=16))
+    load_weights(rebuilt, weights_path(tmp_path / "c", "best"))  # strict: same parameters, same shapes
+    assert result.test is not None
+    raw = train_retrieval(
+        "sasrec", split, seed=0, train_config=cfg, loop_config=loop, model_fields={"normalize": False}
+    )
+    assert raw.fit is not None and raw.test is not None
