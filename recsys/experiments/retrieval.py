@@ -433,7 +433,7 @@ def format_report(result: ExperimentResult) -> str:
         f"{result.data_version}; {result.num_items} items, {result.num_users} users, "
         f"{result.num_eval_users} test users.",
         "",
-        f"Protocol: {PROTOCOL}; history {c.train.max_len}; seeds {seeds} (mean ± std over seeds, test set "
+        f"Protocol: {PROTOCOL}; history per row (below); seeds {seeds} (mean ± std over seeds, test set "
         f"evaluated once per run on the checkpoint with the best validation {c.loop.monitor}).",
         f"Data rule: {result.recipe.reason if result.recipe else '-'}.",
         f"Training: AdamW lr {c.loop.optimizer.lr} "
