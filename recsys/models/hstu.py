@@ -39,7 +39,7 @@ from recsys.models.ops.hstu_attention import (
     hstu_attention_index,
     resolve_backend,
 )
-from recsys.models.sequential import SequenceInput, l2_normalize, valid_mask
+from recsys.models.sequential import SequenceInput, valid_mask
 
 NUM_TIME_BUCKETS = 128  # buckets 0..128 -> 129 weights, fixed by the op
 
@@ -53,6 +53,10 @@ class HSTUConfig(FrozenModel):
     dqk: int = Field(50, gt=0, description="Query/key width per head.")
     dv: int = Field(50, gt=0, description="Value (and U) width per head.")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Input-embedding and block-output dropout.")
+    normalize: bool = Field(True, description="L2-normalise user and item vectors (cosine scores).")
+    learned_temperature: float | None = Field(
+        None, gt=0.0, description="Initial value of a learned score temperature; None = the loss's constant."
+    )
     use_time_bias: bool = Field(True, description="Add the bucketed time-gap bias (needs timestamps).")
     attention_backend: Literal["auto", "pytorch", "triton"] = Field(
         "auto", description="Passed to models.ops.hstu_attention; 'auto' uses Triton on CUDA only."
@@ -109,12 +113,20 @@ class HSTUBlock(nn.Module):
 
 
 class HSTU(nn.Module):
-    """[B, N] item history (+ timestamps) -> [B, N, D] L2-normalised user vectors (one per position)."""
+    """[B, N] item history (+ timestamps) -> [B, N, D] user vectors (one per position, L2-normalised by
+    default)."""
 
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
         self.config = config
-        self.input = SequenceInput(config.num_items, config.max_len, config.embedding_dim, config.dropout)
+        self.input = SequenceInput(
+            config.num_items,
+            config.max_len,
+            config.embedding_dim,
+            config.dropout,
+            normalize=config.normalize,
+            learned_temperature=config.learned_temperature,
+        )
         self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_blocks))
 
     def forward(
@@ -125,7 +137,7 @@ class HSTU(nn.Module):
         index = self.attention_index(lengths, ts, query_ts)
         for block in self.blocks:
             x = block(x, lengths, ts, query_ts, index)
-        return l2_normalize(x) * mask.to(x.dtype)  # [B, N, D]
+        return self.input.output(x) * mask.to(x.dtype)  # [B, N, D]
 
     def attention_index(
         self, lengths: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor
@@ -145,3 +157,6 @@ class HSTU(nn.Module):
 
     def item_vectors(self) -> torch.Tensor:
         return self.input.item_vectors()  # [num_items + 1, D]
+
+    def score_scale(self) -> torch.Tensor | None:
+        return self.input.score_scale()

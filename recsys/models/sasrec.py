@@ -3,7 +3,7 @@
 Trained here with the same sampled softmax as HSTU (``models.losses``), so the two differ only in the encoder.
 Structure per block, as in the original code: q = LN(x); x = q + MHA(q, x, x, causal); x = LN(x);
 x = x + FFN(x) (Linear-ReLU-dropout-Linear-dropout); padding rows zeroed. A final LayerNorm, then the
-output is L2-normalised (the sampled-softmax variant's user vector).
+output is L2-normalised (the sampled-softmax variant's user vector) unless ``normalize`` is off.
 
 Choices left open by the paper and what was picked (config fields):
 - LayerNorm with learned affine parameters, eps 1e-8 (the original code); the input stage is the one HSTU
@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from recsys.core.config import FrozenModel
-from recsys.models.sequential import SequenceInput, l2_normalize, valid_mask
+from recsys.models.sequential import SequenceInput, valid_mask
 
 
 class SASRecConfig(FrozenModel):
@@ -31,6 +31,10 @@ class SASRecConfig(FrozenModel):
     num_heads: int = Field(1, gt=0)
     ffn_dim: int = Field(50, gt=0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    normalize: bool = Field(True, description="L2-normalise user and item vectors (cosine scores).")
+    learned_temperature: float | None = Field(
+        None, gt=0.0, description="Initial value of a learned score temperature; None = the loss's constant."
+    )
     layer_norm_eps: float = Field(1e-8, gt=0.0)
 
     @model_validator(mode="after")
@@ -95,12 +99,19 @@ class SASRecBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    """[B, N] item history -> [B, N, D] L2-normalised user vectors (one per position)."""
+    """[B, N] item history -> [B, N, D] user vectors (one per position; L2-normalised by default)."""
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
-        self.input = SequenceInput(config.num_items, config.max_len, config.embedding_dim, config.dropout)
+        self.input = SequenceInput(
+            config.num_items,
+            config.max_len,
+            config.embedding_dim,
+            config.dropout,
+            normalize=config.normalize,
+            learned_temperature=config.learned_temperature,
+        )
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
 
@@ -112,7 +123,10 @@ class SASRec(nn.Module):
         x = self.input(items, lengths)  # [B, N, D]
         for block in self.blocks:
             x = block(x, mask.to(x.dtype))
-        return l2_normalize(self.final_norm(x)) * mask.to(x.dtype)  # [B, N, D]
+        return self.input.output(self.final_norm(x)) * mask.to(x.dtype)  # [B, N, D]
 
     def item_vectors(self) -> torch.Tensor:
         return self.input.item_vectors()  # [num_items + 1, D]
+
+    def score_scale(self) -> torch.Tensor | None:
+        return self.input.score_scale()

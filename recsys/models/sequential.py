@@ -1,8 +1,10 @@
 """Parts shared by the sequential retrieval models (SASRec, HSTU): the input stage and the item table.
 
-Both models read the same right-padded batch and produce one L2-normalised user vector per position; the
-score of item j for the user at position i is ``dot(user[i], item[j]) / temperature`` (the temperature lives
-in ``recsys.models.losses`` because it only matters to the loss: it does not change a ranking).
+Both models read the same right-padded batch and produce one user vector per position, L2-normalised unless
+the config's ``normalize`` is off (then user and item vectors are raw: plain SASRec with a full softmax).
+The score of item j for the user at position i is ``dot(user[i], item[j]) / temperature``; the temperature
+belongs to the loss (``recsys.models.losses``) because it does not change a ranking, except a learned one,
+which is a model parameter (``log_temperature``, present when the config's ``learned_temperature`` is set).
 
 Batch layout (right-padded, item 0 is padding):
 - ``items``    [B, N] int64: the history, oldest first;
@@ -40,9 +42,24 @@ class SequenceInput(nn.Module):
     std sqrt(1 / D). The item table is also the output table (tied), as in SASRec and HSTU.
     """
 
-    def __init__(self, num_items: int, max_len: int, dim: int, dropout: float) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        dim: int,
+        dropout: float,
+        *,
+        normalize: bool = True,
+        learned_temperature: float | None = None,
+    ) -> None:
         super().__init__()
         self.dim = dim
+        self.normalize = normalize
+        self.log_temperature = (
+            nn.Parameter(torch.tensor(math.log(learned_temperature)))
+            if learned_temperature is not None
+            else None
+        )
         self.max_len = max_len
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, dim)
@@ -63,8 +80,17 @@ class SequenceInput(nn.Module):
         return x * valid_mask(lengths, n).unsqueeze(-1).to(x.dtype)
 
     def item_vectors(self) -> torch.Tensor:
-        """[num_items + 1, D] L2-normalised item table (row 0, padding, is zero)."""
-        return l2_normalize(self.item_embedding.weight)
+        """[num_items + 1, D] item table, L2-normalised if ``normalize`` (row 0, padding, is zero)."""
+        w = self.item_embedding.weight
+        return l2_normalize(w) if self.normalize else w
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The user vectors the encoder hands out: L2-normalised if ``normalize``."""
+        return l2_normalize(x) if self.normalize else x
+
+    def score_scale(self) -> torch.Tensor | None:
+        """1 / learned temperature (a scalar tensor), or None when the temperature is the loss's constant."""
+        return None if self.log_temperature is None else torch.exp(-self.log_temperature)
 
 
 def last_valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

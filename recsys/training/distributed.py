@@ -5,7 +5,7 @@
 torchrun it runs as one process. Rank 0 writes ``weights.safetensors`` (``training.checkpoint.save_weights``)
 and ``result.json`` (final loss, validation and test metrics, world size, steps) into ``--out``.
 
-The task code is ``training.retrieval``'s (windows, padded batches, ``sampled_softmax_loss``) and the loop
+The task code is ``training.retrieval``'s (windows, padded batches, ``objective_loss``) and the loop
 is ``training.loop.fit`` (per-epoch seeding, AdamW, validation, early stopping, test evaluation); this module
 adds only what makes N processes compute the single-process update:
 
@@ -16,7 +16,8 @@ adds only what makes N processes compute the single-process update:
   r's loss is ``mean_r * p_r * W / P`` (P = positions of the global batch): the average over ranks is the
   global mean over positions, the single-process loss.
 - Negatives: drawn per window from a generator seeded by the global batch's rng, so a window gets the same
-  negatives whichever rank holds it.
+  negatives whichever rank holds it. Objectives: full softmax (no negatives), uniform sampled softmax and
+  gBCE; in-batch and mixed negatives are refused (a rank sees only its shard of the batch's positives).
 
 Result: with the same seed and global batch, W processes give the single-process weights up to float
 summation order (measured in README; tests/training/test_distributed.py asserts max |diff| < 1e-4 after 12
@@ -53,11 +54,18 @@ from recsys.core.atomic import atomic_path
 from recsys.core.config import PathsConfig
 from recsys.evaluation.retrieval import LeaveOneOutSplit, leave_one_out
 from recsys.features.export import latest_export, read_manifest, read_sequences
-from recsys.models.losses import SampledSoftmaxConfig, sample_uniform_negatives, sampled_softmax_loss
+from recsys.models.losses import FullSoftmaxConfig, SampledSoftmaxConfig, sample_uniform_negatives
 from recsys.models.registry import build_model, entry, model_config
 from recsys.training.checkpoint import save_weights
 from recsys.training.loop import LoopConfig, OptimizerConfig, fit, resolve_device, seed_everything
-from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig, TrainBatch
+from recsys.training.retrieval import (
+    RetrievalTask,
+    RetrievalTrainConfig,
+    TrainBatch,
+    model_fields_for,
+    objective_loss,
+    rule_objective,
+)
 from recsys.warehouse.runs import RunLog
 
 WEIGHTS = "weights.safetensors"
@@ -99,7 +107,9 @@ class ShardStep:
     """One rank's part of a global batch."""
 
     batch: TrainBatch  # this rank's windows, one padded batch, rows in global-batch order
-    negatives: torch.Tensor  # [p_r, K]: row i belongs to the i-th supervised position (row-major)
+    negatives: (
+        torch.Tensor | None
+    )  # [p_r, K]: row i is the i-th supervised position's (row-major); None: full
     global_positions: int  # P: supervised positions of the whole global batch
 
 
@@ -122,6 +132,12 @@ class ShardedRetrievalTask:
                 f"batch_size {cfg.batch_size} exceeds the {len(inner.windows)} training windows: no full"
                 " global batch to train on"
             )
+        objective = inner.objective
+        if isinstance(objective, SampledSoftmaxConfig) and objective.negatives != "uniform":
+            raise ValueError(
+                f"loss.negatives {objective.negatives!r}: distributed training takes uniform negatives only"
+            )
+        self.num_negatives = None if isinstance(objective, FullSoftmaxConfig) else objective.num_negatives
         self.inner, self.rank, self.world_size = inner, rank, world_size
         self.model = model if model is not None else inner.model
 
@@ -136,17 +152,19 @@ class ShardedRetrievalTask:
             chosen = [windows[i] for i in order[start : start + b]]
             seeds = rng.integers(0, 2**63 - 1, size=b)  # drawn by every rank: the rng streams stay equal
             mine = range(self.rank, b, self.world_size)
+            k = self.num_negatives
             negatives = [
                 sample_uniform_negatives(
                     self.inner.split.num_items,
-                    (len(chosen[g][0]) - 1, cfg.loss.num_negatives),
+                    (len(chosen[g][0]) - 1, k),
                     generator=torch.Generator().manual_seed(int(seeds[g])),
                 )
                 for g in mine
+                if k is not None
             ]
             yield ShardStep(
                 batch=self.inner.make_batch([chosen[g] for g in mine]),
-                negatives=torch.cat(negatives),
+                negatives=torch.cat(negatives) if k is not None else None,
                 global_positions=sum(len(w) - 1 for w, _ in chosen),
             )
 
@@ -155,8 +173,14 @@ class ShardedRetrievalTask:
         users = model(part.items, part.ts, part.query_ts, part.lengths)  # [b, n, D], through DDP
         supervised = part.targets != 0
         user, positives = users[supervised], part.targets[supervised]  # row-major: the negatives' order
-        mean = sampled_softmax_loss(
-            user, positives, step.negatives.to(device), unwrap(model).item_vectors(), self.inner.config.loss
+        negatives = step.negatives.to(device) if step.negatives is not None else None
+        mean = objective_loss(
+            self.inner.objective,
+            unwrap(model),
+            user,
+            positives,
+            self.inner.split.num_items,
+            negatives=negatives,
         )
         return mean * (user.shape[0] * self.world_size / step.global_positions)
 
@@ -197,7 +221,16 @@ def train_distributed(
     env = init_distributed(loop_config.device)
     try:
         split, data_version = load_split(export_dir)
-        fields = {"num_items": split.num_items, "max_len": train_config.max_len, **(model_fields or {})}
+        if train_config.loss is None:  # the data's rule, recorded explicitly in the run's config
+            normalize = bool((model_fields or {}).get("normalize", True))
+            train_config = train_config.model_copy(update={"loss": rule_objective(split, normalize)})
+        assert train_config.loss is not None
+        fields = {
+            "num_items": split.num_items,
+            "max_len": train_config.max_len,
+            **model_fields_for(train_config.loss),
+            **(model_fields or {}),
+        }
         mconfig = model_config(model_name, **fields)
         seed_everything(loop_config.seed)
         inner = RetrievalTask(build_model(model_name, mconfig), split, train_config)

@@ -2,7 +2,9 @@
 
 Data: ``evaluation.retrieval.leave_one_out`` splits the sequences; each user's training part contributes one
 sequence per epoch: its most recent ``max_len + 1`` items, predicting item t + 1 from items 0..t at every
-position (next-item prediction at every position). Loss: ``models.losses.sampled_softmax_loss``.
+position (next-item prediction at every position). Loss: the config's objective (``models.losses``: full
+softmax, sampled softmax with uniform / in-batch / mixed negatives and logQ, or gBCE); None picks one from the
+data with ``default_recipe`` (the rule is documented there).
 
 Stochastic Length (HSTU paper), off by default: with ``stochastic_length_alpha`` = a, a training window of
 n > N^(a/2) items (N = max_len) is, with probability 1 - N^a / n^2, replaced by floor(N^(a/2)) of its items
@@ -36,7 +38,17 @@ from recsys.evaluation.retrieval import (
     ScoreFn,
     evaluate_retrieval,
 )
-from recsys.models.losses import SampledSoftmaxConfig, sample_uniform_negatives, sampled_softmax_loss
+from recsys.models.losses import (
+    FullSoftmaxConfig,
+    GBCEConfig,
+    RetrievalObjective,
+    SampledSoftmaxConfig,
+    draw_negatives,
+    full_softmax_loss,
+    gbce_loss,
+    sample_uniform_negatives,
+    sampled_softmax_loss,
+)
 from recsys.models.popularity import Popularity
 from recsys.models.registry import build_model, model_config
 from recsys.models.sequential import last_valid
@@ -56,7 +68,9 @@ class RetrievalTrainConfig(FrozenModel):
     max_len: int = Field(200, gt=0, description="History length the models read (200 for MovieLens).")
     batch_size: int = Field(128, gt=0, description="Users (sequences) per training step.")
     eval_batch_size: int = Field(256, gt=0)
-    loss: SampledSoftmaxConfig = SampledSoftmaxConfig()
+    loss: RetrievalObjective | None = Field(
+        None, description="Training objective; None = chosen from the data by default_recipe."
+    )
     stochastic_length_alpha: float | None = Field(None, ge=1.0, le=2.0, description="None = off.")
     ks: tuple[int, ...] = DEFAULT_KS
     sampled_eval_negatives: int | None = Field(
@@ -67,6 +81,65 @@ class RetrievalTrainConfig(FrozenModel):
         description="Run each step's sequences in sub-batches of similar length (padded widths up to the "
         "next power of two): the same loss over the same positions, with far less padding.",
     )
+
+
+# -- defaults chosen from the data -------------------------------------------------------------------------
+FULL_SOFTMAX_MAX_ITEMS = 1_000_000
+SPARSE_EVENTS_PER_USER = 30.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Objective and model defaults for one dataset (``default_recipe``)."""
+
+    objective: FullSoftmaxConfig | SampledSoftmaxConfig | GBCEConfig
+    max_len: int
+    embedding_dim: int
+    dropout: float
+    sparse: bool
+    reason: str
+
+
+def default_objective(num_items: int, sparse: bool) -> FullSoftmaxConfig | SampledSoftmaxConfig:
+    """Full-softmax cross-entropy (raw dot products) while the catalogue fits the chunked logsumexp
+    (<= FULL_SOFTMAX_MAX_ITEMS items); beyond, sampled softmax with mixed in-batch/uniform negatives and logQ
+    correction (512 negatives on sparse data as in the GR reference's Amazon configs, 2,048 otherwise)."""
+    if num_items <= FULL_SOFTMAX_MAX_ITEMS:
+        return FullSoftmaxConfig()
+    return SampledSoftmaxConfig(
+        num_negatives=512 if sparse else 2048, negatives="mixed", logq_correction=True, temperature=0.05
+    )
+
+
+def default_recipe(num_items: int, events_per_user: float) -> Recipe:
+    """The documented rule. Catalogue size picks the objective (``default_objective``); data density picks
+    the model defaults: under SPARSE_EVENTS_PER_USER events per user (Amazon-style data) history 50, d 64,
+    dropout 0.5 (the GR reference's sparse configs); denser data (MovieLens) history 200, d 64, dropout
+    0.2."""
+    if num_items < 1 or events_per_user <= 0:
+        raise ValueError(f"need num_items >= 1 and events_per_user > 0, got {num_items}, {events_per_user}")
+    sparse = events_per_user < SPARSE_EVENTS_PER_USER
+    objective = default_objective(num_items, sparse)
+    density = f"{events_per_user:.1f} events/user ({'sparse' if sparse else 'dense'})"
+    reason = f"{num_items} items -> {objective.kind}; {density}"
+    if sparse:
+        return Recipe(objective, 50, 64, 0.5, True, reason)
+    return Recipe(objective, 200, 64, 0.2, False, reason)
+
+
+def split_recipe(split: LeaveOneOutSplit) -> Recipe:
+    """``default_recipe`` of a leave-one-out split: its catalogue and mean events per user (all parts)."""
+    users = max(len(split.train_items), 1)
+    events = sum(len(items) for items in split.train_items) + len(split.valid) + len(split.test)
+    return default_recipe(split.num_items, events / users)
+
+
+def model_fields_for(objective: RetrievalObjective) -> dict[str, Any]:
+    """The model config fields an objective needs: normalisation and a learned temperature's start."""
+    return {
+        "normalize": objective.normalize,
+        "learned_temperature": objective.temperature if objective.learn_temperature else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -114,6 +187,64 @@ def stochastic_length(
     return items[index], ts[index]
 
 
+def rule_objective(split: LeaveOneOutSplit, normalize: bool) -> RetrievalObjective:
+    """The data's objective (``split_recipe``) for a model that does (or does not) L2-normalise: the rule's
+    own form when it matches, else the same objective on cosine scores at temperature 0.05 (or raw dot
+    products at temperature 1). Models built from registry defaults normalise, so code that rebuilds a model
+    from ``model_config(name, num_items, max_len)`` gets the vectors it was trained with."""
+    objective = split_recipe(split).objective
+    if objective.normalize != normalize:
+        temperature = 0.05 if normalize else 1.0
+        objective = objective.model_copy(update={"normalize": normalize, "temperature": temperature})
+    return objective
+
+
+def resolve_objective(
+    objective: RetrievalObjective | None, split: LeaveOneOutSplit, model: nn.Module
+) -> RetrievalObjective:
+    """The objective to train ``model`` with: the given one (its normalisation must be the model's), or the
+    data's (``rule_objective``) in the model's normalisation."""
+    model_normalizes = bool(getattr(getattr(model, "config", None), "normalize", True))
+    if objective is None:
+        return rule_objective(split, model_normalizes)
+    if isinstance(model, Popularity):
+        return objective
+    if objective.normalize != model_normalizes:
+        raise ValueError(
+            f"loss.normalize is {objective.normalize} but the model's normalize is {model_normalizes}: build "
+            "the model with model_fields_for(objective)"
+        )
+    if objective.learn_temperature and getattr(model, "score_scale", lambda: None)() is None:
+        raise ValueError("loss.learn_temperature: the model has no learned temperature (learned_temperature)")
+    return objective
+
+
+def objective_loss(
+    objective: RetrievalObjective,
+    model: nn.Module,
+    user: torch.Tensor,
+    positives: torch.Tensor,
+    num_items: int,
+    *,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The objective's mean loss over the P positions of ``user`` [P, D] / ``positives`` [P]; negatives are
+    drawn here unless ``negatives`` [P, K] (uniform ones, e.g. pre-drawn per rank) is given."""
+    table = model.item_vectors()
+    scale = model.score_scale() if objective.learn_temperature else None
+    if isinstance(objective, FullSoftmaxConfig):
+        return full_softmax_loss(user, positives, table, objective, scale=scale)
+    if negatives is None and (isinstance(objective, GBCEConfig) or objective.negatives == "uniform"):
+        shape = (positives.shape[0], objective.num_negatives)
+        negatives = sample_uniform_negatives(num_items, shape, device=user.device)  # [P, K]
+    if isinstance(objective, GBCEConfig):
+        assert negatives is not None
+        return gbce_loss(user, positives, negatives, table, objective, scale=scale)
+    # Pre-drawn uniform negatives need no logQ: a uniform proposal shifts every logit by the same constant.
+    drawn = draw_negatives(objective, positives, num_items) if negatives is None else negatives
+    return sampled_softmax_loss(user, positives, drawn, table, objective, scale=scale)
+
+
 class RetrievalTask:
     """The ``training.loop.TrainTask`` of a sequential retrieval model on a leave-one-out split."""
 
@@ -121,6 +252,7 @@ class RetrievalTask:
         self.model = model
         self.split = split
         self.config = config
+        self.objective = resolve_objective(config.loss, split, model)
         # One training window per user whose training part has at least one target (>= 2 items).
         self.windows = [
             (items[-(config.max_len + 1) :], ts[-(config.max_len + 1) :])
@@ -172,10 +304,7 @@ class RetrievalTask:
             user_parts.append(users[supervised])  # [p, D]
             positive_parts.append(part.targets[supervised])  # [p]
         user, positives = torch.cat(user_parts), torch.cat(positive_parts)  # [P, D], [P]
-        negatives = sample_uniform_negatives(
-            self.split.num_items, (positives.shape[0], self.config.loss.num_negatives), device=device
-        )  # [P, K]
-        return sampled_softmax_loss(user, positives, negatives, model.item_vectors(), self.config.loss)
+        return objective_loss(self.objective, model, user, positives, self.split.num_items)
 
     def score_fn(self, model: nn.Module) -> ScoreFn:
         def scores(batch: EvalBatch) -> torch.Tensor:
@@ -221,7 +350,7 @@ class RetrievalRunResult:
     model_name: str
     seed: int
     valid: dict[str, float]
-    test: RetrievalEvaluation
+    test: RetrievalEvaluation | None  # None: trained with evaluate_test=False (e.g. a sweep's candidate)
     num_parameters: int
     flops_per_example: float
     time_to_quality_s: float
@@ -253,13 +382,26 @@ def train_retrieval(
     run_log: RunLog | None = None,
     data_version: str | None = None,
     dataset: str | None = None,
+    evaluate_test: bool = True,
 ) -> RetrievalRunResult:
-    """Train registry model ``name`` on ``split`` with ``seed``; evaluate test once on the best checkpoint."""
+    """Train registry model ``name`` on ``split`` with ``seed``; evaluate test once on the best checkpoint
+    (``evaluate_test=False`` leaves the test set untouched; calling again with the same checkpoint directory
+    and True evaluates it on the stored best weights without retraining).
+
+    ``train_config.loss`` None = the data's objective (``rule_objective``, in the normalisation
+    ``model_fields`` asks for, L2 by default); the model gets the objective's normalisation and learned
+    temperature unless ``model_fields`` sets them."""
     train_config = train_config or RetrievalTrainConfig()
+    if train_config.loss is None:  # the data's rule, recorded explicitly in the run's config
+        normalize = bool((model_fields or {}).get("normalize", True))
+        train_config = train_config.model_copy(update={"loss": rule_objective(split, normalize)})
+    assert train_config.loss is not None
     loop_config = LoopConfig(**{**(loop_config or LoopConfig()).model_dump(), "seed": seed})
     fields = {"num_items": split.num_items, **(model_fields or {})}
     if name != "popularity":
         fields.setdefault("max_len", train_config.max_len)
+        for key, value in model_fields_for(train_config.loss).items():
+            fields.setdefault(key, value)
     mconfig = model_config(name, **fields)
     run_config = {
         "model": name,
@@ -292,10 +434,11 @@ def train_retrieval(
         run_config=run_config,
         data_version=data_version,
         protocol=protocol,
-        test_fn=test_fn,
+        test_fn=test_fn if evaluate_test else None,
     )
+    test = test_eval[-1] if test_eval else None
     return RetrievalRunResult(
-        model_name=name, seed=seed, test=test_eval[-1], model=model.eval(), **result.run_figures()
+        model_name=name, seed=seed, test=test, model=model.eval(), **result.run_figures()
     )
 
 

@@ -1,5 +1,6 @@
 """The retrieval experiment end to end on a tiny generated events file: ingest -> sequences -> train ->
-table, report and run records; and the CLI command."""
+table, report and run records; objectives compared per model; the sweep (selection on validation, test once
+for the winner); and the CLI commands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from recsys.core.config import PathsConfig
-from recsys.experiments.retrieval import RetrievalExperimentConfig, app, run_retrieval_experiment
+from recsys.experiments.retrieval import (
+    RetrievalExperimentConfig,
+    SweepConfig,
+    app,
+    objective_variants,
+    run_retrieval_experiment,
+    run_sweep,
+)
+from recsys.models.losses import FullSoftmaxConfig
 from recsys.training.loop import LoopConfig
 from recsys.training.retrieval import RetrievalTrainConfig
 from recsys.warehouse.runs import RunLog
@@ -85,4 +94,74 @@ def test_cli_runs_and_rejects_unknown_models(
 
 def test_config_rejects_comparisons_of_models_not_run() -> None:
     with pytest.raises(ValueError, match="comparisons"):
-        RetrievalExperimentConfig(models=("sasrec",))
+        RetrievalExperimentConfig(models=("sasrec",), comparisons=(("hstu", "sasrec"),))
+
+
+def test_objective_table_compares_objectives_per_model(events_csv: Path, tmp_path: Path) -> None:
+    paths = PathsConfig(home=tmp_path / "home")
+    config = RetrievalExperimentConfig(
+        dataset="tiny",
+        events_path=events_csv,
+        models=("sasrec",),
+        seeds=(0, 1),
+        objectives=objective_variants("auto,gr,gbce"),
+        train=RetrievalTrainConfig(max_len=8, batch_size=16),
+        loop=LoopConfig(max_epochs=1, patience=1, progress=False),
+    )
+    result = run_retrieval_experiment(config, paths)
+    assert set(result.runs) == {"sasrec/auto", "sasrec/gr", "sasrec/gbce"}
+    # the rule on this data (10 items, ~6 events per user): full softmax, sparse defaults (d 64, dropout 0.5)
+    auto = result.settings["sasrec/auto"]
+    assert isinstance(auto.train.loss, FullSoftmaxConfig) and auto.train.max_len == 8
+    assert auto.model_fields["embedding_dim"] == 64 and auto.model_fields["dropout"] == 0.5
+    assert result.settings["sasrec/gr"].model_fields["embedding_dim"] == 50  # the GR recipe keeps d 50
+    names = {(t.a, t.b) for t in result.tests}
+    assert names == {("sasrec/gr", "sasrec/auto"), ("sasrec/gbce", "sasrec/auto")}
+    report = (paths.home / "reports" / "retrieval_tiny.md").read_text()
+    assert "| sasrec/gbce |" in report and "s/epoch" in report and "full_softmax" in report
+    with pytest.raises(ValueError, match="unknown preset"):
+        objective_variants("auto,softmax-of-doom")
+
+
+def test_sweep_selects_on_validation_and_tests_only_the_winner(events_csv: Path, tmp_path: Path) -> None:
+    paths = PathsConfig(home=tmp_path / "home")
+    config = SweepConfig(
+        dataset="tiny",
+        events_path=events_csv,
+        model="sasrec",
+        objectives=objective_variants("auto,gr"),
+        dims=(8,),
+        dropouts=(0.0, 0.5),
+        lrs=(1e-2,),
+        train=RetrievalTrainConfig(max_len=8, batch_size=16),
+        loop=LoopConfig(max_epochs=2, patience=2, progress=False),
+    )
+    result = run_sweep(config, paths)
+    assert len(result.candidates) == 4
+    best = max(c.run.valid["ndcg@10"] for c in result.candidates)
+    assert result.winner.run.valid["ndcg@10"] == best
+    assert all(c.run.test is None for c in result.candidates)  # candidates never touch the test set
+    assert result.winner.run.test is not None
+    log = RunLog(paths.warehouse)
+    trained = log.runs("retrieval")
+    assert trained.height == 4  # the winner's test evaluation reused its checkpoint: no fifth training
+    with_test = [r for r in trained["run_id"] if "test" in set(log.metrics(r)["split"])]
+    assert with_test == [result.winner.run.run_id]
+    sweep = log.runs("retrieval-sweep")
+    assert sweep.height == 1 and sweep["status"][0] == "finished"
+    assert "(winner)" in result.report_path.read_text()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="dropouts"):
+        SweepConfig(dropouts=(1.5,))
+
+
+def test_sweep_cli_prints_the_winner(
+    events_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "cli-home"))
+    args = ["sweep", "--dataset", "tiny", "--events", str(events_csv), "--objectives", "full,gbce"]
+    args += ["--dims", "8", "--dropouts", "0.1", "--max-epochs", "1", "--max-len", "8"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "Winner:" in out.output and "test NDCG@10" in out.output
+    bad = CliRunner().invoke(app, [*args[:6], "--objectives", "nope"])
+    assert bad.exit_code != 0 and "nope" in bad.output
