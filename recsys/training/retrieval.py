@@ -229,9 +229,26 @@ def objective_loss(
     negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The objective's mean loss over the P positions of ``user`` [P, D] / ``positives`` [P]; negatives are
-    drawn here unless ``negatives`` [P, K] (uniform ones, e.g. pre-drawn per rank) is given."""
+    drawn here unless ``negatives`` [P, K] (uniform ones, e.g. pre-drawn per rank) is given.
+
+    The logits are computed in fp32 even under bf16 autocast: with a temperature of 0.05 a bf16 dot product
+    of unit vectors is off by up to ~0.1 in the logit, which moves a softmax over thousands of items."""
     table = model.item_vectors()
     scale = model.score_scale() if objective.learn_temperature else None
+    with torch.autocast(device_type=user.device.type, enabled=False):
+        return _objective_loss(objective, user.float(), positives, table.float(), num_items, negatives, scale)
+
+
+def _objective_loss(
+    objective: RetrievalObjective,
+    user: torch.Tensor,
+    positives: torch.Tensor,
+    table: torch.Tensor,
+    num_items: int,
+    negatives: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    scale = scale.float() if scale is not None else None
     if isinstance(objective, FullSoftmaxConfig):
         return full_softmax_loss(user, positives, table, objective, scale=scale)
     if negatives is None and (isinstance(objective, GBCEConfig) or objective.negatives == "uniform"):
@@ -311,7 +328,11 @@ class RetrievalTask:
             if isinstance(model, Popularity):
                 return model(batch.targets.shape[0])
             users = model(batch.items, batch.ts, batch.query_ts, batch.lengths)  # [B, L, D]
-            return (last_valid(users, batch.lengths) @ model.item_vectors().T).float()  # [B, num_items + 1]
+            # Scored in fp32 even under bf16 autocast: bf16 scores tie (8-bit mantissa), and ties move the
+            # target's rank, so GPU and CPU figures would stop being comparable.
+            with torch.autocast(device_type=users.device.type, enabled=False):
+                user = last_valid(users, batch.lengths).float()
+                return user @ model.item_vectors().float().T  # [B, num_items + 1]
 
         return scores
 

@@ -67,6 +67,25 @@ def test_length_buckets_give_the_same_loss(monkeypatch: pytest.MonkeyPatch) -> N
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_scores_and_the_loss_stay_fp32_under_bf16_autocast() -> None:
+    """Evaluation scores and training logits are computed in fp32 whatever autocast says (bf16 scores tie)."""
+    split = _cyclic_split()
+    torch.manual_seed(0)
+    model = build_model("sasrec", num_items=NUM_ITEMS, max_len=16, dropout=0.0).eval()
+    task = RetrievalTask(model, split, RetrievalTrainConfig(max_len=16))
+    _, batch = next(iter(split.valid.batches(8, 16)))
+    plain = task.score_fn(model)(batch)
+    step = next(iter(task.train_batches(0, np.random.default_rng(0))))
+    loss = task.loss(model, step, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = task.score_fn(model)(batch)
+        mixed_loss = task.loss(model, step, torch.device("cpu"))
+    assert mixed.dtype == torch.float32 and mixed_loss.dtype == torch.float32
+    # The encoder itself runs in bf16 under autocast; the dot products and the loss do not add to that error.
+    assert (mixed - plain).abs().max() < 0.05 * plain.abs().max()
+    assert abs(float(mixed_loss) - float(loss)) < 0.05 * float(loss)
+
+
 def test_stochastic_length_keeps_an_ordered_subset() -> None:
     rng = np.random.default_rng(0)
     items, ts = np.arange(1, 51), np.arange(50) * 10
