@@ -1,4 +1,4 @@
-"""Continual training with self-distillation (issue #6): plain fine-tuning vs replay vs SDFT-style EMA
+"""Continual training with self-distillation: plain fine-tuning vs replay vs SDFT-style EMA
 self-distillation with privileged context, learning time periods one at a time.
 
 Pipeline: the dataset and its examples through ``experiments.ranking.prepare_data`` (MovieLens-100K, or a

@@ -15,7 +15,7 @@ student and the summary (every figure of the table) as kind ``distill``. The fir
 is returned as a ``ServedStudent`` (architecture, config, best-checkpoint path and sha256, data config and
 version), which the pipeline's package stage registers as the bento's ranker.
 
-Goal (issue #6): the distilled student keeps at least ``lift_goal`` (95%) of the teacher's AUC lift over the
+Goal: the distilled student keeps at least ``lift_goal`` (95%) of the teacher's AUC lift over the
 baseline, (student AUC - baseline AUC) / (teacher AUC - baseline AUC), at no more than ``flops_goal`` (1/10)
 of the teacher's FLOPs per example.
 

@@ -1,4 +1,4 @@
-"""Prefect flows of continual training (issue #6): the whole streaming protocol, and the nightly retrain.
+"""Prefect flows of continual training: the whole streaming protocol, and the nightly retrain.
 
 The logic lives in ``experiments.continual`` (``run_continual``, ``continue_from_latest``); the flows wrap
 it, log through Prefect and attach the forgetting matrices as markdown artifacts.

@@ -1,4 +1,4 @@
-"""Synthetic recommendation data with known ground truth (see /work/shared/specs/synthetic.md).
+"""Synthetic recommendation data with known ground truth.
 
 from recsys.synthetic import SyntheticConfig, generate, load_into_warehouse, oracle_auc
 manifest = generate(SyntheticConfig.quick(), Path("var/synthetic/quick"))
