@@ -45,10 +45,12 @@ from recsys.features.config import FeatureConfig
 from recsys.flows import stage_cache
 from recsys.flows.build_features import DatasetSpec, build_features_flow
 from recsys.flows.observe import IO_RETRIES, StageProgress, artifact_key, heartbeat, table_artifact
+from recsys.ingest.schema import check_dataset
 from recsys.training.loop import LoopConfig, OptimizerConfig
 from recsys.training.presets import QUICK_RETRIEVAL_LOOP
 from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
 from recsys.training.retrieval import RetrievalTrainConfig
+from recsys.warehouse import Warehouse
 
 if TYPE_CHECKING:
     from recsys.experiments.distillation import TeacherStudentSummary
@@ -655,6 +657,20 @@ def summary_markdown(result: PipelineResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def example_user(warehouse: Path, dataset: str) -> str:
+    """One real user id of ``dataset`` as JSON (the user's own id: a string for string-id data), for the
+    serve hint; ``1`` when the warehouse holds no user index for it."""
+    check_dataset(dataset)
+    with Warehouse(warehouse, read_only=True) as wh:
+        if wh.has_table(f"{dataset}.user_ids"):
+            rows = wh.con.execute(f"SELECT min(raw_id) FROM {dataset}.user_ids").fetchall()
+        elif wh.has_table(f"{dataset}.user_index"):
+            rows = wh.con.execute(f"SELECT min(user_id) FROM {dataset}.user_index").fetchall()
+        else:
+            rows = [(None,)]
+    return json.dumps(rows[0][0]) if rows[0][0] is not None else "1"
+
+
 def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
     """What a newcomer needs after the run: where the results are and what to open next."""
     paths = paths or PathsConfig()
@@ -678,7 +694,7 @@ def describe(result: PipelineResult, paths: PathsConfig | None = None) -> str:
             f"Bento:            {pkg['bento']}  (retriever {pkg.get('served', pkg['retriever'])}, "
             f"ranker {pkg.get('ranker') or 'none'})",
             "Serve it:         .venv/bin/recsys serve   (then POST http://127.0.0.1:3000/recommend "
-            '{"user_id": 1, "k": 10})',
+            f'{{"user_id": {example_user(paths.warehouse, result.dataset)}, "k": 10}})',
         ]
     lines += [
         "Dashboard:        .venv/bin/recsys dashboard   (opens http://127.0.0.1:8501)",

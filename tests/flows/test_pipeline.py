@@ -175,3 +175,18 @@ def test_the_summary_report_names_the_served_ranker() -> None:
     assert "distilled student (rankmixer)" in text
     bare = PipelineResult(dataset="ds", features={}, stages={"package": package | {"ranker": None}})
     assert "and no ranker" in summary_markdown(bare)
+
+
+def test_the_serve_hint_names_a_real_user_in_the_users_own_ids(tmp_path: Path) -> None:
+    import polars as pl
+
+    from recsys.flows.pipeline import example_user
+    from recsys.warehouse import Warehouse
+
+    path = tmp_path / "warehouse.duckdb"
+    with Warehouse(path) as wh:
+        wh.publish("shop.user_ids", pl.DataFrame({"raw_id": ["u_0042", "u_0007"], "user_id": [2, 1]}))
+        wh.publish("ml.user_index", pl.DataFrame({"user_id": [5, 3], "user_idx": [2, 1]}))
+    assert example_user(path, "shop") == '"u_0007"'
+    assert example_user(path, "ml") == "3"
+    assert example_user(path, "other") == "1"
