@@ -122,7 +122,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             "sdpa": _sdpa_step(args, n, device, dtype),
         }
         if compiled is not None:
-            steps["compiled"] = _compiled_step(compiled, inputs, n)
+            steps["compiled"] = fwd_bwd(inputs, "pytorch", n, attention=compiled)
         for name, step in steps.items():
             try:
                 ms = measure(step, device, args.reps).ms
@@ -146,28 +146,6 @@ def speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         cells = " ".join(f"{r[f'{n}_ms']:>10.3f} ({r[f'{n}_tflops']:>6.2f})" for n in names)
         print(f"{r['N']:>6} {cells} {r['speedup_vs_reference']:>7.1f} {r['time_vs_sdpa']:>7.2f}")
     return rows
-
-
-def _compiled_step(compiled: Callable[..., torch.Tensor], inputs: Any, n: int) -> Callable[[], None]:
-    grad_out = torch.randn(
-        *inputs.q.shape[:3], inputs.v.shape[3], device=inputs.q.device, dtype=inputs.q.dtype
-    )
-
-    def step() -> None:
-        out = compiled(
-            inputs.q,
-            inputs.k,
-            inputs.v,
-            inputs.lengths,
-            normalizer=float(n),
-            pos_weight=inputs.pos_weight,
-            ts_weight=inputs.ts_weight,
-            query_ts=inputs.query_ts,
-            key_ts=inputs.key_ts,
-        )
-        torch.autograd.grad(out, inputs.leaves(), grad_out)
-
-    return step
 
 
 def pooling(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:

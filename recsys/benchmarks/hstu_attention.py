@@ -93,13 +93,17 @@ def useful_flops(args: argparse.Namespace, n: int) -> float:
     return 3 * 2 * args.heads * pairs * (args.dqk + args.dv)
 
 
-def fwd_bwd(inputs: Inputs, backend: str, n: int) -> Callable[[], None]:
+def fwd_bwd(
+    inputs: Inputs, backend: str, n: int, attention: Callable[..., torch.Tensor] | None = None
+) -> Callable[[], None]:
+    """One forward + backward of ``attention`` (default: the dispatcher with ``backend``) on ``inputs``."""
+    attend = attention or (lambda *args, **kwargs: hstu_attention(*args, **kwargs, backend=backend))
     grad_out = torch.randn(
         *inputs.q.shape[:3], inputs.v.shape[3], device=inputs.q.device, dtype=inputs.q.dtype
     )
 
     def step() -> None:
-        out = hstu_attention(
+        out = attend(
             inputs.q,
             inputs.k,
             inputs.v,
@@ -109,7 +113,6 @@ def fwd_bwd(inputs: Inputs, backend: str, n: int) -> Callable[[], None]:
             ts_weight=inputs.ts_weight,
             query_ts=inputs.query_ts,
             key_ts=inputs.key_ts,
-            backend=backend,
         )
         torch.autograd.grad(out, inputs.leaves(), grad_out)
 
