@@ -265,7 +265,9 @@ class SyntheticConfig(FrozenModel):
         )
 
     @classmethod
-    def long_range(cls, seed: int = 0, *, long_range: float = 4.0) -> SyntheticConfig:
+    def long_range(
+        cls, seed: int = 0, *, long_range: float = 4.0, impression_log_rate: float = 0.006
+    ) -> SyntheticConfig:
         """Long-range recurrence on: 2,000 users with ~400 clicks each; half of every candidate pool's slots
         try to resurface a creator the user last clicked more than 100 clicks ago, and the response to such
         a dormant creator gets ``click.dormant`` (the long-range dial, = ``long_range``), which only a
@@ -283,7 +285,9 @@ class SyntheticConfig(FrozenModel):
                 requests_per_session_mean=8.0,
                 horizon_days=120.0,
             ),
-            policy=PolicyConfig(impression_log_rate=0.006, resurface_share=0.5, resurface_min_age=100),
+            policy=PolicyConfig(
+                impression_log_rate=impression_log_rate, resurface_share=0.5, resurface_min_age=100
+            ),
             click=ClickModelConfig(
                 taste=1.0, loyalty=0.0, dormant=long_range, dormant_after=100, context_interaction=0.5
             ),
@@ -293,6 +297,13 @@ class SyntheticConfig(FrozenModel):
     def long_range_control(cls, seed: int = 0) -> SyntheticConfig:
         """``long_range`` with the long-range dial at 0: nothing beyond the last 100 clicks matters."""
         return cls.long_range(seed, long_range=0.0)
+
+    @classmethod
+    def long_range_x5(cls, seed: int = 0) -> SyntheticConfig:
+        """``long_range`` with five times the logged impressions (3% of requests, ~180k): the same users,
+        clicks and dials (logging draws a fixed uniform per request, so these impressions are a superset of
+        ``long_range``'s), for checking whether the long-history models need more examples than 30k."""
+        return cls.long_range(seed, impression_log_rate=0.03)
 
     @classmethod
     def interactions(cls, seed: int = 0) -> SyntheticConfig:
@@ -382,6 +393,7 @@ _PRESETS: dict[str, str] = {
     "long_history": "long_history",
     "long_range": "long_range",
     "long_range_control": "long_range_control",
+    "long_range_x5": "long_range_x5",
     "interactions": "interactions",
     "drift": "drift",
     "sparse_catalogue": "sparse_catalogue",

@@ -150,6 +150,9 @@ def test_presets_are_deterministic_and_their_dials_are_set() -> None:
         lr.click.dormant > 0 and control.click.dormant == 0 and lr.click.loyalty == control.click.loyalty == 0
     )
     assert lr.model_copy(update={"click": control.click}) == control  # identical but the dial
+    x5 = SyntheticConfig.preset("long_range_x5")
+    assert x5.policy.impression_log_rate == pytest.approx(5 * lr.policy.impression_log_rate)
+    assert x5.model_copy(update={"policy": lr.policy}) == lr  # identical but how much is logged
     assert SyntheticConfig.preset("interactions").click.context_interaction > 0
     assert SyntheticConfig.preset("drift").click.interaction_drift > 0
     sparse = SyntheticConfig.preset("sparse_catalogue")
