@@ -28,6 +28,8 @@ from recsys.models.generative_retrieval import (
     beam_search,
 )
 from recsys.models.semantic_ids import SemanticIdConfig, SemanticIds, add_dedup_code
+from recsys.serving.schemas import RecommendRequest
+from recsys.serving.service import Recommender, ServingConfig
 from recsys.training.loop import LoopConfig
 from recsys.warehouse import Warehouse
 
@@ -59,15 +61,42 @@ def test_experiment_end_to_end(events_csv: Path, tmp_path: Path) -> None:
         rl=RLConfig(steps=2, users_per_step=4, group=3, modes=("sibling",)),
         beam=4,
         curve_beams=(2,),
+        cost_beams=(1, 4),
+        cost_users=5,
+        register_models=True,
     )
     result = run_genret_experiment(config, paths)
     seed = result.seeds[0]
-    assert set(seed.variants) == {"GR beam 4", "GR VED 2+6", "GR+sibling beam 4", "GR+sibling VED 2+6"}
+    assert set(seed.baselines) == {"sasrec", "hstu"}
+    assert set(seed.variants) == {
+        "GR beam 4",
+        "GR VED 2+6",
+        "GR top-5 sampling",
+        "GR+sibling beam 4",
+        "GR+sibling VED 2+6",
+    }
     assert seed.variants["GR beam 4"].calls == pytest.approx(seed.variants["GR VED 2+6"].calls, abs=6)
+    assert seed.variants["GR top-5 sampling"].calls <= seed.variants["GR beam 4"].calls
     for v in seed.variants.values():
         assert 0.0 <= v.evaluation.metrics["ndcg@10"] <= v.evaluation.metrics["hr@10"] <= 1.0
+        assert v.evaluation.metrics["hr@10"] <= v.evaluation.metrics["hr@50"]
+    assert [p.decoder for p in seed.curve] == ["beam", "VED", "top-K"]
+    assert [c.beam for c in seed.cost] == [1, 4] and seed.cost[0].calls < seed.cost[1].calls
     report = (paths.home / "reports" / "genret_tiny.md").read_text()
-    assert "| SASRec |" in report and "Decoding budget" in report and "Wilcoxon signed-rank" in report
+    assert "| sasrec |" in report and "| hstu |" in report and "Decoding budget" in report
+    assert "Wilcoxon signed-rank" in report and "Decoding cost against beam width" in report
+    chart = (paths.home / "reports" / "genret_tiny_budget.html").read_text()
+    assert "vega" in chart and "top-K" in chart
+    # The registered generators serve through the engine: only real items come out.
+    assert set(seed.registered) == {"supervised", "sibling"}
+    engine = Recommender.from_config(
+        ServingConfig(retriever=seed.registered["sibling"], log_impressions=False)
+    )
+    response = engine.recommend(
+        RecommendRequest.model_validate({"history": [{"item_id": 100, "ts": 1}], "k": 5})
+    )
+    assert response.scored_by == "beam-search"
+    assert {i.item_id for i in response.items} <= set(range(100, 112)) - {100}
     with Warehouse(paths.warehouse, read_only=True) as wh:
         table = wh.table("tiny.semantic_ids")
     assert table.height == result.num_items

@@ -27,6 +27,7 @@ from recsys.models.generative_retrieval import (
     sample_candidates,
     sibling_advantages,
     sibling_groups,
+    topk_sampling_search,
     value_guided_search,
 )
 from recsys.models.semantic_ids import SemanticIds, add_dedup_code
@@ -72,6 +73,7 @@ def test_constrained_decoding_only_yields_real_items(
     for search in (
         lambda ev: beam_search(ev, width, exclude),
         lambda ev: value_guided_search(ev, width, budget, 0.1, exclude),
+        lambda ev: topk_sampling_search(ev, budget + 1, width, torch.Generator().manual_seed(seed), exclude),
     ):
         result = search(RandomEvaluator(trie, 2, sizes, seed))
         for u, items in enumerate(result.items):
@@ -91,6 +93,32 @@ def test_beam_and_value_guided_call_counts() -> None:
     ved = value_guided_search(RandomEvaluator(trie, 3, sizes, 1), 4, 9)
     np.testing.assert_array_equal(ved.calls, [1 + 3 * 4 + 9] * 3)
     assert set(beam.items[0]) <= set(ved.items[0]) and len(ved.items[0]) > len(beam.items[0])
+
+
+def test_topk_sampling_spends_at_most_the_beam_budget_on_distinct_nodes() -> None:
+    ids = _ids(400, 4, 0)
+    trie = PrefixTrie(ids.codes)
+    sizes = [4, 4, 4, ids.dedup_size]
+    budget = 1 + 3 * 4  # beam 4's calls
+
+    def run(temperature: float, seed: int = 0):  # noqa: ANN202
+        gen = torch.Generator().manual_seed(seed)
+        return topk_sampling_search(
+            RandomEvaluator(trie, 3, sizes, 1), budget, 2, gen, temperature=temperature
+        )
+
+    for temperature in (1.0, 100.0):
+        result = run(temperature)
+        assert (result.calls <= budget).all()
+        for u in range(3):
+            assert len(result.nodes[u]) == result.calls[u]  # a repeated node costs nothing
+            for prefix in result.nodes[u]:  # only the top-2 children of an evaluated parent are drawn
+                if prefix:
+                    parent = result.kids[u][prefix[:-1]]
+                    assert prefix[-1] in sorted(parent, key=lambda c: -parent[c])[:2]
+    # Near-uniform draws over the top 2 reach 15 distinct nodes, so the whole budget is spent.
+    np.testing.assert_array_equal(run(100.0).calls, [budget] * 3)
+    assert run(1.0).items == run(1.0).items  # seeded: the same draws
 
 
 def test_trie_rejects_duplicate_codes() -> None:
