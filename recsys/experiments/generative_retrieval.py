@@ -827,6 +827,7 @@ def run_command(
     max_epochs: Annotated[int, typer.Option(min=1)] = 10,
     sasrec_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap of SASRec and HSTU.")] = 20,
     baselines: Annotated[str, typer.Option(help="Comma-separated: sasrec, hstu.")] = "sasrec,hstu",
+    baseline_max_len: Annotated[int, typer.Option(min=1, help="History length of SASRec and HSTU.")] = 200,
     rl_steps: Annotated[int, typer.Option(min=0)] = 40,
     beam: Annotated[int, typer.Option(min=1)] = 10,
     curve_beams: Annotated[
@@ -860,6 +861,7 @@ def run_command(
             loop=LoopConfig(max_epochs=max_epochs, patience=2, eval_every=2, progress=False),
             sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=2, eval_every=2, progress=False),
             baselines=split_csv(baselines),  # type: ignore[arg-type]
+            sasrec_max_len=baseline_max_len,
             generator=GeneratorConfig(max_items=max_items),
             rl=RLConfig(steps=rl_steps, modes=split_csv(rl_modes)),  # type: ignore[arg-type]
             beam=beam,
@@ -878,6 +880,121 @@ def run_command(
     typer.echo(format_report(result))
     typer.echo(
         f"report: {result.report_path}; chart: {result.chart_path} ({time.perf_counter() - started:.0f} s)"
+    )
+
+
+@dataclass
+class GenRetABResult:
+    experiment_id: str
+    lift_table: str
+    true_ctr: Any  # simulation.stats.DiffEstimate: per-user mean true P(click), treatment vs control
+    impressions: dict[str, int]
+
+
+def run_genret_ab(
+    dataset: str,
+    control: str,
+    treatment: str,
+    simulation: Any,
+    paths: PathsConfig | None = None,
+    *,
+    beam: int | None = None,
+    policy_temperature: float = 1.0,
+) -> GenRetABResult:
+    """A simulated A/B test of two registered generators (served by constrained beam search, in process) on
+    a synthetic dataset, published like ``recsys ab run``; judged also by the world's true click
+    probability of every served slot (position-free x examination, what the simulated clicks are drawn
+    from): per user, the mean true P(click) of the slots served in the experiment, Welch over users."""
+    from recsys.serving.service import Recommender, ServingConfig
+    from recsys.simulation.arms import InProcessArm
+    from recsys.simulation.experiment import ABExperimentConfig, run_ab_experiment
+    from recsys.simulation.response import true_response_for
+    from recsys.simulation.stats import welch_test
+
+    paths = paths or PathsConfig()
+    with Warehouse(paths.warehouse, read_only=True) as wh:
+        latest = wh.latest(f"{dataset}.events")
+        if latest is None or "synthetic_config" not in latest.inputs:
+            raise ValueError(f"dataset {dataset!r}: the A/B test needs a synthetic dataset (its true world)")
+        world = true_response_for(wh, dataset)
+    names = {"control": control.split(":", 1)[0], "treatment": treatment.split(":", 1)[0]}
+    if names["control"] == names["treatment"]:
+        raise ValueError("control and treatment must be different registered models")
+    arms = {
+        names[role]: InProcessArm(
+            Recommender.from_config(
+                ServingConfig(
+                    retriever=tag,
+                    beam_width=beam,
+                    policy_temperature=policy_temperature,
+                    max_k=200,
+                    max_history=100_000,
+                    log_impressions=False,
+                    device="cpu",
+                    request_id_seed=simulation.seed,
+                )
+            ),
+            name=tag,
+        )
+        for role, tag in (("control", control), ("treatment", treatment))
+    }
+    sim = simulation.model_copy(update={"arms": (names["control"], names["treatment"]), "control": None})
+    config = ABExperimentConfig(
+        name=f"{names['treatment']} vs {names['control']}", dataset=dataset, simulation=sim
+    )
+    try:
+        result = run_ab_experiment(
+            config, arms, world, warehouse=paths.warehouse, data_version=latest.version
+        )
+    finally:
+        for arm in arms.values():
+            arm.close()
+    served = result.log.experiment()
+    per_user = served.group_by("arm", "user_id").agg(pl.col("p_click").mean().alias("p"))
+    values = {a: per_user.filter(pl.col("arm") == a)["p"].to_numpy() for a in arms}
+    true_ctr = welch_test(values[names["treatment"]], values[names["control"]])
+    counts = {a: int(served.filter(pl.col("arm") == a).height) for a in arms}
+    return GenRetABResult(result.experiment_id, result.lift_table, true_ctr, counts)
+
+
+@app.command("ab")
+def ab_command(
+    control: Annotated[str, typer.Argument(help="Registered generator tag of the control arm.")],
+    treatment: Annotated[str, typer.Argument(help="Registered generator tag of the treatment arm.")],
+    dataset: Annotated[str, typer.Option(help="The synthetic dataset the generators were trained on.")],
+    days: Annotated[int, typer.Option(min=1)] = 10,
+    users_per_day: Annotated[int, typer.Option(min=2)] = 100,
+    pre_days: Annotated[int, typer.Option(min=0)] = 3,
+    session_length: Annotated[int, typer.Option(min=1)] = 10,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    beam: Annotated[int | None, typer.Option(min=1, help="Beam width (default: the registered one).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+) -> None:
+    """Simulated A/B test of two generators, judged by the simulator's true click probability."""
+    from recsys.simulation.simulator import SimulationConfig
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        simulation = SimulationConfig(
+            days=days,
+            users_per_day=users_per_day,
+            pre_period_days=pre_days,
+            session_length=session_length,
+            seed=seed,
+        )
+        result = run_genret_ab(dataset, control, treatment, simulation, beam=beam)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    d = result.true_ctr
+    typer.echo(f"experiment {result.experiment_id}; served slots {result.impressions}\n")
+    typer.echo(result.lift_table)
+    typer.echo(
+        f"\ntrue CTR (mean true P(click) of the served slots per user; Welch over users): control "
+        f"{d.mean_control:.5f} (n={d.n_control:.0f}), treatment {d.mean_treatment:.5f} "
+        f"(n={d.n_treatment:.0f}); "
+        f"lift {d.lift:+.2%} [{d.lift_ci_low:+.2%}, {d.lift_ci_high:+.2%}], diff {d.diff:+.5f} "
+        f"[{d.ci_low:+.5f}, {d.ci_high:+.5f}], p = {d.p_value:.3g}"
     )
 
 

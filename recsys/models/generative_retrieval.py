@@ -413,24 +413,38 @@ def topk_sampling_search(
     temperature: float = 1.0,
 ) -> SearchResult:
     """Top-K sampling at a fixed call budget: paths are drawn from the root, each level from the ``top_k``
-    most probable trie children (renormalised, ``temperature``-scaled); a node already evaluated costs
-    nothing again, a new one costs one call. Draws stop once ``budget`` calls are spent (or after
-    ``4 * budget`` draws when the paths keep repeating); every leaf under an evaluated last-level node is a
-    candidate, ranked by sequence log-probability as in beam search."""
+    most probable trie children (renormalised, ``temperature``-scaled), without replacement: a child whose
+    top-K subtree is fully evaluated is not drawn again, so every draw evaluates at least one new node (one
+    call each) until ``budget`` calls are spent or the top-K tree is exhausted. Every leaf under an
+    evaluated last-level node is a candidate, ranked by sequence log-probability as in beam search."""
     if budget < 1 or top_k < 1:
         raise ValueError(f"budget and top_k must be >= 1, got {budget} and {top_k}")
     trie, n, last = evaluator.trie, len(evaluator.calls), evaluator.trie.depth - 1
     nodes: list[dict[tuple[int, ...], tuple[float, float, float]]] = [{} for _ in range(n)]
     kids: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(n)]
     leaves: list[dict[int, float]] = [{} for _ in range(n)]
+    closed: list[set[tuple[int, ...]]] = [set() for _ in range(n)]  # fully evaluated top-K subtrees
     spent = np.zeros(n, dtype=np.int64)
-    for _ in range(4 * budget):
-        active = [u for u in range(n) if spent[u] < budget]
+
+    def top(u: int, prefix: tuple[int, ...]) -> list[tuple[int, float]]:
+        return sorted(kids[u][prefix].items(), key=lambda x: -x[1])[:top_k]
+
+    def close_upwards(u: int, prefix: tuple[int, ...]) -> None:
+        closed[u].add(prefix)
+        while prefix:
+            prefix = prefix[:-1]
+            if all(prefix + (c,) in closed[u] for c, _ in top(u, prefix)):
+                closed[u].add(prefix)
+            else:
+                break
+
+    while True:
+        active = [u for u in range(n) if spent[u] < budget and () not in closed[u]]
         if not active:
             break
         paths: dict[int, tuple[tuple[int, ...], float]] = {u: ((), 0.0) for u in active}
         for depth in range(trie.depth):
-            todo = [u for u in paths if paths[u][0] not in kids[u] and spent[u] < budget]
+            todo = [u for u in paths if paths[u][0] not in kids[u]]
             if todo:
                 ev = evaluator.evaluate(todo, [paths[u][0] for u in todo])
                 for r, u in enumerate(todo):
@@ -441,14 +455,15 @@ def topk_sampling_search(
                     if depth == last:
                         grown = [(prefix + (c,), score + lp) for c, lp in kids[u][prefix].items()]
                         _add_leaves(leaves[u], trie, grown, exclude[u] if exclude is not None else None)
+                        close_upwards(u, prefix)
             if depth == last:
                 break
             for u in list(paths):
                 prefix, score = paths[u]
-                if prefix not in kids[u]:  # budget ran out before this node: the draw ends here
+                options = [(c, lp) for c, lp in top(u, prefix) if prefix + (c,) not in closed[u]]
+                if spent[u] >= budget or not options:  # budget spent (or nothing new below): the draw ends
                     del paths[u]
                     continue
-                options = sorted(kids[u][prefix].items(), key=lambda x: -x[1])[:top_k]
                 logits = torch.tensor([lp for _, lp in options]) / temperature
                 pick = int(torch.multinomial(torch.softmax(logits, 0), 1, generator=generator))
                 paths[u] = (prefix + (options[pick][0],), score + options[pick][1])

@@ -95,30 +95,26 @@ def test_beam_and_value_guided_call_counts() -> None:
     assert set(beam.items[0]) <= set(ved.items[0]) and len(ved.items[0]) > len(beam.items[0])
 
 
-def test_topk_sampling_spends_at_most_the_beam_budget_on_distinct_nodes() -> None:
+def test_topk_sampling_spends_the_beam_budget_on_distinct_nodes() -> None:
     ids = _ids(400, 4, 0)
     trie = PrefixTrie(ids.codes)
     sizes = [4, 4, 4, ids.dedup_size]
     budget = 1 + 3 * 4  # beam 4's calls
 
-    def run(temperature: float, seed: int = 0):  # noqa: ANN202
+    def run(top_k: int, seed: int = 0):  # noqa: ANN202
         gen = torch.Generator().manual_seed(seed)
-        return topk_sampling_search(
-            RandomEvaluator(trie, 3, sizes, 1), budget, 2, gen, temperature=temperature
-        )
+        return topk_sampling_search(RandomEvaluator(trie, 3, sizes, 1), budget, top_k, gen)
 
-    for temperature in (1.0, 100.0):
-        result = run(temperature)
-        assert (result.calls <= budget).all()
-        for u in range(3):
-            assert len(result.nodes[u]) == result.calls[u]  # a repeated node costs nothing
-            for prefix in result.nodes[u]:  # only the top-2 children of an evaluated parent are drawn
-                if prefix:
-                    parent = result.kids[u][prefix[:-1]]
-                    assert prefix[-1] in sorted(parent, key=lambda c: -parent[c])[:2]
-    # Near-uniform draws over the top 2 reach 15 distinct nodes, so the whole budget is spent.
-    np.testing.assert_array_equal(run(100.0).calls, [budget] * 3)
-    assert run(1.0).items == run(1.0).items  # seeded: the same draws
+    result = run(2)  # the top-2 tree has 1 + 2 + 4 + 8 = 15 nodes: room for the whole budget
+    np.testing.assert_array_equal(result.calls, [budget] * 3)
+    for u in range(3):
+        assert len(result.nodes[u]) == budget  # sampled without replacement: every call a new node
+        for prefix in result.nodes[u]:  # only the top-2 children of an evaluated parent are drawn
+            if prefix:
+                parent = result.kids[u][prefix[:-1]]
+                assert prefix[-1] in sorted(parent, key=lambda c: -parent[c])[:2]
+    assert run(2).items == result.items  # seeded: the same draws
+    np.testing.assert_array_equal(run(1).calls, [4] * 3)  # top-1: one greedy path, then nothing new
 
 
 def test_trie_rejects_duplicate_codes() -> None:
