@@ -841,6 +841,9 @@ def run_command(
     method: Annotated[str, typer.Option(help="rq-kmeans or rq-vae.")] = "rq-kmeans",
     codebook_size: Annotated[int, typer.Option(min=2)] = 32,
     max_epochs: Annotated[int, typer.Option(min=1)] = 10,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Validations without improvement before stopping (every 2 epochs).")
+    ] = 2,
     sasrec_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap of SASRec and HSTU.")] = 20,
     baselines: Annotated[str, typer.Option(help="Comma-separated: sasrec, hstu.")] = "sasrec,hstu",
     baseline_max_len: Annotated[int, typer.Option(min=1, help="History length of SASRec and HSTU.")] = 200,
@@ -874,8 +877,8 @@ def run_command(
             seeds=tuple(range(seeds)),
             vectors=vectors,  # type: ignore[arg-type]
             semantic_ids=SemanticIdConfig(method=method, codebook_size=codebook_size),  # type: ignore[arg-type]
-            loop=LoopConfig(max_epochs=max_epochs, patience=2, eval_every=2, progress=False),
-            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=2, eval_every=2, progress=False),
+            loop=LoopConfig(max_epochs=max_epochs, patience=patience, eval_every=2, progress=False),
+            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=patience, eval_every=2, progress=False),
             baselines=split_csv(baselines),  # type: ignore[arg-type]
             sasrec_max_len=baseline_max_len,
             generator=GeneratorConfig(max_items=max_items),
