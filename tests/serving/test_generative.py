@@ -4,10 +4,13 @@ and ``/rank`` scores candidates by the same log-probabilities."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 from recsys.models.generative_retrieval import (
     GenerativeRetriever,
@@ -91,3 +94,23 @@ def test_a_wider_beam_generates_more_items(tag: str) -> None:
     wide = engine(tag, 8).recommend(request).items
     assert len(wide) > len(narrow) >= 1
     assert {i.item_id for i in narrow} <= {i.item_id for i in wide}  # beam 1's path is in beam 8's tree
+
+
+def test_recommend_over_the_services_http_routes(
+    tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/recommend`` of the BentoML service's own ASGI app (routes, validation, batching), in process."""
+    from recsys.serving.service import RecommendationService
+
+    monkeypatch.setenv("RECSYS_SERVING_RETRIEVER", tag)
+    monkeypatch.setenv("RECSYS_SERVING_BEAM_WIDTH", "5")
+    monkeypatch.setenv("RECSYS_SERVING_IMPRESSIONS_DIR", str(tmp_path / "impressions"))
+    monkeypatch.setenv("RECSYS_SERVING_TORCH_THREADS", "1")
+    catalogue = {ITEM_OFFSET + i for i in range(1, NUM_ITEMS + 1)}
+    with TestClient(RecommendationService.to_asgi()) as client:
+        for body in ({"user_id": 7, "k": 20}, {"history": [{"item_id": ITEM_OFFSET + 11, "ts": 5}], "k": 20}):
+            response = client.post("/recommend", json=body)
+            assert response.status_code == 200, response.text
+            payload = response.json()
+            got = [item["item_id"] for item in payload["items"]]
+            assert got and set(got) <= catalogue and payload["scored_by"] == "beam-search"
