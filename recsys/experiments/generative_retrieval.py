@@ -6,13 +6,21 @@ Pipeline per seed: the leave-one-out split (``experiments.retrieval.prepare_spli
 semantic IDs (published as ``<ds>.semantic_ids``) -> supervised next-ID training of the generator with the
 shared loop (``training.loop.fit``, early stopping on validation NDCG@10 of beam search) -> value head
 trained on sampled candidates' rewards -> RL fine-tuning per mode -> test: beam search and value-guided
-decoding, ranks from the decoded list (an item not generated ranks last), the decoding-budget curve at
-equal model calls, paired tests against SASRec.
+decoding and top-K sampling at equal model calls, ranks from the decoded list (an item not generated ranks
+last), the decoding-budget curve (quality against model calls, the three decoders) as a table and an altair
+chart, decoding cost (ms per user, calls) against beam width, paired tests against SASRec and HSTU.
 
-Reward (training users' last training item as the held-out next item, never a validation/test target):
-R = 1[generated item = next item] + w * p, p = the SASRec percentile of the generated item for that user
-(0 for items the user has seen). The hit term is the metric itself but is sparse (a few per cent of samples
-hit); the SASRec term gives a graded signal from a model trained on the same training part.
+Reward on MovieLens-100K (training users' last training item as the held-out next item, never a
+validation/test target): R = 1[generated item = next item] + w * p, p = the SASRec percentile of the
+generated item for that user (0 for items the user has seen). The hit term is the metric itself but is
+sparse (a few per cent of samples hit); the SASRec term gives a graded signal from a model trained on the
+same training part. On a synthetic dataset the reward is exact: the generator's true click probability
+(``sigmoid`` of the true position-free click logit) of the produced item for that user, in the user's state
+after the clicks of the RL context, at the time of the held-out next click.
+
+Serving and A/B: ``--register`` registers the first seed's supervised generator and its RL-tuned copy as
+``genret`` retrievers (``serving.registry``), which the service serves through constrained beam search and
+``recsys ab run`` can compare as arms.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import polars as pl
 import torch
 import typer
 from pydantic import Field
@@ -43,11 +52,13 @@ from recsys.models.generative_retrieval import (
     PrefixTrie,
     RLMode,
     SearchResult,
+    ServedGenerator,
     TokenLayout,
     beam_search,
     next_token_loss,
     rl_loss,
     sample_candidates,
+    topk_sampling_search,
     value_guided_search,
 )
 from recsys.models.semantic_ids import (
@@ -63,8 +74,13 @@ from recsys.training.retrieval import RetrievalTrainConfig, train_retrieval
 from recsys.warehouse import Warehouse
 from recsys.warehouse.runs import hardware_description
 
-KS = (10,)
+KS = (10, 50)
 Decoder = Callable[[PolicyEvaluator, list[set[int]]], SearchResult]
+
+
+def beam_calls(depth: int, width: int) -> int:
+    """Model calls of constrained beam search of ``width`` over codes of ``depth`` tokens."""
+    return 1 + (depth - 1) * width
 
 
 class RLConfig(FrozenModel):
@@ -82,6 +98,11 @@ class GenRetConfig(FrozenModel):
     source_dir: Path | None = Field(None, description="MovieLens-100K folder.")
     events_path: Path | None = Field(None, description="A user's own events file instead (no attributes).")
     seeds: tuple[int, ...] = (0,)
+    synthetic_preset: str | None = Field(
+        None,
+        description="Generate this synthetic preset (seed 0; cached by data version) and load it as the "
+        "dataset: the RL reward is then the true click probability.",
+    )
     vectors: Literal["attributes", "sasrec", "both"] = "both"
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     generator: GeneratorConfig = GeneratorConfig()
@@ -89,9 +110,16 @@ class GenRetConfig(FrozenModel):
     loop: LoopConfig = LoopConfig(max_epochs=10, patience=2, eval_every=2, progress=False)
     sasrec_loop: LoopConfig = LoopConfig(max_epochs=20, patience=2, eval_every=2, progress=False)
     sasrec_max_len: int = Field(200, gt=0)
+    baselines: tuple[Literal["sasrec", "hstu"], ...] = Field(
+        ("sasrec", "hstu"), description="Retrieval baselines (SASRec always: its embedding and reward)."
+    )
     rl: RLConfig = RLConfig()
     beam: int = Field(10, ge=1, description="Beam width of the main table.")
     curve_beams: tuple[int, ...] = (4, 10)
+    top_k: int = Field(5, ge=1, description="K of the top-K sampling decoder.")
+    cost_beams: tuple[int, ...] = Field((1, 5, 10, 20, 50), description="Beam widths of the cost table.")
+    cost_users: int = Field(200, gt=0, description="Test users the cost table decodes (timed).")
+    register_models: bool = Field(False, description="Register the first seed's generators for serving.")
     lam: float = Field(0.1, ge=0.0, description="lambda of G = V + lambda * H.")
     eval_batch_size: int = Field(128, gt=0)
     valid_users: int | None = Field(
@@ -131,9 +159,19 @@ def decoded_ranks(
 def evaluate_decoder(
     model: GenerativeRetriever, trie: PrefixTrie, cases: EvalCases, decoder: Decoder, batch_size: int
 ) -> tuple[RetrievalEvaluation, float]:
+    evaluation, calls, _ = timed_evaluation(model, trie, cases, decoder, batch_size)
+    return evaluation, calls
+
+
+def timed_evaluation(
+    model: GenerativeRetriever, trie: PrefixTrie, cases: EvalCases, decoder: Decoder, batch_size: int
+) -> tuple[RetrievalEvaluation, float, float]:
+    """The evaluation, mean model calls per case and decoding wall time in ms per case."""
+    started = time.perf_counter()
     ranks, calls = decoded_ranks(model, trie, cases, decoder, batch_size)
+    ms = 1000.0 * (time.perf_counter() - started) / max(len(cases), 1)
     metrics = metrics_from_ranks(ranks, KS)
-    return RetrievalEvaluation(metrics, cases.users.copy(), ranks, None, KS), float(calls.mean())
+    return RetrievalEvaluation(metrics, cases.users.copy(), ranks, None, KS), float(calls.mean()), ms
 
 
 def beam_decoder(width: int) -> Decoder:
@@ -142,6 +180,20 @@ def beam_decoder(width: int) -> Decoder:
 
 def ved_decoder(beam: int, budget: int, lam: float) -> Decoder:
     return lambda ev, exclude: value_guided_search(ev, beam, budget, lam, exclude)
+
+
+def topk_decoder(budget: int, top_k: int, seed: int) -> Decoder:
+    """Top-K sampling with ``budget`` calls per user; one seeded torch generator over the whole evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda ev, exclude: topk_sampling_search(ev, budget, top_k, generator, exclude)
+
+
+def head(cases: EvalCases, n: int) -> EvalCases:
+    """The first ``n`` cases."""
+    n = min(n, len(cases))
+    return EvalCases(
+        cases.users[:n], cases.histories[:n], cases.history_ts[:n], cases.targets[:n], cases.target_ts[:n]
+    )
 
 
 # -- supervised task for the shared loop ---------------------------------------------------------------------
@@ -159,9 +211,7 @@ class GeneratorTask:
         valid_users: int | None = None,
     ) -> None:
         self.model, self.trie, self.split = model, trie, split
-        v = split.valid
-        n = len(v) if valid_users is None else min(valid_users, len(v))
-        self.valid = EvalCases(v.users[:n], v.histories[:n], v.history_ts[:n], v.targets[:n], v.target_ts[:n])
+        self.valid = split.valid if valid_users is None else head(split.valid, valid_users)
         self.batch_size, self.beam, self.eval_batch_size = batch_size, beam, eval_batch_size
         self.sequences = [s for s in split.train_items if len(s) >= 1]
         if not self.sequences:
@@ -209,6 +259,55 @@ class RLData:
         return hit + dense_weight * self.dense[rows[:, None], items]
 
 
+def synthetic_config(wh: Warehouse, dataset: str, paths: PathsConfig) -> Any:
+    """The ``SyntheticConfig`` that generated ``<dataset>.events``: its manifest in ``paths``' cache (where
+    ``load_synthetic`` generates), else what ``simulation.response.true_response_for`` finds."""
+    from recsys.simulation.response import true_response_for
+    from recsys.synthetic.generator import read_manifest
+
+    latest = wh.latest(f"{dataset}.events")
+    recorded = latest.inputs.get("synthetic_config") if latest is not None else None
+    if recorded is None:
+        raise ValueError(f"{dataset}.events was not generated by synthetic/ (no synthetic_config input)")
+    try:
+        return read_manifest(paths.cache / "synthetic" / recorded).config
+    except FileNotFoundError:
+        return true_response_for(wh, dataset).config
+
+
+class TrueClickData:
+    """RL contexts of a synthetic dataset with the exact reward: the world's true click probability of an
+    item for the user, in the state after the context's clicks, at the time of the held-out next click."""
+
+    def __init__(self, paths: PathsConfig, dataset: str, split: LeaveOneOutSplit) -> None:
+        from recsys.simulation.response import TrueResponse
+
+        keep = [i for i, s in enumerate(split.train_items) if len(s) >= 2]
+        self.histories = [split.train_items[i][:-1] for i in keep]
+        self.targets = np.asarray([split.train_items[i][-1] for i in keep], dtype=np.int64)
+        self.ts = np.asarray([split.train_ts[i][-1] for i in keep], dtype=np.int64)
+        with Warehouse(paths.warehouse, read_only=True) as wh:
+            config = synthetic_config(wh, dataset, paths)
+            item_ids = wh.sql(f"SELECT item_id FROM {dataset}.item_index ORDER BY item_idx")["item_id"]
+            users = wh.sql(f"SELECT user_id, user_idx FROM {dataset}.user_index ORDER BY user_idx")
+        self.item_ids = np.concatenate([[0], item_ids.to_numpy().astype(np.int64)])  # item_idx -> item_id
+        user_of = dict(zip(users["user_idx"].to_list(), users["user_id"].to_list(), strict=True))
+        self.users = np.asarray([user_of[int(split.train_users[i])] for i in keep], dtype=np.int64)
+        context = pl.DataFrame(
+            {
+                "user_id": np.repeat(self.users, [len(h) for h in self.histories]),
+                "item_id": self.item_ids[np.concatenate(self.histories)],
+                "ts": np.concatenate([split.train_ts[i][:-1] for i in keep]),
+            }
+        )
+        self.world = TrueResponse(config, self.users, context, start_ts=int(self.ts.max()) + 1)
+
+    def rewards(self, rows: np.ndarray, items: np.ndarray, dense_weight: float) -> np.ndarray:
+        """rows [U], items (item_idx) [U, G] -> P(click) [U, G] (``dense_weight`` does not apply)."""
+        logits = self.world.click_logits(self.users[rows], self.item_ids[items], self.ts[rows])
+        return 1.0 / (1.0 + np.exp(-logits))
+
+
 @torch.no_grad()
 def sasrec_percentiles(sasrec: nn.Module, split: LeaveOneOutSplit, max_len: int) -> RLData:
     """RL contexts of every training user with >= 2 training items and SASRec percentiles for them."""
@@ -241,7 +340,7 @@ def sasrec_percentiles(sasrec: nn.Module, split: LeaveOneOutSplit, max_len: int)
 def rl_finetune(
     model: GenerativeRetriever,
     trie: PrefixTrie,
-    data: RLData,
+    data: RLData | TrueClickData,
     mode: RLMode,
     config: RLConfig,
     seed: int,
@@ -277,19 +376,43 @@ class Variant:
     name: str
     evaluation: RetrievalEvaluation
     calls: float
+    ms_per_user: float = 0.0
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    decoder: str  # beam, VED or top-K
+    beam: int  # the beam width whose call count the point matches
+    calls: float
+    hr10: float
+    ndcg10: float
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    beam: int
+    calls: float
+    ms_per_user: float
+    ndcg10: float
 
 
 @dataclass
 class SeedResult:
     seed: int
-    sasrec: RetrievalEvaluation
+    baselines: dict[str, RetrievalEvaluation]
     variants: dict[str, Variant]
-    curve: list[tuple[str, int, float, float, float]]  # (decoder, beam, calls, hr@10, ndcg@10)
+    curve: list[CurvePoint]
+    cost: list[CostPoint]
     rl_logs: dict[str, list[dict[str, float]]]
     ids_summary: dict[str, float]
     train_time_s: float
     best_epoch: int
     epochs_run: int
+    registered: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sasrec(self) -> RetrievalEvaluation:
+        return self.baselines["sasrec"]
 
 
 @dataclass
@@ -301,6 +424,8 @@ class GenRetResult:
     tests: list[PairedTest] = field(default_factory=list)
     hardware: str = ""
     report_path: Path | None = None
+    chart_path: Path | None = None
+    reward: str = ""
 
 
 def item_vectors(
@@ -315,21 +440,33 @@ def item_vectors(
     return combine_vectors(*parts), config.vectors
 
 
+def is_synthetic(wh_path: Path, dataset: str) -> bool:
+    with Warehouse(wh_path, read_only=True) as wh:
+        latest = wh.latest(f"{dataset}.events")
+    return latest is not None and "synthetic_config" in latest.inputs
+
+
 def run_seed(
     config: GenRetConfig, split: LeaveOneOutSplit, data_version: str, paths: PathsConfig, seed: int, say: Any
 ) -> SeedResult:
-    sasrec_run = train_retrieval(
-        "sasrec",
-        split,
-        seed=seed,
-        train_config=RetrievalTrainConfig(max_len=config.sasrec_max_len, ks=(10,)),
-        loop_config=config.sasrec_loop,
-        dataset=config.dataset,
-        data_version=data_version,
-    )
-    sasrec = sasrec_run.model
+    baselines: dict[str, RetrievalEvaluation] = {}
+    sasrec: nn.Module | None = None
+    for name in dict.fromkeys(("sasrec", *config.baselines)):
+        run = train_retrieval(
+            name,
+            split,
+            seed=seed,
+            train_config=RetrievalTrainConfig(max_len=config.sasrec_max_len, ks=KS),
+            loop_config=config.sasrec_loop,
+            dataset=config.dataset,
+            data_version=data_version,
+        )
+        assert run.test is not None and run.model is not None
+        baselines[name] = run.test
+        if name == "sasrec":
+            sasrec = run.model
+        say(f"seed {seed}: {name} test ndcg@10 {run.test.metrics['ndcg@10']:.4f}")
     assert sasrec is not None
-    say(f"seed {seed}: SASRec test ndcg@10 {sasrec_run.test.metrics['ndcg@10']:.4f}")
 
     vectors, source = item_vectors(paths.warehouse, config, split.num_items, sasrec)
     sid_config = SemanticIdConfig(**{**config.semantic_ids.model_dump(), "seed": seed})
@@ -360,48 +497,140 @@ def run_seed(
         f"(epoch {fitted.best_epoch}/{fitted.epochs_run})"
     )
 
-    data = sasrec_percentiles(sasrec, split, config.sasrec_max_len)
+    data: RLData | TrueClickData = (
+        TrueClickData(paths, config.dataset, split)
+        if is_synthetic(paths.warehouse, config.dataset)
+        else sasrec_percentiles(sasrec, split, config.sasrec_max_len)
+    )
     rl_logs = {"value": rl_finetune(model, trie, data, "value", config.rl, seed)}
-    test, bs = split.test, config.eval_batch_size
-    full_calls = 1 + (ids.codes.shape[1] - 1) * config.beam
+    test, bs, depth = split.test, config.eval_batch_size, ids.codes.shape[1]
     half = max(1, config.beam // 2)
-    ved_budget = full_calls - (1 + (ids.codes.shape[1] - 1) * half)
+    full_calls = beam_calls(depth, config.beam)
+    ved_budget = full_calls - beam_calls(depth, half)
     variants: dict[str, Variant] = {}
 
-    def add(name: str, m: GenerativeRetriever, decoder: Decoder) -> None:
-        evaluation, calls = evaluate_decoder(m, trie, test, decoder, bs)
-        variants[name] = Variant(name, evaluation, calls)
-        say(f"seed {seed}: {name} ndcg@10 {evaluation.metrics['ndcg@10']:.4f} calls {calls:.1f}")
+    def add(name: str, m: GenerativeRetriever, decoder: Decoder) -> Variant:
+        evaluation, calls, ms = timed_evaluation(m, trie, test, decoder, bs)
+        variants[name] = Variant(name, evaluation, calls, ms)
+        say(
+            f"seed {seed}: {name} ndcg@10 {evaluation.metrics['ndcg@10']:.4f} "
+            f"calls {calls:.1f} {ms:.1f} ms/user"
+        )
+        return variants[name]
 
-    add(f"GR beam {config.beam}", model, beam_decoder(config.beam))
-    add(f"GR VED {half}+{ved_budget}", model, ved_decoder(half, ved_budget, config.lam))
+    main = {
+        "beam": add(f"GR beam {config.beam}", model, beam_decoder(config.beam)),
+        "VED": add(f"GR VED {half}+{ved_budget}", model, ved_decoder(half, ved_budget, config.lam)),
+        "top-K": add(f"GR top-{config.top_k} sampling", model, topk_decoder(full_calls, config.top_k, seed)),
+    }
     curve = []
     for b in config.curve_beams:
         h = max(1, b // 2)
-        budget = (1 + (ids.codes.shape[1] - 1) * b) - (1 + (ids.codes.shape[1] - 1) * h)
-        for name, decoder in (("beam", beam_decoder(b)), ("VED", ved_decoder(h, budget, config.lam))):
+        budget = beam_calls(depth, b) - beam_calls(depth, h)
+        decoders = {
+            "beam": beam_decoder(b),
+            "VED": ved_decoder(h, budget, config.lam),
+            "top-K": topk_decoder(beam_calls(depth, b), config.top_k, seed),
+        }
+        for name, decoder in decoders.items():
             if b == config.beam:  # the main table's runs: not decoded twice
-                v = variants[f"GR beam {b}" if name == "beam" else f"GR VED {h}+{budget}"]
+                v = main[name]
                 evaluation, calls = v.evaluation, v.calls
             else:
                 evaluation, calls = evaluate_decoder(model, trie, test, decoder, bs)
-            curve.append((name, b, calls, evaluation.metrics["hr@10"], evaluation.metrics["ndcg@10"]))
+            m = evaluation.metrics
+            curve.append(CurvePoint(name, b, calls, m["hr@10"], m["ndcg@10"]))
+    cost = []
+    cost_cases = head(test, config.cost_users)
+    for b in config.cost_beams:
+        evaluation, calls, ms = timed_evaluation(model, trie, cost_cases, beam_decoder(b), bs)
+        cost.append(CostPoint(b, calls, ms, evaluation.metrics["ndcg@10"]))
+        say(f"seed {seed}: cost beam {b}: {calls:.1f} calls, {ms:.2f} ms/user")
+    tuned_models: dict[str, GenerativeRetriever] = {}
     for mode in config.rl.modes:
         tuned = copy.deepcopy(model)
         rl_logs[mode] = rl_finetune(tuned, trie, data, mode, config.rl, seed)
         add(f"GR+{mode} beam {config.beam}", tuned, beam_decoder(config.beam))
         add(f"GR+{mode} VED {half}+{ved_budget}", tuned, ved_decoder(half, ved_budget, config.lam))
+        tuned_models[mode] = tuned
+    registered: dict[str, str] = {}
+    if config.register_models and seed == config.seeds[0]:
+        registered = register_generators(config, paths, ids, model, tuned_models, variants)
+        say(f"seed {seed}: registered {registered}")
     return SeedResult(
         seed,
-        sasrec_run.test,
+        baselines,
         variants,
         curve,
+        cost,
         rl_logs,
         ids.summary(),
         fitted.train_time_s,
         fitted.best_epoch,
         fitted.epochs_run,
+        registered,
     )
+
+
+def register_generators(
+    config: GenRetConfig,
+    paths: PathsConfig,
+    ids: Any,
+    model: GenerativeRetriever,
+    tuned: dict[str, GenerativeRetriever],
+    variants: dict[str, Variant],
+) -> dict[str, str]:
+    """Register the supervised generator as ``<ds>-genret-supervised`` and each RL-tuned one as
+    ``<ds>-genret-<mode>`` (``genret`` retrievers, served by beam search of ``config.beam``)."""
+    from recsys.serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model
+
+    with Warehouse(paths.warehouse, read_only=True) as wh:
+        items = catalog_from_warehouse(wh, config.dataset)
+        histories = histories_from_warehouse(wh, config.dataset)
+        data_version = build_version(wh, config.dataset)
+    prefix = config.dataset.lower().replace("_", "-")
+    out = {}
+    for label, m in {"supervised": model, **tuned}.items():
+        name = f"GR beam {config.beam}" if label == "supervised" else f"GR+{label} beam {config.beam}"
+        metrics = {f"test_{k}": v for k, v in variants[name].evaluation.metrics.items()}
+        out[label] = register_model(
+            f"{prefix}-genret-{label}",
+            architecture="genret",
+            task="retrieval",
+            model=ServedGenerator.wrap(m, ids, beam=config.beam).eval(),
+            items=items,
+            data_version=data_version,
+            metrics=metrics,
+            histories=histories,
+        )
+    return out
+
+
+def build_version(wh: Warehouse, dataset: str) -> str:
+    latest = wh.latest(f"{dataset}.sequences")
+    if latest is None:
+        raise ValueError(f"{dataset}.sequences is not built")
+    return latest.version
+
+
+def load_synthetic(paths: PathsConfig, dataset: str, preset: str) -> str:
+    """Generate ``preset`` (seed 0) into the cache folder named by its data version (reused when complete)
+    and publish it as ``dataset``; returns the data version."""
+    from recsys.synthetic.config import SyntheticConfig
+    from recsys.synthetic.generator import generate, read_manifest
+    from recsys.synthetic.warehouse_load import load_into_warehouse
+
+    config = SyntheticConfig.preset(preset, 0)
+    out = paths.cache / "synthetic" / config.data_version()
+    try:
+        fresh = read_manifest(out).data_version == config.data_version()
+    except FileNotFoundError:
+        fresh = False
+    if not fresh:
+        generate(config, out)
+    with Warehouse(paths.warehouse) as wh:
+        load_into_warehouse(wh, out, dataset)
+    return config.data_version()
 
 
 def run_genret_experiment(
@@ -409,6 +638,9 @@ def run_genret_experiment(
 ) -> GenRetResult:
     paths = paths or PathsConfig()
     say = echo or (lambda _msg: None)
+    if config.synthetic_preset is not None:
+        version = load_synthetic(paths, config.dataset, config.synthetic_preset)
+        say(f"{config.dataset}: synthetic preset {config.synthetic_preset!r} (data version {version})")
     split, data_version = record(
         prepare_split,
         paths.warehouse,
@@ -421,39 +653,98 @@ def run_genret_experiment(
         ),
     )
     say(f"{config.dataset}: {split.num_items} items, {len(split.test)} test users")
+    synthetic = is_synthetic(paths.warehouse, config.dataset)
     seeds = [run_seed(config, split, data_version, paths, s, say) for s in config.seeds]
     result = GenRetResult(
-        config, split.num_items, len(split.test), seeds, paired_tests(seeds), hardware_description()
+        config,
+        split.num_items,
+        len(split.test),
+        seeds,
+        paired_tests(seeds),
+        hardware_description(),
+        reward="true click probability (synthetic world)"
+        if synthetic
+        else f"1[held-out next item] + {config.rl.dense_weight} x SASRec percentile",
     )
-    result.report_path = write_report(
-        paths.home / "reports" / f"genret_{config.dataset}.md", format_report(result)
-    )
+    reports = paths.home / "reports"
+    result.chart_path = write_report(reports / f"genret_{config.dataset}_budget.html", budget_chart(result))
+    result.report_path = write_report(reports / f"genret_{config.dataset}.md", format_report(result))
     return result
 
 
 def paired_tests(seeds: list[SeedResult]) -> list[PairedTest]:
-    """Every generator variant against SASRec on NDCG@10: over users (first seed) and over seeds."""
+    """The supervised generator's decoders and the RL-tuned beam search against every baseline on NDCG@10:
+    over users (first seed) and over seeds (with more than one)."""
     tests: list[PairedTest] = []
     first = seeds[0]
     for name, v in first.variants.items():
-        tests += paired_tests_over_users(
-            v.evaluation.per_user("ndcg@10"),
-            first.sasrec.per_user("ndcg@10"),
-            metric="ndcg@10",
-            a_name=name,
-            b_name="sasrec",
-        )
-        if len(seeds) > 1:
+        for base in first.baselines:
+            tests += paired_tests_over_users(
+                v.evaluation.per_user("ndcg@10"),
+                first.baselines[base].per_user("ndcg@10"),
+                metric="ndcg@10",
+                a_name=name,
+                b_name=base,
+            )
+            if len(seeds) > 1:
+                tests.append(
+                    paired_t_over_seeds(
+                        [s.variants[name].evaluation.metrics["ndcg@10"] for s in seeds],
+                        [s.baselines[base].metrics["ndcg@10"] for s in seeds],
+                        metric="ndcg@10",
+                        a_name=name,
+                        b_name=base,
+                    )
+                )
+    if len(seeds) > 1:  # the decoders against each other at equal calls, and RL against supervised
+        names = list(first.variants)
+        for a in names[1:]:
             tests.append(
                 paired_t_over_seeds(
-                    [s.variants[name].evaluation.metrics["ndcg@10"] for s in seeds],
-                    [s.sasrec.metrics["ndcg@10"] for s in seeds],
+                    [s.variants[a].evaluation.metrics["ndcg@10"] for s in seeds],
+                    [s.variants[names[0]].evaluation.metrics["ndcg@10"] for s in seeds],
                     metric="ndcg@10",
-                    a_name=name,
-                    b_name="sasrec",
+                    a_name=a,
+                    b_name=names[0],
                 )
             )
     return tests
+
+
+def budget_chart(result: GenRetResult) -> str:
+    """An altair line chart (HTML) of NDCG@10 against model calls per user, one line per decoder, seed 0."""
+    import altair as alt
+
+    values = [
+        {
+            "decoder": p.decoder,
+            "calls per user": p.calls,
+            "NDCG@10": p.ndcg10,
+            "HR@10": p.hr10,
+            "beam": p.beam,
+        }
+        for p in result.seeds[0].curve
+    ]
+    chart = (
+        alt.Chart(alt.Data(values=values))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("calls per user:Q", title="model calls per user"),
+            y=alt.Y("NDCG@10:Q"),
+            color=alt.Color("decoder:N"),
+            tooltip=["decoder:N", "beam:Q", "calls per user:Q", "NDCG@10:Q", "HR@10:Q"],
+        )
+        .properties(
+            title=f"Decoding budget on {result.config.dataset} (seed {result.seeds[0].seed})",
+            width=480,
+            height=300,
+        )
+    )
+    return chart.to_html()
+
+
+def _mean_std(values: list[float]) -> str:
+    return summarize(values).format()
 
 
 def format_report(result: GenRetResult) -> str:
@@ -464,41 +755,49 @@ def format_report(result: GenRetResult) -> str:
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {result.hardware}; "
         f"{result.num_items} items, {result.num_test} test users; seeds {list(c.seeds)}; item vectors "
         f"{c.vectors}; semantic ids {c.semantic_ids.method} K={c.semantic_ids.codebook_size} x "
-        f"{c.semantic_ids.levels} + dedup.",
+        f"{c.semantic_ids.levels} + dedup; RL reward: {result.reward}.",
         "",
         "Leave-one-out, full ranking from the decoded list (history items excluded; an item not generated "
-        "ranks last). Calls = policy evaluations at prefix nodes per user.",
+        "ranks last). Calls = policy evaluations at prefix nodes per user; ms = decoding wall time per user "
+        f"(batches of {c.eval_batch_size}).",
         "",
     ]
-    lines += markdown_head(["Model", "HR@10", "NDCG@10", "Calls/user"])
-    lines.append(
-        markdown_row(
-            [
-                "SASRec",
-                summarize([s.sasrec.metrics["hr@10"] for s in result.seeds]).format(),
-                summarize([s.sasrec.metrics["ndcg@10"] for s in result.seeds]).format(),
-                "full scoring",
-            ]
-        )
-    )
+    metrics = ["hr@10", "ndcg@10", "hr@50", "ndcg@50"]
+    lines += markdown_head(["Model", "HR@10", "NDCG@10", "HR@50", "NDCG@50", "Calls/user", "ms/user"])
+    for base in result.seeds[0].baselines:
+        row = [base] + [_mean_std([s.baselines[base].metrics[m] for s in result.seeds]) for m in metrics]
+        lines.append(markdown_row([*row, "full scoring", "-"]))
     for name in result.seeds[0].variants:
         vs = [s.variants[name] for s in result.seeds]
+        row = [name] + [_mean_std([v.evaluation.metrics[m] for v in vs]) for m in metrics]
         lines.append(
             markdown_row(
-                [
-                    name,
-                    summarize([v.evaluation.metrics["hr@10"] for v in vs]).format(),
-                    summarize([v.evaluation.metrics["ndcg@10"] for v in vs]).format(),
-                    f"{np.mean([v.calls for v in vs]):.1f}",
-                ]
+                [*row, f"{np.mean([v.calls for v in vs]):.1f}", f"{np.mean([v.ms_per_user for v in vs]):.1f}"]
             )
         )
-    lines += ["", "## Decoding budget (supervised generator + value head; seed " + str(c.seeds[0]) + ")", ""]
-    lines += markdown_head(
-        ["Decoder", "Beam (VED: beam/2 + rest as budget)", "Calls/user", "HR@10", "NDCG@10"]
-    )
-    for name, b, calls, hr, ndcg in result.seeds[0].curve:
-        lines.append(markdown_row([name, str(b), f"{calls:.1f}", f"{hr:.4f}", f"{ndcg:.4f}"]))
+    lines += [
+        "",
+        "## Decoding budget (supervised generator + value head; seed " + str(c.seeds[0]) + ")",
+        "",
+        f"VED at beam B: a beam of B/2, the rest of beam B's calls as expansion budget; top-{c.top_k} "
+        "sampling: beam B's calls spent on sampled paths. Chart: "
+        f"`genret_{c.dataset}_budget.html`.",
+        "",
+    ]
+    lines += markdown_head(["Decoder", "Beam (call budget of)", "Calls/user", "HR@10", "NDCG@10"])
+    for p in result.seeds[0].curve:
+        lines.append(
+            markdown_row([p.decoder, str(p.beam), f"{p.calls:.1f}", f"{p.hr10:.4f}", f"{p.ndcg10:.4f}"])
+        )
+    lines += [
+        "",
+        f"## Decoding cost against beam width (beam search, first {c.cost_users} test users, seed "
+        f"{c.seeds[0]})",
+        "",
+    ]
+    lines += markdown_head(["Beam", "Calls/user", "ms/user", "NDCG@10 (these users)"])
+    for q in result.seeds[0].cost:
+        lines.append(markdown_row([str(q.beam), f"{q.calls:.1f}", f"{q.ms_per_user:.2f}", f"{q.ndcg10:.4f}"]))
     lines += ["", "## Semantic IDs", ""]
     for s in result.seeds:
         lines.append(f"- seed {s.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.ids_summary.items()))
@@ -509,6 +808,10 @@ def format_report(result: GenRetResult) -> str:
                 a = np.mean([x["reward"] for x in log[:10]])
                 b = np.mean([x["reward"] for x in log[-10:]])
                 lines.append(f"- seed {s.seed} {mode}: {a:.4f} -> {b:.4f}")
+    registered = result.seeds[0].registered
+    if registered:
+        lines += ["", "## Registered (first seed)", ""]
+        lines += [f"- {label}: `{tag}`" for label, tag in registered.items()]
     lines += ["", "## Significance", ""]
     lines += [f"- {t.format()}" for t in result.tests]
     return "\n".join(lines) + "\n"
@@ -522,41 +825,70 @@ def _group() -> None:
     """Generative retrieval with semantic IDs and V-STAR."""
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in split_csv(text))
+
+
 @app.command("run")
 def run_command(
     dataset: Annotated[str, typer.Option(help="Warehouse schema name.")] = "ml100k",
     source_dir: Annotated[Path | None, typer.Option(help="Unzipped MovieLens-100K folder.")] = None,
+    synthetic_preset: Annotated[
+        str | None, typer.Option(help="Generate this synthetic preset and load it as --dataset.")
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0..n-1).")] = 1,
     vectors: Annotated[str, typer.Option(help="attributes, sasrec or both.")] = "both",
     method: Annotated[str, typer.Option(help="rq-kmeans or rq-vae.")] = "rq-kmeans",
     codebook_size: Annotated[int, typer.Option(min=2)] = 32,
     max_epochs: Annotated[int, typer.Option(min=1)] = 10,
-    sasrec_epochs: Annotated[int, typer.Option(min=1)] = 20,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Validations without improvement before stopping (every 2 epochs).")
+    ] = 2,
+    sasrec_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap of SASRec and HSTU.")] = 20,
+    baselines: Annotated[str, typer.Option(help="Comma-separated: sasrec, hstu.")] = "sasrec,hstu",
+    baseline_max_len: Annotated[int, typer.Option(min=1, help="History length of SASRec and HSTU.")] = 200,
     rl_steps: Annotated[int, typer.Option(min=0)] = 40,
     beam: Annotated[int, typer.Option(min=1)] = 10,
     curve_beams: Annotated[
         str, typer.Option(help="Comma-separated beam widths of the budget curve.")
     ] = "4,10",
+    top_k: Annotated[int, typer.Option(min=1, help="K of the top-K sampling decoder.")] = 5,
+    cost_beams: Annotated[
+        str, typer.Option(help="Comma-separated beam widths of the cost table.")
+    ] = "1,5,10,20,50",
+    cost_users: Annotated[int, typer.Option(min=1, help="Test users the cost table decodes.")] = 200,
     max_items: Annotated[int, typer.Option(min=1, help="History items the generator reads.")] = 20,
     rl_modes: Annotated[
         str, typer.Option(help="Comma-separated: grpo, sibling, joint.")
     ] = "grpo,sibling,joint",
+    register: Annotated[
+        bool, typer.Option(help="Register the first seed's generators as genret retrievers.")
+    ] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
 ) -> None:
-    """Train SASRec and the generator, fine-tune with RL, and print the comparison tables."""
+    """Train the baselines and the generator, fine-tune with RL, and print the comparison tables."""
+    if synthetic_preset is not None and vectors != "sasrec":
+        vectors = "sasrec"  # synthetic items have no MovieLens attributes
     try:
         config = GenRetConfig(
             dataset=dataset,
             source_dir=source_dir,
+            synthetic_preset=synthetic_preset,
             seeds=tuple(range(seeds)),
             vectors=vectors,  # type: ignore[arg-type]
             semantic_ids=SemanticIdConfig(method=method, codebook_size=codebook_size),  # type: ignore[arg-type]
-            loop=LoopConfig(max_epochs=max_epochs, patience=2, eval_every=2, progress=False),
-            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=2, eval_every=2, progress=False),
+            loop=LoopConfig(max_epochs=max_epochs, patience=patience, eval_every=2, progress=False),
+            sasrec_loop=LoopConfig(max_epochs=sasrec_epochs, patience=patience, eval_every=2, progress=False),
+            baselines=split_csv(baselines),  # type: ignore[arg-type]
+            sasrec_max_len=baseline_max_len,
             generator=GeneratorConfig(max_items=max_items),
             rl=RLConfig(steps=rl_steps, modes=split_csv(rl_modes)),  # type: ignore[arg-type]
             beam=beam,
-            curve_beams=tuple(int(b) for b in split_csv(curve_beams)),
+            curve_beams=_ints(curve_beams),
+            top_k=top_k,
+            cost_beams=_ints(cost_beams),
+            cost_users=cost_users,
+            register_models=register,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -565,7 +897,124 @@ def run_command(
     started = time.perf_counter()
     result = run_genret_experiment(config, echo=typer.echo)
     typer.echo(format_report(result))
-    typer.echo(f"report: {result.report_path} ({time.perf_counter() - started:.0f} s)")
+    typer.echo(
+        f"report: {result.report_path}; chart: {result.chart_path} ({time.perf_counter() - started:.0f} s)"
+    )
+
+
+@dataclass
+class GenRetABResult:
+    experiment_id: str
+    lift_table: str
+    true_ctr: Any  # simulation.stats.DiffEstimate: per-user mean true P(click), treatment vs control
+    impressions: dict[str, int]
+
+
+def run_genret_ab(
+    dataset: str,
+    control: str,
+    treatment: str,
+    simulation: Any,
+    paths: PathsConfig | None = None,
+    *,
+    beam: int | None = None,
+    policy_temperature: float = 1.0,
+) -> GenRetABResult:
+    """A simulated A/B test of two registered generators (served by constrained beam search, in process) on
+    a synthetic dataset, published like ``recsys ab run``; judged also by the world's true click
+    probability of every served slot (position-free x examination, what the simulated clicks are drawn
+    from): per user, the mean true P(click) of the slots served in the experiment, Welch over users."""
+    from recsys.serving.service import Recommender, ServingConfig
+    from recsys.simulation.arms import InProcessArm
+    from recsys.simulation.experiment import ABExperimentConfig, run_ab_experiment
+    from recsys.simulation.response import TrueResponse
+    from recsys.simulation.stats import welch_test
+
+    paths = paths or PathsConfig()
+    with Warehouse(paths.warehouse, read_only=True) as wh:
+        latest = wh.latest(f"{dataset}.events")
+        if latest is None or "synthetic_config" not in latest.inputs:
+            raise ValueError(f"dataset {dataset!r}: the A/B test needs a synthetic dataset (its true world)")
+        world = TrueResponse.from_warehouse(wh, dataset, synthetic_config(wh, dataset, paths))
+    names = {"control": control.split(":", 1)[0], "treatment": treatment.split(":", 1)[0]}
+    if names["control"] == names["treatment"]:
+        raise ValueError("control and treatment must be different registered models")
+    arms = {
+        names[role]: InProcessArm(
+            Recommender.from_config(
+                ServingConfig(
+                    retriever=tag,
+                    beam_width=beam,
+                    policy_temperature=policy_temperature,
+                    max_k=200,
+                    max_history=100_000,
+                    log_impressions=False,
+                    device="cpu",
+                    request_id_seed=simulation.seed,
+                )
+            ),
+            name=tag,
+        )
+        for role, tag in (("control", control), ("treatment", treatment))
+    }
+    sim = simulation.model_copy(update={"arms": (names["control"], names["treatment"]), "control": None})
+    config = ABExperimentConfig(
+        name=f"{names['treatment']} vs {names['control']}", dataset=dataset, simulation=sim
+    )
+    try:
+        result = run_ab_experiment(
+            config, arms, world, warehouse=paths.warehouse, data_version=latest.version
+        )
+    finally:
+        for arm in arms.values():
+            arm.close()
+    served = result.log.experiment()
+    per_user = served.group_by("arm", "user_id").agg(pl.col("p_click").mean().alias("p"))
+    values = {a: per_user.filter(pl.col("arm") == a)["p"].to_numpy() for a in arms}
+    true_ctr = welch_test(values[names["treatment"]], values[names["control"]])
+    counts = {a: int(served.filter(pl.col("arm") == a).height) for a in arms}
+    return GenRetABResult(result.experiment_id, result.lift_table, true_ctr, counts)
+
+
+@app.command("ab")
+def ab_command(
+    control: Annotated[str, typer.Argument(help="Registered generator tag of the control arm.")],
+    treatment: Annotated[str, typer.Argument(help="Registered generator tag of the treatment arm.")],
+    dataset: Annotated[str, typer.Option(help="The synthetic dataset the generators were trained on.")],
+    days: Annotated[int, typer.Option(min=1)] = 10,
+    users_per_day: Annotated[int, typer.Option(min=2)] = 100,
+    pre_days: Annotated[int, typer.Option(min=0)] = 3,
+    session_length: Annotated[int, typer.Option(min=1)] = 10,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    beam: Annotated[int | None, typer.Option(min=1, help="Beam width (default: the registered one).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+) -> None:
+    """Simulated A/B test of two generators, judged by the simulator's true click probability."""
+    from recsys.simulation.simulator import SimulationConfig
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        simulation = SimulationConfig(
+            days=days,
+            users_per_day=users_per_day,
+            pre_period_days=pre_days,
+            session_length=session_length,
+            seed=seed,
+        )
+        result = run_genret_ab(dataset, control, treatment, simulation, beam=beam)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    d = result.true_ctr
+    typer.echo(f"experiment {result.experiment_id}; served slots {result.impressions}\n")
+    typer.echo(result.lift_table)
+    typer.echo(
+        f"\ntrue CTR (mean true P(click) of the served slots per user; Welch over users): control "
+        f"{d.mean_control:.5f} (n={d.n_control:.0f}), treatment {d.mean_treatment:.5f} "
+        f"(n={d.n_treatment:.0f}); "
+        f"lift {d.lift:+.2%} [{d.lift_ci_low:+.2%}, {d.lift_ci_high:+.2%}], diff {d.diff:+.5f} "
+        f"[{d.ci_low:+.5f}, {d.ci_high:+.5f}], p = {d.p_value:.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -404,6 +404,73 @@ def _pick_branch(
     return best + (c,), nodes[best][0] + lp
 
 
+def topk_sampling_search(
+    evaluator: PolicyEvaluator,
+    budget: int,
+    top_k: int,
+    generator: torch.Generator,
+    exclude: Sequence[set[int]] | None = None,
+    temperature: float = 1.0,
+) -> SearchResult:
+    """Top-K sampling at a fixed call budget: paths are drawn from the root, each level from the ``top_k``
+    most probable trie children (renormalised, ``temperature``-scaled), without replacement: a child whose
+    top-K subtree is fully evaluated is not drawn again, so every draw evaluates at least one new node (one
+    call each) until ``budget`` calls are spent or the top-K tree is exhausted. Every leaf under an
+    evaluated last-level node is a candidate, ranked by sequence log-probability as in beam search."""
+    if budget < 1 or top_k < 1:
+        raise ValueError(f"budget and top_k must be >= 1, got {budget} and {top_k}")
+    trie, n, last = evaluator.trie, len(evaluator.calls), evaluator.trie.depth - 1
+    nodes: list[dict[tuple[int, ...], tuple[float, float, float]]] = [{} for _ in range(n)]
+    kids: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(n)]
+    leaves: list[dict[int, float]] = [{} for _ in range(n)]
+    closed: list[set[tuple[int, ...]]] = [set() for _ in range(n)]  # fully evaluated top-K subtrees
+    spent = np.zeros(n, dtype=np.int64)
+
+    def top(u: int, prefix: tuple[int, ...]) -> list[tuple[int, float]]:
+        return sorted(kids[u][prefix].items(), key=lambda x: -x[1])[:top_k]
+
+    def close_upwards(u: int, prefix: tuple[int, ...]) -> None:
+        closed[u].add(prefix)
+        while prefix:
+            prefix = prefix[:-1]
+            if all(prefix + (c,) in closed[u] for c, _ in top(u, prefix)):
+                closed[u].add(prefix)
+            else:
+                break
+
+    while True:
+        active = [u for u in range(n) if spent[u] < budget and () not in closed[u]]
+        if not active:
+            break
+        paths: dict[int, tuple[tuple[int, ...], float]] = {u: ((), 0.0) for u in active}
+        for depth in range(trie.depth):
+            todo = [u for u in paths if paths[u][0] not in kids[u]]
+            if todo:
+                ev = evaluator.evaluate(todo, [paths[u][0] for u in todo])
+                for r, u in enumerate(todo):
+                    prefix, score = paths[u]
+                    spent[u] += 1
+                    nodes[u][prefix] = (score, float(ev.value[r]), float(ev.entropy[r]))
+                    kids[u][prefix] = _children(ev, r)
+                    if depth == last:
+                        grown = [(prefix + (c,), score + lp) for c, lp in kids[u][prefix].items()]
+                        _add_leaves(leaves[u], trie, grown, exclude[u] if exclude is not None else None)
+                        close_upwards(u, prefix)
+            if depth == last:
+                break
+            for u in list(paths):
+                prefix, score = paths[u]
+                options = [(c, lp) for c, lp in top(u, prefix) if prefix + (c,) not in closed[u]]
+                if spent[u] >= budget or not options:  # budget spent (or nothing new below): the draw ends
+                    del paths[u]
+                    continue
+                logits = torch.tensor([lp for _, lp in options]) / temperature
+                pick = int(torch.multinomial(torch.softmax(logits, 0), 1, generator=generator))
+                paths[u] = (prefix + (options[pick][0],), score + options[pick][1])
+    items, scores = _rank(leaves)
+    return SearchResult(items, scores, evaluator.calls.copy(), nodes, kids)
+
+
 # -- RL: sampling, GRPO and Sibling-GRPO advantages -------------------------------------------------------
 @torch.no_grad()
 def sample_candidates(
@@ -549,3 +616,91 @@ def next_token_loss(model: GenerativeRetriever, windows: Sequence[np.ndarray]) -
 
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+# -- the servable model: generator + its semantic IDs in one state dict ----------------------------------
+class ServedGeneratorConfig(FrozenModel):
+    """What rebuilds a servable generator: the code layout (the codes themselves are a weight) and the
+    generator's own config; ``beam`` is the decoding width it is served with unless the service overrides."""
+
+    num_items: int = Field(gt=0)
+    codebook_size: int = Field(ge=2)
+    levels: int = Field(ge=1)
+    dedup_size: int = Field(ge=1)
+    generator: GeneratorConfig = GeneratorConfig()
+    beam: int = Field(20, ge=1, description="Beam width of constrained beam search when served.")
+
+
+class ServedGenerator(nn.Module):
+    """A ``GenerativeRetriever`` with its items' semantic IDs as a persistent buffer (``codes``), so that the
+    registry's safetensors file alone rebuilds the token layout and the prefix trie."""
+
+    def __init__(self, config: ServedGeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        codes = np.zeros((config.num_items, config.levels + 1), dtype=np.int64)
+        # Placeholder codes of the right shape: a distinct code per item until real ones are loaded.
+        codes[:, -1] = np.arange(config.num_items) % config.dedup_size
+        codes[:, 0] = (np.arange(config.num_items) // config.dedup_size) % config.codebook_size
+        self.register_buffer("codes", torch.from_numpy(codes))
+        self.generator = GenerativeRetriever(self._layout(), config.generator)
+        self.trie: PrefixTrie | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.sync())
+
+    @classmethod
+    def wrap(cls, model: GenerativeRetriever, ids: SemanticIds, beam: int = 20) -> ServedGenerator:
+        """A servable copy of a trained generator and the semantic IDs it was trained on."""
+        config = ServedGeneratorConfig(
+            num_items=ids.num_items,
+            codebook_size=ids.codebook_size,
+            levels=ids.levels,
+            dedup_size=ids.dedup_size,
+            generator=model.config,
+            beam=beam,
+        )
+        served = cls(config)
+        served.codes.copy_(torch.from_numpy(ids.codes))
+        served.generator.load_state_dict(model.state_dict())
+        served.sync()
+        return served
+
+    def _layout(self) -> TokenLayout:
+        c = self.config
+        return TokenLayout(SemanticIds(self.codes.cpu().numpy(), c.codebook_size, c.levels))
+
+    def sync(self) -> None:
+        """Rebuild the token table and the trie from ``codes`` (after loading weights)."""
+        codes = self.codes.cpu().numpy()
+        if int(codes[:, -1].max()) >= self.config.dedup_size or int(codes[:, :-1].max()) >= (
+            self.config.codebook_size
+        ):
+            raise ValueError("codes: a code exceeds codebook_size / dedup_size of the config")
+        layout = self._layout()
+        self.generator.layout = layout
+        self.generator.item_tokens = layout.item_tokens.to(self.codes.device)
+        self.trie = PrefixTrie(codes)
+
+    def evaluator(self, histories: Sequence[np.ndarray]) -> PolicyEvaluator:
+        if self.trie is None:
+            self.sync()
+        assert self.trie is not None
+        return PolicyEvaluator(self.generator, self.trie, histories)
+
+    @torch.no_grad()
+    def recommend(self, histories: Sequence[np.ndarray], beam: int | None = None) -> SearchResult:
+        """Constrained beam search for each history (item_idx arrays, oldest first): real item_idx only."""
+        return beam_search(self.evaluator(histories), beam or self.config.beam)
+
+    @torch.no_grad()
+    def sequence_logp(self, histories: Sequence[np.ndarray], items: np.ndarray) -> torch.Tensor:
+        """[U, M] log-probability of generating each item_idx of ``items`` [U, M] (0 = padding: -inf)."""
+        if self.trie is None:
+            self.sync()
+        assert self.trie is not None
+        items = np.asarray(items, dtype=np.int64)
+        codes = self.codes.cpu().numpy()
+        safe = np.where(items > 0, items, 1)
+        paths = codes[safe - 1]  # [U, M, depth]
+        logp, _ = path_outputs(self.generator, self.trie, histories, paths)
+        out = logp.sum(-1)
+        return out.masked_fill(torch.from_numpy(items == 0).to(out.device), float("-inf"))

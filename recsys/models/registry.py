@@ -16,6 +16,7 @@ from torch import nn
 from recsys.core.config import FrozenModel
 from recsys.models.deepfm import DeepFM, DeepFMConfig
 from recsys.models.din import DIN, DINConfig
+from recsys.models.generative_retrieval import ServedGenerator, ServedGeneratorConfig
 from recsys.models.hstu import HSTU, HSTU_LARGE, HSTUConfig
 from recsys.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from recsys.models.hyformer import HyFormer, HyFormerConfig
@@ -44,6 +45,12 @@ REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
         "hstu": ModelEntry(HSTU, HSTUConfig, "retrieval", description="HSTU base, 2 blocks, 1 head, d=50"),
         "hstu-large": ModelEntry(
             HSTU, HSTUConfig, "retrieval", preset=HSTU_LARGE, description="HSTU large, 8 blocks, 2 heads, 25"
+        ),
+        "genret": ModelEntry(
+            ServedGenerator,
+            ServedGeneratorConfig,
+            "retrieval",
+            description="semantic-ID generator (TIGER-style), served by constrained beam search",
         ),
         # Ranking models are built from a FeatureSpec, passed as the config field ``features``.
         "deepfm": ModelEntry(

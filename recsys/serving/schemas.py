@@ -105,8 +105,9 @@ class ModelVersions(BaseModel):
 
 #: Which scoring path produced a response's final scores: the generative ranker through M-FALCON (history
 #: encoded once, candidates against its cached keys/values), a feature ranker's forward pass per candidate
-#: row, the retrieval model's user-item dot product, or the popularity prior.
-ScoredBy = Literal["m-falcon", "per-candidate", "user-dot", "popularity"]
+#: row, the retrieval model's user-item dot product, a generative retriever's constrained beam search
+#: (sequence log-probabilities), or the popularity prior.
+ScoredBy = Literal["m-falcon", "per-candidate", "user-dot", "beam-search", "popularity"]
 
 
 class RecommendResponse(BaseModel):

@@ -222,6 +222,9 @@ class ServingConfig(ServerProcessConfig):
         True, description="IVF: reuse the index a previous start built, from <state>/cache/ann (checksummed)."
     )
     micro_batch: int = Field(256, ge=1, description="M-FALCON candidates per micro-batch.")
+    beam_width: int | None = Field(
+        None, ge=1, description="Generative retrievers: beam width of /recommend; None = the registered one."
+    )
     ranker_rows: int = Field(
         4096, ge=1, description="Feature rankers: most (user, candidate) rows per forward pass."
     )
@@ -705,7 +708,13 @@ class Recommender:
         self.config = config
         if retriever.featurizer is not None:
             raise ValueError(f"{retriever.tag} is a feature-based ranker, not a retriever")
-        self.retriever = ModelRuntime(retriever, device, config.micro_batch)
+        from recsys.serving.generative import GenerativeRuntime, is_generative  # imports this module
+
+        self.retriever = (
+            GenerativeRuntime(retriever, device, config.beam_width)
+            if is_generative(retriever)
+            else ModelRuntime(retriever, device, config.micro_batch)
+        )
         self.ranker = ModelRuntime(ranker, device, config.micro_batch, config.ranker_rows) if ranker else None
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")

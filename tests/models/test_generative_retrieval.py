@@ -27,6 +27,7 @@ from recsys.models.generative_retrieval import (
     sample_candidates,
     sibling_advantages,
     sibling_groups,
+    topk_sampling_search,
     value_guided_search,
 )
 from recsys.models.semantic_ids import SemanticIds, add_dedup_code
@@ -72,6 +73,7 @@ def test_constrained_decoding_only_yields_real_items(
     for search in (
         lambda ev: beam_search(ev, width, exclude),
         lambda ev: value_guided_search(ev, width, budget, 0.1, exclude),
+        lambda ev: topk_sampling_search(ev, budget + 1, width, torch.Generator().manual_seed(seed), exclude),
     ):
         result = search(RandomEvaluator(trie, 2, sizes, seed))
         for u, items in enumerate(result.items):
@@ -91,6 +93,28 @@ def test_beam_and_value_guided_call_counts() -> None:
     ved = value_guided_search(RandomEvaluator(trie, 3, sizes, 1), 4, 9)
     np.testing.assert_array_equal(ved.calls, [1 + 3 * 4 + 9] * 3)
     assert set(beam.items[0]) <= set(ved.items[0]) and len(ved.items[0]) > len(beam.items[0])
+
+
+def test_topk_sampling_spends_the_beam_budget_on_distinct_nodes() -> None:
+    ids = _ids(400, 4, 0)
+    trie = PrefixTrie(ids.codes)
+    sizes = [4, 4, 4, ids.dedup_size]
+    budget = 1 + 3 * 4  # beam 4's calls
+
+    def run(top_k: int, seed: int = 0):  # noqa: ANN202
+        gen = torch.Generator().manual_seed(seed)
+        return topk_sampling_search(RandomEvaluator(trie, 3, sizes, 1), budget, top_k, gen)
+
+    result = run(2)  # the top-2 tree has 1 + 2 + 4 + 8 = 15 nodes: room for the whole budget
+    np.testing.assert_array_equal(result.calls, [budget] * 3)
+    for u in range(3):
+        assert len(result.nodes[u]) == budget  # sampled without replacement: every call a new node
+        for prefix in result.nodes[u]:  # only the top-2 children of an evaluated parent are drawn
+            if prefix:
+                parent = result.kids[u][prefix[:-1]]
+                assert prefix[-1] in sorted(parent, key=lambda c: -parent[c])[:2]
+    assert run(2).items == result.items  # seeded: the same draws
+    np.testing.assert_array_equal(run(1).calls, [4] * 3)  # top-1: one greedy path, then nothing new
 
 
 def test_trie_rejects_duplicate_codes() -> None:
