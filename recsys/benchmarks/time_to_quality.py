@@ -288,7 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.model_list = _csv(args.models)
-    known = sorted(k for k, e in REGISTRY.items() if e.task == "retrieval" and k != "popularity")
+    known = sorted(
+        k for k, e in REGISTRY.items() if e.task == "retrieval" and k != "popularity" and not e.own_trainer
+    )
     unknown = [m for m in args.model_list if m not in known]
     if not args.model_list or unknown:
         parser.error(f"--models: unknown or empty {unknown or args.models!r}; known: {', '.join(known)}")

@@ -173,9 +173,12 @@ class RetrievalExperimentConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _check(self) -> RetrievalExperimentConfig:
+        own = {m: REGISTRY[m].own_trainer for m in self.models if m in REGISTRY and REGISTRY[m].own_trainer}
+        if own:
+            raise ValueError(f"models: {own} train with their own command, not the retrieval experiment")
         unknown = [m for m in self.models if m not in REGISTRY or REGISTRY[m].task != "retrieval"]
         if unknown:
-            known = sorted(k for k, e in REGISTRY.items() if e.task == "retrieval")
+            known = sorted(k for k, e in REGISTRY.items() if e.task == "retrieval" and not e.own_trainer)
             raise ValueError(f"models: unknown retrieval model(s) {unknown}; known: {known}")
         if not self.models:
             raise ValueError("models: name at least one model")
@@ -489,9 +492,14 @@ class SweepConfig(FrozenModel):
         if (
             self.model not in REGISTRY
             or REGISTRY[self.model].task != "retrieval"
+            or REGISTRY[self.model].own_trainer
             or self.model == "popularity"
         ):
-            known = sorted(k for k, e in REGISTRY.items() if e.task == "retrieval" and k != "popularity")
+            known = sorted(
+                k
+                for k, e in REGISTRY.items()
+                if e.task == "retrieval" and k != "popularity" and not e.own_trainer
+            )
             raise ValueError(f"model: {self.model!r} is not a trainable retrieval model; known: {known}")
         for name in ("objectives", "dims", "dropouts", "lrs"):
             if not getattr(self, name):

@@ -36,6 +36,8 @@ class ModelEntry:
     long_sequence: bool = (
         False  # ranking: built to read the long history (LONGER, HyFormer), else a short one
     )
+    #: The command that trains it, where the shared retrieval / ranking experiments cannot.
+    own_trainer: str = ""
 
 
 REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
@@ -51,6 +53,7 @@ REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
             ServedGeneratorConfig,
             "retrieval",
             description="semantic-ID generator (TIGER-style), served by constrained beam search",
+            own_trainer="recsys genret run",
         ),
         # Ranking models are built from a FeatureSpec, passed as the config field ``features``.
         "deepfm": ModelEntry(

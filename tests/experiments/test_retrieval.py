@@ -90,6 +90,8 @@ def test_cli_runs_and_rejects_unknown_models(
     assert (tmp_path / "cli-home" / "reports" / "retrieval_tiny.md").exists()
     bad = runner.invoke(app, [*args, "--models", "sasrec,bert4rec"])
     assert bad.exit_code != 0 and "bert4rec" in bad.output
+    own = runner.invoke(app, [*args, "--models", "sasrec,genret"])  # refused up front, not in training
+    assert own.exit_code != 0 and "recsys genret run" in own.output
 
 
 def test_config_rejects_comparisons_of_models_not_run() -> None:
