@@ -58,6 +58,7 @@ from recsys.training.retrieval import (
     Recipe,
     RetrievalRunResult,
     RetrievalTrainConfig,
+    served_temperature,
     split_recipe,
     train_retrieval,
 )
@@ -151,9 +152,9 @@ class RetrievalExperimentConfig(FrozenModel):
     models: tuple[str, ...] = DEFAULT_MODELS
     seeds: tuple[int, ...] = (0, 1, 2)
     objectives: tuple[ObjectiveVariant, ...] = Field(
-        (OBJECTIVE_PRESETS["gr"],),
-        description="The recipes to compare. The config's default is the GR recipe, which the pipeline "
-        "packages and serves (its package stage rebuilds d-50 L2 models); the CLI's default is 'auto'.",
+        (OBJECTIVE_PRESETS["auto"],),
+        description="The recipes to compare; default the data's rule ('auto'), which the pipeline trains, "
+        "packages (from each run's recorded model config, ``serving_record``) and serves.",
     )
     train: RetrievalTrainConfig = Field(
         RetrievalTrainConfig(),
@@ -264,7 +265,7 @@ def train_one(
     fields: dict[str, int | float],
     config: RetrievalExperimentConfig,
     paths: PathsConfig,
-    run_log: RunLog,
+    run_log: RunLog | None,
     data_version: str,
     *,
     loop: LoopConfig | None = None,
@@ -355,6 +356,19 @@ def run_retrieval_experiment(
         paths.home / "reports" / f"retrieval_{config.dataset}.md", format_report(result)
     )
     return result
+
+
+def serving_record(run: RetrievalRunResult, settings: RunSettings) -> dict[str, Any]:
+    """What packaging needs to serve a trained run as it was trained: its model config (JSON) and the
+    temperature its scores are divided by (``served_temperature``); popularity has neither."""
+    model = run.model
+    config = getattr(model, "config", None)
+    if model is None or config is None or settings.train.loss is None or run.model_name == "popularity":
+        return {"model_config": None, "temperature": None}
+    return {
+        "model_config": config.model_dump(mode="json"),
+        "temperature": served_temperature(settings.train.loss, model),
+    }
 
 
 def tested(run: RetrievalRunResult) -> RetrievalEvaluation:
