@@ -53,11 +53,15 @@ from recsys.ingest.events import EventSchema, ingest_events
 from recsys.ingest.movielens import ingest_movielens
 from recsys.models.losses import FullSoftmaxConfig, GBCEConfig, RetrievalObjective, SampledSoftmaxConfig
 from recsys.models.registry import REGISTRY
+from recsys.synthetic.config import SyntheticConfig
+from recsys.synthetic.generator import generate, read_manifest
+from recsys.synthetic.warehouse_load import load_into_warehouse
 from recsys.training.loop import LoopConfig, OptimizerConfig, record
 from recsys.training.retrieval import (
     Recipe,
     RetrievalRunResult,
     RetrievalTrainConfig,
+    served_temperature,
     split_recipe,
     train_retrieval,
 )
@@ -148,12 +152,15 @@ class RetrievalExperimentConfig(FrozenModel):
     source_dir: Path | None = Field(None, description="MovieLens-100K folder; None downloads it.")
     events_path: Path | None = Field(None, description="A user's own events file (CSV/Parquet) instead.")
     event_schema: EventSchema = EventSchema()
+    synthetic: SyntheticConfig | None = Field(
+        None, description="Generate this synthetic dataset (its click log) and load it as ``dataset``."
+    )
     models: tuple[str, ...] = DEFAULT_MODELS
     seeds: tuple[int, ...] = (0, 1, 2)
     objectives: tuple[ObjectiveVariant, ...] = Field(
-        (OBJECTIVE_PRESETS["gr"],),
-        description="The recipes to compare. The config's default is the GR recipe, which the pipeline "
-        "packages and serves (its package stage rebuilds d-50 L2 models); the CLI's default is 'auto'.",
+        (OBJECTIVE_PRESETS["auto"],),
+        description="The recipes to compare; default the data's rule ('auto'), which the pipeline trains, "
+        "packages (from each run's recorded model config, ``serving_record``) and serves.",
     )
     train: RetrievalTrainConfig = Field(
         RetrievalTrainConfig(),
@@ -183,6 +190,9 @@ class RetrievalExperimentConfig(FrozenModel):
         if not self.models:
             raise ValueError("models: name at least one model")
         check_seeds(self.seeds)
+        given = [n for n in ("source_dir", "events_path", "synthetic") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give one data source, not several")
         names = [v.name for v in self.objectives]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"objectives: need at least one, with distinct names; got {names}")
@@ -267,7 +277,7 @@ def train_one(
     fields: dict[str, int | float],
     config: RetrievalExperimentConfig,
     paths: PathsConfig,
-    run_log: RunLog,
+    run_log: RunLog | None,
     data_version: str,
     *,
     loop: LoopConfig | None = None,
@@ -293,10 +303,23 @@ def train_one(
     )
 
 
-def prepare_split(wh_path: Path, config: RetrievalExperimentConfig) -> tuple[LeaveOneOutSplit, str]:
-    """Ingest the dataset (skipped when unchanged), build its sequences, and split them leave-one-out."""
+def prepare_split(
+    wh_path: Path, config: RetrievalExperimentConfig, *, synthetic_root: Path | None = None
+) -> tuple[LeaveOneOutSplit, str]:
+    """Ingest (or generate and load) the dataset, skipped when unchanged, build its sequences, and split them
+    leave-one-out. A synthetic run is written under ``synthetic_root`` (default: beside the warehouse)."""
     with Warehouse(wh_path) as wh:
-        if config.events_path is not None:
+        if config.synthetic is not None:
+            root = synthetic_root if synthetic_root is not None else Path(wh_path).parent / "synthetic"
+            out_dir = root / f"{config.dataset}-{config.synthetic.data_version()}"
+            try:
+                reuse = read_manifest(out_dir).data_version == config.synthetic.data_version()
+            except FileNotFoundError:
+                reuse = False
+            if not reuse:
+                generate(config.synthetic, out_dir)
+            load_into_warehouse(wh, out_dir, dataset=config.dataset)
+        elif config.events_path is not None:
             ingest_events(wh, config.dataset, Path(config.events_path), schema=config.event_schema)
         elif config.dataset == "ml100k" or config.source_dir is not None:
             ingest_movielens(wh, config.source_dir, dataset=config.dataset)
@@ -317,7 +340,9 @@ def run_retrieval_experiment(
     """Train and test every model for every seed, run the paired tests and write the markdown report."""
     paths = paths or PathsConfig()
     say = echo or (lambda _msg: None)
-    split, data_version = record(prepare_split, paths.warehouse, config)
+    split, data_version = record(
+        prepare_split, paths.warehouse, config, synthetic_root=paths.home / "synthetic"
+    )
     say(
         f"{config.dataset}: {split.num_items} items, {len(split.train_users)} users, "
         f"{len(split.test)} evaluated (data version {data_version})"
@@ -358,6 +383,19 @@ def run_retrieval_experiment(
         paths.home / "reports" / f"retrieval_{config.dataset}.md", format_report(result)
     )
     return result
+
+
+def serving_record(run: RetrievalRunResult, settings: RunSettings) -> dict[str, Any]:
+    """What packaging needs to serve a trained run as it was trained: its model config (JSON) and the
+    temperature its scores are divided by (``served_temperature``); popularity has neither."""
+    model = run.model
+    config = getattr(model, "config", None)
+    if model is None or config is None or settings.train.loss is None or run.model_name == "popularity":
+        return {"model_config": None, "temperature": None}
+    return {
+        "model_config": config.model_dump(mode="json"),
+        "temperature": served_temperature(settings.train.loss, model),
+    }
 
 
 def tested(run: RetrievalRunResult) -> RetrievalEvaluation:
@@ -477,6 +515,7 @@ class SweepConfig(FrozenModel):
     source_dir: Path | None = None
     events_path: Path | None = None
     event_schema: EventSchema = EventSchema()
+    synthetic: SyntheticConfig | None = None
     model: str = "sasrec"
     objectives: tuple[ObjectiveVariant, ...] = (OBJECTIVE_PRESETS["auto"], OBJECTIVE_PRESETS["gr"])
     dims: tuple[int, ...] = (64,)
@@ -519,6 +558,7 @@ class SweepConfig(FrozenModel):
             source_dir=self.source_dir,
             events_path=self.events_path,
             event_schema=self.event_schema,
+            synthetic=self.synthetic,
             models=(self.model,),
             seeds=(self.seed,),
             train=self.train,
@@ -556,7 +596,9 @@ def run_sweep(config: SweepConfig, paths: PathsConfig | None = None, *, echo: An
     paths = paths or PathsConfig()
     say = echo or (lambda _msg: None)
     experiment = config.experiment()
-    split, data_version = record(prepare_split, paths.warehouse, experiment)
+    split, data_version = record(
+        prepare_split, paths.warehouse, experiment, synthetic_root=paths.home / "synthetic"
+    )
     recipe = split_recipe(split)
     say(f"data rule: {recipe.reason}")
     run_log = record(RunLog, paths.warehouse)
@@ -694,11 +736,13 @@ def _dataset_fields(
     item_col: str,
     time_col: str,
     time_format: str,
+    synthetic_preset: str | None = None,
 ) -> dict[str, Any]:
     return {
         "dataset": dataset,
         "source_dir": source_dir,
         "events_path": events,
+        "synthetic": SyntheticConfig.preset(synthetic_preset) if synthetic_preset is not None else None,
         "event_schema": EventSchema(
             user_id=user_col, item_id=item_col, timestamp=time_col, timestamp_format=time_format
         ),
@@ -719,6 +763,14 @@ UserColOpt = Annotated[str, typer.Option(help="Events column with the user id.")
 ItemColOpt = Annotated[str, typer.Option(help="Events column with the item id.")]
 TimeColOpt = Annotated[str, typer.Option(help="Events column with the event time.")]
 TimeFormatOpt = Annotated[str, typer.Option(help="'unix', 'iso8601' or a strptime format.")]
+SyntheticOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Generate a synthetic dataset (its click log) and load it as --dataset: "
+        + ", ".join(SyntheticConfig.preset_names())
+        + " (sparse_retrieval: 4,000 items, ~8 clicks per user)."
+    ),
+]
 MaxLenOpt = Annotated[
     int | None, typer.Option(min=2, help="History length (default: the data's rule, 200 dense / 50 sparse).")
 ]
@@ -737,6 +789,7 @@ def run_command(
     item_col: ItemColOpt = "item_id",
     time_col: TimeColOpt = "timestamp",
     time_format: TimeFormatOpt = "unix",
+    synthetic_preset: SyntheticOpt = None,
     models: Annotated[str, typer.Option(help="Comma-separated models.")] = ",".join(DEFAULT_MODELS),
     objectives: Annotated[str, typer.Option(help=PRESETS_HELP + " ('auto' = the data's rule).")] = "auto",
     seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0..n-1).")] = 3,
@@ -763,7 +816,9 @@ def run_command(
     train = {"batch_size": batch_size, **({"max_len": max_len} if max_len is not None else {})}
     try:
         config = RetrievalExperimentConfig(
-            **_dataset_fields(dataset, source_dir, events, user_col, item_col, time_col, time_format),
+            **_dataset_fields(
+                dataset, source_dir, events, user_col, item_col, time_col, time_format, synthetic_preset
+            ),
             models=split_csv(models),
             objectives=objective_variants(objectives),
             seeds=tuple(range(seeds)),
@@ -795,6 +850,7 @@ def sweep_command(
     item_col: ItemColOpt = "item_id",
     time_col: TimeColOpt = "timestamp",
     time_format: TimeFormatOpt = "unix",
+    synthetic_preset: SyntheticOpt = None,
     model: Annotated[str, typer.Option(help="Sequential retrieval model.")] = "sasrec",
     objectives: Annotated[str, typer.Option(help=PRESETS_HELP + ".")] = "auto,gr,gbce",
     dims: Annotated[str, typer.Option(help="Comma-separated embedding dimensions.")] = "64",
@@ -813,7 +869,9 @@ def sweep_command(
     is evaluated once, for the winner. Every candidate is recorded in the run registry."""
     try:
         config = SweepConfig(
-            **_dataset_fields(dataset, source_dir, events, user_col, item_col, time_col, time_format),
+            **_dataset_fields(
+                dataset, source_dir, events, user_col, item_col, time_col, time_format, synthetic_preset
+            ),
             model=model,
             objectives=objective_variants(objectives),
             dims=tuple(int(x) for x in split_csv(dims)),

@@ -1,8 +1,9 @@
 """Turn the pipeline's trained checkpoints into registered, servable models (the package stage's library).
 
-The retrieval stage records each model's best checkpoint; here the model is rebuilt from the registry's
-config (the same ``model_config(name, num_items, max_len)`` training used), its best weights loaded, and it is
-registered in the BentoML model store with the dataset's catalogue and histories (``serving.registry``).
+The retrieval stage records each model's best checkpoint with the model config it trained and the temperature
+its scores were divided by (``experiments.retrieval.serving_record``); here the model is rebuilt from that
+config, its best weights loaded, and it is registered in the BentoML model store with that temperature and
+the dataset's catalogue and histories (``serving.registry``), so it serves the scores it was trained for.
 Popularity, the A/B control and cold-start fallback, is refit from the dataset's events. The distill stage
 records its served student (``experiments.distillation.ServedStudent``); ``register_distilled_ranker``
 rebuilds it from that record, checks its weights against the recorded sha256 and registers it as a
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
 from recsys.core.hashing import file_sha256
-from recsys.models.registry import build_model, entry, model_config
+from recsys.models.registry import build_model, entry
 from recsys.serving.registry import (
     catalog_from_warehouse,
     histories_from_warehouse,
@@ -53,19 +55,26 @@ def register_learned_retriever(
     name: str,
     checkpoint_dir: Path,
     *,
-    num_items: int,
-    max_len: int,
+    model_config_json: Mapping[str, Any],
+    temperature: float,
     metrics: Mapping[str, float] | None = None,
     store: str | None = None,
 ) -> str:
-    """Rebuild ``name`` with its training config, load the best weights, register it under ``store``
-    (default ``<dataset>-<name>``); returns the tag."""
+    """Rebuild ``name`` from the config it was trained with (``model_config_json``), load the best weights,
+    register it under ``store`` (default ``<dataset>-<name>``) serving ``dot / temperature``; returns the
+    tag."""
     best = weights_path(checkpoint_dir, "best")
     if not best.exists():
         raise FileNotFoundError(
             f"checkpoint_dir: no best weights at {best} (did the retrieval stage finish?)"
         )
-    model = build_model(name, model_config(name, num_items=num_items, max_len=max_len))
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    try:
+        config = entry(name).config_cls(**model_config_json)
+    except ValidationError as exc:
+        raise ValueError(f"model_config_json: not a {name} config: {exc}") from exc
+    model = build_model(name, config)
     load_weights(model, best)
     items, histories, data_version = _dataset_inputs(warehouse_path, dataset)
     return register_model(
@@ -77,6 +86,7 @@ def register_learned_retriever(
         data_version=data_version,
         metrics=metrics,
         histories=histories,
+        temperature=temperature,
     )
 
 

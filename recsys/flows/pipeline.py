@@ -196,7 +196,7 @@ def compare_retrieval(experiment: Any) -> Any:
 @flow(name="retrieval-stage", log_prints=False)
 def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
     """Train and evaluate the retrieval models; the record names each model's best checkpoint."""
-    from recsys.experiments.retrieval import RetrievalExperimentConfig, format_table
+    from recsys.experiments.retrieval import RetrievalExperimentConfig, format_table, serving_record
 
     loop = config.retrieval_loop.model_copy(update={"progress": _interactive()})
     experiment = RetrievalExperimentConfig(
@@ -225,6 +225,7 @@ def retrieval_stage(config: PipelineConfig) -> dict[str, Any]:
             "valid_ndcg@10": float(first.valid.get("ndcg@10", float("nan"))),
             "test": {k: float(v) for k, v in first.test.metrics.items()},
             "run_id": first.run_id,
+            **serving_record(first, result.settings[name]),  # what packaging rebuilds and serves
         }
     learned = {k: v for k, v in models.items() if k != "popularity" and v["checkpoint"]}
     best = max(learned, key=lambda k: learned[k]["valid_ndcg@10"]) if learned else None
@@ -437,8 +438,8 @@ def package_stage(
         dataset,
         best,
         Path(model["checkpoint"]),
-        num_items=retrieval["num_items"],
-        max_len=retrieval["max_len"],
+        model_config_json=model["model_config"],
+        temperature=model["temperature"],
         metrics=model["test"],
     )
     # The same model under a stable name: what deployments pin (``<dataset>-retriever:latest``).
@@ -447,8 +448,8 @@ def package_stage(
         dataset,
         best,
         Path(model["checkpoint"]),
-        num_items=retrieval["num_items"],
-        max_len=retrieval["max_len"],
+        model_config_json=model["model_config"],
+        temperature=model["temperature"],
         metrics=model["test"],
         store=f"{_slug(dataset)}-retriever",
     )
@@ -586,6 +587,8 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
                 config.retrieval_loop,
                 config.seeds,
                 config.features.max_seq_len,
+                # Records cached before they carried each model's trained config are not reused.
+                "model-config-record",
             )
             _run_stage(
                 "retrieval", key, lambda: retrieval_stage(config), records, skipped, seconds, wh, progress

@@ -378,23 +378,30 @@ def register_pipeline_models(
 ) -> dict[str, str]:
     """Register the pipeline's retrieval models of ``dataset`` (quick profile) as ``<dataset>-<model>``.
 
-    The checkpoint of a model the pipeline already trained is reused (same key as
-    ``experiments.retrieval``: model, train config, loop config but the epoch cap, data version); a missing
-    one is trained now with the pipeline's quick loop (``max_epochs`` overrides its cap). Returns
-    ``{model: tag}``; registering unchanged weights again returns the same tag.
+    Each model is trained as the pipeline's retrieval stage trains it (the data's rule: objective, dimension
+    and dropout; history the features' ``max_seq_len``), so the checkpoint of a model the pipeline already
+    trained is reused (``experiments.retrieval.train_one``'s key: model, train config, model fields, loop
+    config but the epoch cap, data version); a missing one is trained now with the pipeline's quick loop
+    (``max_epochs`` overrides its cap). The trained module is registered with the temperature it was
+    trained at. Returns ``{model: tag}``; registering unchanged weights again returns the same tag.
     """
     from recsys.core.config import PathsConfig
-    from recsys.core.hashing import stable_hash
     from recsys.evaluation.retrieval import leave_one_out
+    from recsys.experiments.retrieval import (
+        OBJECTIVE_PRESETS,
+        RetrievalExperimentConfig,
+        RunSettings,
+        model_fields_of,
+        resolve_run,
+        serving_record,
+        train_one,
+    )
     from recsys.features.config import FeatureConfig
     from recsys.features.sequences import build_sequences, load_sequences, num_items
-    from recsys.models.registry import build_model, model_config
     from recsys.serving.registry import catalog_from_warehouse, histories_from_warehouse, register_model
-    from recsys.training.checkpoint import load_weights
-    from recsys.training.checkpoint import weights_path as checkpoint_weights_path
     from recsys.training.loop import LoopConfig
     from recsys.training.presets import QUICK_RETRIEVAL_LOOP
-    from recsys.training.retrieval import RetrievalTrainConfig, fit_popularity, train_retrieval
+    from recsys.training.retrieval import RetrievalTrainConfig, fit_popularity, split_recipe
     from recsys.warehouse import Warehouse
 
     paths = PathsConfig(home=home) if home is not None else PathsConfig()
@@ -410,26 +417,20 @@ def register_pipeline_models(
         split = leave_one_out(load_sequences(wh, dataset), num_items(wh, dataset))
         items = catalog_from_warehouse(wh, dataset)
         histories = histories_from_warehouse(wh, dataset)
+    experiment = RetrievalExperimentConfig(dataset=dataset, seeds=(seed,), loop=loop, train=train)
+    recipe = split_recipe(split)
     tags: dict[str, str] = {}
     for name in models:
+        temperature = 0.05  # popularity: the registry's default (its scores are not divided by it)
         if name == "popularity":
             module = fit_popularity(split)
         else:
-            loop_key = loop.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"})
-            key = stable_hash(name, train, loop_key, data_version, length=12)
-            ckpt = paths.artifacts / "retrieval" / dataset / name / f"seed{seed}-{key}"
-            train_retrieval(
-                name,
-                split,
-                seed=seed,
-                train_config=train,
-                loop_config=loop,
-                checkpoint_dir=ckpt,
-                data_version=data_version,
-                dataset=dataset,
-            )
-            module = build_model(name, model_config(name, num_items=split.num_items, max_len=train.max_len))
-            load_weights(module, checkpoint_weights_path(ckpt, "best"))
+            run_train, fields = resolve_run(recipe, OBJECTIVE_PRESETS["auto"], train, {})
+            fields = model_fields_of(name, fields)
+            run = train_one(name, split, seed, run_train, fields, experiment, paths, None, data_version)
+            assert run.model is not None
+            module = run.model
+            temperature = serving_record(run, RunSettings(run_train, fields))["temperature"]
         tags[name] = register_model(
             f"{dataset.lower().replace('_', '-')}-{name}",
             architecture=name,
@@ -438,5 +439,6 @@ def register_pipeline_models(
             items=items,
             data_version=data_version,
             histories=histories,
+            temperature=temperature,
         )
     return tags

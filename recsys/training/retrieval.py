@@ -142,6 +142,13 @@ def model_fields_for(objective: RetrievalObjective) -> dict[str, Any]:
     }
 
 
+def served_temperature(objective: RetrievalObjective, model: nn.Module) -> float:
+    """The temperature a trained model's scores are divided by: its learned one (``learn_temperature``),
+    else the objective's constant; serving divides by it so served scores are the ones trained."""
+    scale = model.score_scale() if objective.learn_temperature else None
+    return float(1.0 / scale.item()) if scale is not None else float(objective.temperature)
+
+
 @dataclass(frozen=True)
 class TrainBatch:
     items: torch.Tensor  # [B, N] inputs

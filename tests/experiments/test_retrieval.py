@@ -20,6 +20,7 @@ from recsys.experiments.retrieval import (
     run_sweep,
 )
 from recsys.models.losses import FullSoftmaxConfig
+from recsys.synthetic.config import SyntheticConfig
 from recsys.training.loop import LoopConfig
 from recsys.training.retrieval import RetrievalTrainConfig
 from recsys.warehouse.runs import RunLog
@@ -167,3 +168,32 @@ def test_sweep_cli_prints_the_winner(
     assert "Winner:" in out.output and "test NDCG@10" in out.output
     bad = CliRunner().invoke(app, [*args[:6], "--objectives", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_a_synthetic_preset_is_generated_loaded_and_reused(tmp_path: Path) -> None:
+    paths = PathsConfig(home=tmp_path / "home")
+    config = RetrievalExperimentConfig(
+        dataset="syn_tiny",
+        synthetic=SyntheticConfig.preset("tiny"),
+        models=("popularity",),
+        seeds=(0,),
+    )
+    result = run_retrieval_experiment(config, paths)
+    assert result.num_items == 500 and result.num_users > 0
+    generated = list((paths.home / "synthetic").iterdir())
+    assert [p.name for p in generated] == [f"syn_tiny-{config.synthetic.data_version()}"]
+    modified = (generated[0] / "manifest.json").stat().st_mtime_ns
+    again = run_retrieval_experiment(config, paths)  # the generated run is reused, not written again
+    assert again.data_version == result.data_version
+    assert (generated[0] / "manifest.json").stat().st_mtime_ns == modified
+
+
+def test_one_data_source_only(events_csv: Path) -> None:
+    with pytest.raises(ValueError, match="events_path and synthetic: give one data source"):
+        RetrievalExperimentConfig(events_path=events_csv, synthetic=SyntheticConfig.preset("tiny"))
+
+
+def test_the_sparse_retrieval_preset_is_the_documented_size() -> None:
+    config = SyntheticConfig.preset("sparse_retrieval")
+    assert (config.catalogue.n_items, config.catalogue.n_creators, config.users.n_users) == (4000, 800, 5000)
+    assert config.sessions.requests_per_user_mean == 7.0

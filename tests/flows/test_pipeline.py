@@ -79,7 +79,14 @@ def retrieval(home: Path, distilled: TeacherStudentResult) -> dict[str, Any]:
     save_weights(model, weights_path(checkpoint, "best"))
     return {
         "best": "sasrec",
-        "models": {"sasrec": {"checkpoint": str(checkpoint), "test": {"ndcg@10": 0.1}}},
+        "models": {
+            "sasrec": {
+                "checkpoint": str(checkpoint),
+                "test": {"ndcg@10": 0.1},
+                "model_config": model.config.model_dump(mode="json"),
+                "temperature": 0.05,
+            }
+        },
         "num_items": num_items,
         "max_len": RETRIEVAL_LEN,
     }
