@@ -177,6 +177,7 @@ class MaskRun:
     train_time_s: float
     num_parameters: int
     best_epoch: int
+    data_version: str = ""  # the sequences version trained on ("" in runs recorded before it was kept)
 
     @property
     def mean_auc(self) -> float:
@@ -382,6 +383,7 @@ def train_mask(
         train_time_s=result.train_time_s,
         num_parameters=result.num_parameters,
         best_epoch=result.best_epoch,
+        data_version=data.data_version,
     )
     frame = pl.DataFrame({"user_id": data.histories.user_ids, "embedding": embeddings.tolist()})
     with atomic_path(out / "embeddings.parquet") as tmp:
@@ -762,6 +764,49 @@ def export_command(
     with atomic_path(out) as tmp:
         frame.write_parquet(tmp)
     typer.echo(f"{frame.height} user embeddings (dimension {len(frame['embedding'][0])}) -> {out}")
+
+
+def register_embeddings(
+    config: UserRepresentationConfig, mask: str, seed: int, name: str, paths: PathsConfig | None = None
+) -> str:
+    """Register the embeddings of a finished run for serving (``/user_embedding``); returns the tag. The
+    dataset's own user ids go with them when they are strings (``<dataset>.user_ids``)."""
+    from recsys.serving.user_embeddings import register_user_embeddings  # the registry, not serving's engine
+
+    paths = paths or PathsConfig()
+    run_dir = finished_embeddings(config, mask, seed, paths.home).parent
+    frame = pl.read_parquet(run_dir / "embeddings.parquet")
+    data_version = json.loads((run_dir / "result.json").read_text()).get("data_version", "")
+    with Warehouse(paths.warehouse) as wh:
+        if not data_version:
+            latest = wh.latest(f"{config.dataset}.sequences")
+            data_version = latest.version if latest is not None else config.dataset
+        if wh.has_table(f"{config.dataset}.user_ids"):
+            raw = wh.sql(f"SELECT user_id, raw_id AS raw_user_id FROM {config.dataset}.user_ids")
+            frame = frame.join(raw, on="user_id", how="left")
+    source = f"user_repr {config.dataset} {mask} seed {seed} ({_run_key(config)})"
+    return register_user_embeddings(name, frame, data_version=data_version, source=source)
+
+
+@app.command("register")
+def register_command(
+    name: Annotated[str, typer.Option(help="Store name of the embeddings (e.g. ml100k-users).")],
+    mask: Annotated[str, typer.Option(help="The mask schedule of the run to register.")] = "ggsm",
+    seed: Annotated[int, typer.Option(help="The seed of the run to register.")] = 0,
+    dataset: Annotated[str | None, typer.Option(help="Warehouse dataset name.")] = None,
+    synthetic: SyntheticOpt = None,
+    synthetic_users: SyntheticUsersOpt = None,
+    synthetic_requests: SyntheticRequestsOpt = None,
+    max_epochs: Annotated[int, typer.Option(help="The --max-epochs the run was trained with.")] = 40,
+    max_len: MaxLenOpt = 100,
+) -> None:
+    """Register a finished run's user embeddings; serve them with RECSYS_SERVING_USER_EMBEDDINGS=<tag>."""
+    config = _config(dataset, None, synthetic, synthetic_users, synthetic_requests, max_epochs, max_len)
+    try:
+        tag = register_embeddings(config, mask, seed, name)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"registered {tag}: serve it with RECSYS_SERVING_USER_EMBEDDINGS={tag}")
 
 
 if __name__ == "__main__":
