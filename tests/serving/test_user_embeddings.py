@@ -152,3 +152,14 @@ def test_a_changed_file_is_refused_at_load() -> None:
     pl.DataFrame({"user_id": [5], "embedding": [[9.0, 9.0]]}).write_parquet(path)
     with pytest.raises(RegistryError, match="sha256"):
         load_user_embeddings(tag)
+
+
+def test_a_built_bento_pins_and_packs_the_embeddings(tags: Tags) -> None:
+    from recsys.serving.build import effective_bentofile
+    from recsys.serving.service import ServingConfig
+
+    config = ServingConfig(retriever=tags.retriever, user_embeddings="emb-test-users:latest")
+    bentofile = effective_bentofile(config)
+    assert tags.int_users in bentofile["models"]
+    envs = {e["name"]: e["value"] for e in bentofile["envs"]}
+    assert envs["RECSYS_SERVING_USER_EMBEDDINGS"] == tags.int_users
