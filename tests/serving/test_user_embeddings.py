@@ -163,3 +163,12 @@ def test_a_built_bento_pins_and_packs_the_embeddings(tags: Tags) -> None:
     assert tags.int_users in bentofile["models"]
     envs = {e["name"]: e["value"] for e in bentofile["envs"]}
     assert envs["RECSYS_SERVING_USER_EMBEDDINGS"] == tags.int_users
+
+
+def test_the_openapi_document_declares_the_route_and_its_404() -> None:
+    from recsys.serving.service import openapi_document
+
+    operation = openapi_document()["paths"]["/user_embedding"]["post"]
+    assert {"200", "400", "404"} <= set(operation["responses"])
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["user_id"]
