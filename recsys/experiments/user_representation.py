@@ -27,7 +27,9 @@ Every run is recorded (kind ``user_repr``) with its per-step training loss (spli
 its embeddings (``embeddings.parquet``: the user's own id and the vector) beside its result. A finished
 (mask, seed) is read back instead of trained again.
 
-CLI: ``recsys users run --source-dir ../shared/data/ml-100k`` (mounted by the platform CLI).
+CLI (mounted by the platform CLI): ``recsys users run --source-dir ../shared/data/ml-100k`` or
+``recsys users run --synthetic interactions``; ``recsys users export`` copies a run's embeddings to Parquet
+and ``recsys users register`` puts them in the model store for the service's ``/user_embedding``.
 """
 
 from __future__ import annotations

@@ -1142,7 +1142,8 @@ READINESS = Readiness()  # this worker process's readiness, answered by RequestG
     tracing={"excluded_urls": ["/"] if os.environ.get("OTEL_SDK_DISABLED") == "true" else None},
 )
 class RecommendationService:
-    """Endpoints /recommend, /rank, /health, /metadata (POST, JSON); BentoML adds GET /readyz and /livez."""
+    """Endpoints /recommend, /rank, /user_embedding, /health, /metadata (POST, JSON); BentoML adds GET
+    /readyz and /livez."""
 
     def __init__(self) -> None:
         READINESS.set("starting: loading models")
