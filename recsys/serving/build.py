@@ -45,8 +45,11 @@ def effective_bentofile(config: ServingConfig, bentofile: Path = BENTOFILE) -> d
         options: dict[str, Any] = yaml.safe_load(f)
     retriever = resolve(config.retriever)
     ranker = resolve(config.ranker) if config.ranker else None
+    users = resolve(config.user_embeddings) if config.user_embeddings else None  # /user_embedding's table
     built = datetime.now(UTC).isoformat(timespec="seconds")
-    pinned = config.model_copy(update={"retriever": retriever, "ranker": ranker, "build_time": built})
+    pinned = config.model_copy(
+        update={"retriever": retriever, "ranker": ranker, "user_embeddings": users, "build_time": built}
+    )
     envs = []
     for name, value in pinned.model_dump(mode="json").items():
         if value is None or name in ("api_key", "impressions_dir"):
@@ -54,7 +57,7 @@ def effective_bentofile(config: ServingConfig, bentofile: Path = BENTOFILE) -> d
         envs.append({"name": ENV_PREFIX + name.upper(), "value": str(value)})
     python = dict(options.get("python") or {})
     python.update({"packages": pinned_requirements(), "lock_packages": False})
-    return {**options, "python": python, "models": [t for t in (retriever, ranker) if t], "envs": envs}
+    return {**options, "python": python, "models": [t for t in (retriever, ranker, users) if t], "envs": envs}
 
 
 def build_bento(config: ServingConfig, bentofile: Path = BENTOFILE, version: str | None = None) -> str:
@@ -131,9 +134,13 @@ def build_command(
     retriever: Annotated[str, typer.Option(help="Retriever tag (name:latest is resolved and pinned).")],
     ranker: Annotated[str | None, typer.Option(help="Ranker tag.")] = None,
     version: Annotated[str | None, typer.Option(help="Bento version (default: generated).")] = None,
+    user_embeddings: Annotated[
+        str | None, typer.Option(help="Tag of registered user embeddings (/user_embedding).")
+    ] = None,
 ) -> None:
     """Build the service bento offline (no lock step); prints its tag."""
-    typer.echo(build_bento(ServingConfig(retriever=retriever, ranker=ranker), version=version))
+    config = ServingConfig(retriever=retriever, ranker=ranker, user_embeddings=user_embeddings)
+    typer.echo(build_bento(config, version=version))
 
 
 @app.command("publish-impressions")

@@ -137,6 +137,7 @@ def _schema(model: type[BaseModel], mode: Literal["validation", "serialization"]
 
 
 API_ERRORS = (400, 413, 415, 429, 500, 504)  # 401 added where the key is required
+NOT_FOUND_PATHS = ("/user_embedding",)  # routes that answer 404 for an id they do not hold
 
 
 def document_service(
@@ -181,6 +182,8 @@ def document_service(
                     responses[str(status)] = _error_response(status)
             if path.endswith("/readyz"):
                 responses["503"] = _error_response(503)
+            if path.endswith(NOT_FOUND_PATHS):
+                responses["404"] = _error_response(404)
             if guarded:
                 responses["401"] = _error_response(401)
                 op["security"] = [{SECURITY_SCHEME: []}]

@@ -122,6 +122,12 @@ from recsys.serving.schemas import (
     ScoredBy,
     ScoredItem,
 )
+from recsys.serving.user_embeddings import (
+    UserEmbeddingRequest,
+    UserEmbeddingResponse,
+    load_user_embeddings,
+    not_served,
+)
 
 # BentoML records an OpenTelemetry span per request even with tracing off (sample rate 0: the spans only
 # feed the trace ids of the access log), ~10% of a rank request's CPU under load. Off unless the deployment
@@ -203,6 +209,10 @@ class ServingConfig(ServerProcessConfig):
         min_length=1, description="Tag of the retrieval model (name:version or name:latest)."
     )
     ranker: str | None = Field(None, description="Tag of the ranker; None = rank by retrieval scores.")
+    user_embeddings: str | None = Field(
+        None,
+        description="Tag of registered user embeddings served at /user_embedding (serving.user_embeddings).",
+    )
     max_history: int = Field(1000, ge=1, description="Most history events a request may send.")
     max_candidates: int = Field(2000, ge=1, description="Most candidates (and excluded items) per request.")
     max_k: int = Field(200, ge=1, description="Largest k of recommend.")
@@ -1141,7 +1151,8 @@ READINESS = Readiness()  # this worker process's readiness, answered by RequestG
     tracing={"excluded_urls": ["/"] if os.environ.get("OTEL_SDK_DISABLED") == "true" else None},
 )
 class RecommendationService:
-    """Endpoints /recommend, /rank, /health, /metadata (POST, JSON); BentoML adds GET /readyz and /livez."""
+    """Endpoints /recommend, /rank, /user_embedding, /health, /metadata (POST, JSON); BentoML adds GET
+    /readyz and /livez."""
 
     def __init__(self) -> None:
         READINESS.set("starting: loading models")
@@ -1156,6 +1167,8 @@ class RecommendationService:
             else None
         )
         self.engine = Recommender.from_config(self.config, logger)
+        tag = self.config.user_embeddings
+        self.user_embeddings = load_user_embeddings(tag) if tag else None
         if logger is not None:
             READINESS.add_check(logger.failure)
         READINESS.set("starting: warming up")
@@ -1203,6 +1216,13 @@ class RecommendationService:
         job = self.engine.rank_job(request)
         pool = await self._rank.submit(job)
         return self.engine.finish_rank(job, pool)
+
+    @bentoml.api
+    def user_embedding(self, request: UserEmbeddingRequest, /) -> UserEmbeddingResponse:
+        """The stored vector of a user (by the dataset's own id); 404 naming user_id for an unknown one."""
+        if self.user_embeddings is None:
+            raise not_served()
+        return self.user_embeddings.respond(request)
 
     @bentoml.api
     def health(self) -> HealthResponse:

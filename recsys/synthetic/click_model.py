@@ -398,6 +398,34 @@ class ClickModel:
             z += cm.interaction * ((np.cos(theta) - 1.0)[:, None] * early + np.sin(theta)[:, None] * late)
         return z
 
+    def category_preference(self, profile: np.ndarray, taste: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """[B, n_categories]: the part of the true logit that depends on the user's hidden profile and taste,
+        the category and the time ts [B]: a * taste + x * W_ag(t)[age, gender] + xc * W_ac[age] (mean over
+        the dayparts) + d * drift(t). What the user prefers at ts before any short-term or creator effect;
+        the price-band cross, item quality and the hour-of-day effect are left out (they do not depend on
+        the user's category preference)."""
+        profile = np.asarray(profile, dtype=np.int64)
+        taste = np.asarray(taste, dtype=np.float64)
+        ts = np.asarray(ts, dtype=np.int64)
+        n, c = len(profile), self.n_categories
+        if profile.shape != (n, 4) or taste.shape != (n, c) or ts.shape != (n,):
+            raise ValueError(
+                f"profile must be [n, 4], taste [n, {c}] and ts [n], got {profile.shape}, {taste.shape}, "
+                f"{ts.shape}"
+            )
+        cm = self.config.click
+        age, gender = profile[:, 0], profile[:, 1]
+        theta = cm.interaction_drift * (ts - self.config.sessions.start_ts) / self._horizon_s  # [n]
+        w = (
+            np.cos(theta)[:, None] * self.w_age_gender_cat[age, gender]
+            + np.sin(theta)[:, None] * self.w_age_gender_cat_late[age, gender]
+        )
+        hours = ts // HOUR_S
+        period, phase = self.drift_period_h[None, :], self.drift_phase[None, :]
+        drift = np.sin(2 * np.pi * (hours[:, None] - self.h0) / period + phase)
+        context = self.w_age_cat_daypart[age].mean(axis=2)  # [n, C]
+        return cm.taste * taste + cm.interaction * w + cm.context_interaction * context + cm.drift * drift
+
     def examine(self, position: np.ndarray | int) -> np.ndarray:
         """P(the user examines 0-based slate position k) = (1 + k)^-eta."""
         pos = np.asarray(position, dtype=np.float64)

@@ -37,7 +37,7 @@ def fuzz_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def api_schema(fuzz_url: str) -> schemathesis.BaseSchema:
     doc = httpx.get(f"{fuzz_url}/docs.json", headers={"x-api-key": API_KEY}, timeout=30).json()
-    assert len(doc["paths"]) == 8, sorted(doc["paths"])  # 4 endpoints, /livez /healthz /readyz /metrics
+    assert len(doc["paths"]) == 9, sorted(doc["paths"])  # 5 endpoints, /livez /healthz /readyz /metrics
     return schemathesis.openapi.from_dict(doc)
 
 
@@ -50,6 +50,7 @@ OPERATIONS = [
     ("POST", "/metadata"),
     ("POST", "/rank"),
     ("POST", "/recommend"),
+    ("POST", "/user_embedding"),
 ]
 
 
