@@ -4,7 +4,6 @@ app, in process): the user's own ids come back, and the served top-k is the offl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from recsys.serving.registry import catalog_from_warehouse, histories_from_wareh
 from recsys.training.loop import LoopConfig
 from recsys.training.retrieval import RetrievalTrainConfig, train_retrieval
 from recsys.warehouse import Warehouse
+from tests.inprocess_service import service_client
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EVENTS = EXAMPLES / "events.csv"
@@ -101,24 +101,13 @@ def offline(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> pl.Da
 @pytest.fixture(scope="module")
 def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """The BentoML service's own ASGI app (routes, validation, batching), in process."""
-    from recsys.serving.service import RecommendationService
-
     env = {
         "RECSYS_SERVING_RETRIEVER": trained.tag,
         "RECSYS_SERVING_IMPRESSIONS_DIR": str(tmp_path_factory.mktemp("impressions")),
         "RECSYS_SERVING_TORCH_THREADS": "1",
     }
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with TestClient(RecommendationService.to_asgi()) as client:
-            yield client
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with service_client(env) as client:
+        yield client
 
 
 def test_recommend_writes_the_users_own_ids(offline: pl.DataFrame, trained: Trained) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from starlette.testclient import TestClient
 
 from recsys.models.generative_retrieval import (
     GenerativeRetriever,
@@ -22,6 +21,7 @@ from recsys.models.semantic_ids import SemanticIds, add_dedup_code
 from recsys.serving.registry import load_model, register_model
 from recsys.serving.schemas import RankRequest, RecommendRequest
 from recsys.serving.service import Recommender, ServingConfig
+from tests.inprocess_service import service_client
 
 NUM_ITEMS = 40
 ITEM_OFFSET = 500  # raw id = offset + item_idx: the engine must map ids
@@ -100,14 +100,14 @@ def test_recommend_over_the_services_http_routes(
     tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``/recommend`` of the BentoML service's own ASGI app (routes, validation, batching), in process."""
-    from recsys.serving.service import RecommendationService
-
-    monkeypatch.setenv("RECSYS_SERVING_RETRIEVER", tag)
-    monkeypatch.setenv("RECSYS_SERVING_BEAM_WIDTH", "5")
-    monkeypatch.setenv("RECSYS_SERVING_IMPRESSIONS_DIR", str(tmp_path / "impressions"))
-    monkeypatch.setenv("RECSYS_SERVING_TORCH_THREADS", "1")
+    env = {
+        "RECSYS_SERVING_RETRIEVER": tag,
+        "RECSYS_SERVING_BEAM_WIDTH": "5",
+        "RECSYS_SERVING_IMPRESSIONS_DIR": str(tmp_path / "impressions"),
+        "RECSYS_SERVING_TORCH_THREADS": "1",
+    }
     catalogue = {ITEM_OFFSET + i for i in range(1, NUM_ITEMS + 1)}
-    with TestClient(RecommendationService.to_asgi()) as client:
+    with service_client(env) as client:
         for body in ({"user_id": 7, "k": 20}, {"history": [{"item_id": ITEM_OFFSET + 11, "ts": 5}], "k": 20}):
             response = client.post("/recommend", json=body)
             assert response.status_code == 200, response.text

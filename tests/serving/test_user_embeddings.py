@@ -4,7 +4,6 @@ bad tables are refused at registration and a changed file at load."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from recsys.serving.user_embeddings import (
     not_served,
     register_user_embeddings,
 )
+from tests.inprocess_service import service_client
 
 VECTORS = {7: [1.0, 0.0, 0.0, 0.0], 11: [0.0, 0.6, 0.8, 0.0], 42: [0.5, 0.5, 0.5, 0.5]}
 
@@ -54,32 +54,17 @@ def tags() -> Tags:
     return Tags(retriever, int_users, str_users)
 
 
-def _client(env: dict[str, str]) -> Iterator[TestClient]:
-    from recsys.serving.service import RecommendationService
-
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with TestClient(RecommendationService.to_asgi()) as client:
-            yield client
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def served(tags: Tags, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    yield from _client(
+    with service_client(
         {
             "RECSYS_SERVING_RETRIEVER": tags.retriever,
             "RECSYS_SERVING_USER_EMBEDDINGS": tags.int_users,
             "RECSYS_SERVING_IMPRESSIONS_DIR": str(tmp_path_factory.mktemp("impressions")),
             "RECSYS_SERVING_TORCH_THREADS": "1",
         }
-    )
+    ) as client:
+        yield client
 
 
 def test_the_service_returns_the_registered_vector(served: TestClient, tags: Tags) -> None:
