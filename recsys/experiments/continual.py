@@ -116,6 +116,8 @@ NOISE_AUC = 0.002
 _QUICK_TRAIN: dict[str, tuple[int, int, int]] = {
     "synthetic": (5, 100, 4_000),
     "synthetic_drift": (5, 100, 20_000),
+    "synthetic_item_drift": (5, 100, 20_000),
+    "synthetic_item_drift_control": (5, 100, 20_000),
     "synthetic_long": (20, 200, 6_000),
     "ml100k": (20, 200, 10_000),
 }
@@ -181,6 +183,10 @@ class ContinualConfig(RankingDataSource):
             base["synthetic"] = SyntheticConfig.quick()
         elif dataset == "synthetic_drift":
             base["synthetic"] = SyntheticConfig.drift()
+        elif dataset == "synthetic_item_drift":
+            base["synthetic"] = SyntheticConfig.item_drift()
+        elif dataset == "synthetic_item_drift_control":
+            base["synthetic"] = SyntheticConfig.item_drift_control()
         elif dataset == "synthetic_long":
             base["synthetic"] = SyntheticConfig.long_history()
         else:  # ml100k
