@@ -366,26 +366,35 @@ class SyntheticConfig(FrozenModel):
 
     @classmethod
     def item_drift(
-        cls, seed: int = 0, *, turn: float = 3.141592653589793, appeal: float = 2.0
+        cls, seed: int = 0, *, turn: float = 6.283185307179586, appeal: float = 2.5
     ) -> SyntheticConfig:
-        """``drift`` plus item appeal that drifts: every item gets an appeal of weight ``appeal``
-        (``click.item_appeal``) that turns ``turn`` radians over the 120 days (``click.item_appeal_drift``,
-        the drift dial) towards an independent draw, so late in the horizon an item's appeal is
-        anti-correlated with its early appeal. Only the item's id reveals it (no history, no counter tracks
-        it): a model must relearn it, and forgets what held before (the continual-training benchmark).
-        ``turn=0`` is the control with the same, static appeal; ``appeal=0`` is exactly ``drift``."""
+        """Item appeal that drifts, the one non-stationary signal (the continual-training benchmark): each of
+        500 items has an appeal of weight ``appeal`` (``click.item_appeal``) that turns ``turn`` radians over
+        the 120 days (``click.item_appeal_drift``, the drift dial; a full turn by default, so the appeal a
+        model learned in one 30-day period is unrelated or opposite a period or two later). Only the item's
+        id reveals it (no history, no counter tracks it): a model must relearn it, and forgets what held
+        before. Users, sessions and logging as in ``drift``; static taste and profile x item crosses at
+        weight 1; category drift and interaction drift off. ``turn=0`` is the stationary control."""
         base = cls.drift(seed)
-        click = ClickModelConfig(
-            **(
-                base.click.model_dump()
-                | {"item_appeal": appeal, "item_appeal_drift": turn if appeal else 0.0}
-            )
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=500, n_creators=250),
+            users=base.users,
+            sessions=base.sessions,
+            policy=base.policy,
+            click=ClickModelConfig(
+                taste=1.0,
+                interaction=1.0,
+                drift=0.0,
+                loyalty=0.0,
+                item_appeal=appeal,
+                item_appeal_drift=turn if appeal else 0.0,
+            ),
         )
-        return cls(**(base.model_dump() | {"click": click}))
 
     @classmethod
     def item_drift_control(cls, seed: int = 0) -> SyntheticConfig:
-        """``item_drift`` with the drift dial at 0: the same item appeal, constant over time."""
+        """``item_drift`` with the drift dial at 0: the same item appeal, constant over time (stationary)."""
         return cls.item_drift(seed, turn=0.0)
 
     @classmethod
