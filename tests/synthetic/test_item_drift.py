@@ -50,33 +50,37 @@ def test_earlier_presets_keep_their_data_version() -> None:
     assert "item_appeal" not in SyntheticConfig.drift().click.model_dump()  # unused dials are not dumped
 
 
-def test_the_control_with_the_dial_off_is_the_drift_preset_and_generates_its_files(tmp_path: Path) -> None:
-    off = SyntheticConfig.item_drift(seed=7, appeal=0.0)
-    assert (
-        off == SyntheticConfig.drift(seed=7) and off.data_version() == SyntheticConfig.drift(7).data_version()
-    )
-    # The files the drift preset (40 users) generated before the dial existed: same ids, times and clicks.
-    small = off.model_copy(update={"users": UserConfig(n_users=40)})
+def test_the_drift_preset_generates_the_files_it_generated_before_the_dial_existed(tmp_path: Path) -> None:
+    """Ids, times, positions and clicks of the drift preset (40 users), as generated before the item-appeal
+    term existed: with the dial off the generator is unchanged."""
+    small = SyntheticConfig.drift(seed=7).model_copy(update={"users": UserConfig(n_users=40)})
     assert _content_digest(small, tmp_path) == ("b1838757e39b9bca", 2520)
 
 
 def test_item_drift_and_its_control_differ_only_in_the_drift_dial() -> None:
     on, control = SyntheticConfig.preset("item_drift"), SyntheticConfig.preset("item_drift_control")
     assert on.click.item_appeal == control.click.item_appeal > 0
-    assert on.click.item_appeal_drift == pytest.approx(np.pi) and control.click.item_appeal_drift == 0.0
+    assert on.click.item_appeal_drift == pytest.approx(2 * np.pi) and control.click.item_appeal_drift == 0.0
     assert on.model_copy(update={"click": control.click}) == control
-    assert on.model_copy(update={"click": SyntheticConfig.drift().click}) == SyntheticConfig.drift()
-    assert len({on.data_version(), control.data_version(), SyntheticConfig.drift().data_version()}) == 3
+    # The dial is the only non-stationary term: no category drift, no interaction drift.
+    assert on.click.drift == 0.0 and on.click.interaction_drift == 0.0
+    assert SyntheticConfig.item_drift(turn=1.0).click.item_appeal_drift == 1.0
+    assert SyntheticConfig.item_drift(appeal=0.0).click.item_appeal_drift == 0.0  # nothing left to turn
+    assert (
+        len({on.data_version(), control.data_version(), SyntheticConfig.item_drift(appeal=0).data_version()})
+        == 3
+    )
 
 
 def test_item_appeal_turns_over_the_horizon_with_the_dial_on_and_not_with_it_off() -> None:
-    """The logit gap to the drift preset is v * A_i(t): it reverses over the horizon (half a turn) with the
-    dial on, and is the same at every time with the dial off."""
-    base = SyntheticConfig.drift(seed=2)
+    """The logit gap to the same world without item appeal is v * A_i(t): with the dial on (a full turn) it
+    is unrelated to the start a quarter of the way in, reversed halfway and back at the end; with the dial
+    off it is the same at every time."""
+    base = SyntheticConfig.item_drift(seed=2, appeal=0.0)
     users, items = np.arange(30), np.tile(np.arange(200), (30, 1))
     t0 = np.full(30, base.sessions.start_ts)
     horizon = int(base.sessions.horizon_days * DAY_S)
-    times = {"start": t0, "middle": t0 + horizon // 2, "end": t0 + horizon}
+    times = {"start": t0, "quarter": t0 + horizon // 4, "half": t0 + horizon // 2, "end": t0 + horizon}
     plain = ClickModel(base)
     state0 = plain.initial_state(users)
     gaps: dict[str, dict[str, np.ndarray]] = {}
@@ -92,26 +96,31 @@ def test_item_appeal_turns_over_the_horizon_with_the_dial_on_and_not_with_it_off
     np.testing.assert_allclose(on["start"], np.broadcast_to(on["start"][0], on["start"].shape), atol=1e-9)
     np.testing.assert_allclose(on["start"], off["start"], atol=1e-9)
     assert np.std(on["start"][0]) == pytest.approx(v, rel=0.2)
-    # Dial on: half a turn reverses the appeal; halfway it is independent of the start.
-    np.testing.assert_allclose(on["end"], -on["start"], atol=1e-6)
-    assert abs(np.corrcoef(on["start"][0], on["middle"][0])[0, 1]) < 0.2
+    # Dial on: a quarter turn is an independent draw, half a turn reverses the appeal, a full one restores it.
+    assert abs(np.corrcoef(on["start"][0], on["quarter"][0])[0, 1]) < 0.2
+    np.testing.assert_allclose(on["half"], -on["start"], atol=1e-6)
+    np.testing.assert_allclose(on["end"], on["start"], atol=1e-6)
     # Dial off: constant.
-    for k in ("middle", "end"):
+    for k in ("quarter", "half", "end"):
         np.testing.assert_allclose(off[k], off["start"], atol=1e-9)
 
 
 def test_generated_clicks_follow_the_turning_appeal(tmp_path: Path) -> None:
-    """In the generated data, items with a high early appeal are clicked more often early than late."""
-    config = SyntheticConfig.item_drift(seed=1).model_copy(update={"users": UserConfig(n_users=150)})
+    """In the generated data, items with a high appeal at the start are clicked more often than the others
+    in the first and last tenth of the horizon and less often around its middle (half a turn)."""
+    config = SyntheticConfig.item_drift(seed=1).model_copy(update={"users": UserConfig(n_users=200)})
     manifest = generate(config, tmp_path)
     imp = pl.read_parquet(manifest.paths("impressions"))
     model = ClickModel(config)
     high = model.item_appeal_early[imp["item_id"].to_numpy()] > 0
-    late = imp["ts"].to_numpy() >= config.sessions.start_ts + config.sessions.horizon_days * DAY_S / 2
+    frac = (imp["ts"].to_numpy() - config.sessions.start_ts) / (config.sessions.horizon_days * DAY_S)
     click = imp["click"].to_numpy()
-    lift_early = click[high & ~late].mean() - click[~high & ~late].mean()
-    lift_late = click[high & late].mean() - click[~high & late].mean()
-    assert lift_early > 0.02 and lift_late < -0.02
+
+    def lift(window: np.ndarray) -> float:
+        return float(click[high & window].mean() - click[~high & window].mean())
+
+    assert lift(frac < 0.1) > 0.03 and lift(frac > 0.9) > 0.03
+    assert lift((frac > 0.4) & (frac < 0.6)) < -0.03
 
 
 def test_appeal_drift_without_appeal_names_the_field() -> None:
