@@ -116,6 +116,8 @@ NOISE_AUC = 0.002
 _QUICK_TRAIN: dict[str, tuple[int, int, int]] = {
     "synthetic": (5, 100, 4_000),
     "synthetic_drift": (5, 100, 20_000),
+    "synthetic_item_drift": (5, 100, 20_000),
+    "synthetic_item_drift_control": (5, 100, 20_000),
     "synthetic_long": (20, 200, 6_000),
     "ml100k": (20, 200, 10_000),
 }
@@ -157,15 +159,16 @@ class ContinualConfig(RankingDataSource):
     def quick(cls, dataset: str = "synthetic", **overrides: Any) -> ContinualConfig:
         """Presets that run on a 2-core CPU: ``synthetic`` (the quick generator run, < 90 s for the three
         methods on an idle machine), ``synthetic_drift`` (``SyntheticConfig.drift``: category appeal swings
-        and the profile x category tastes turn half a circle over the horizon), ``synthetic_long``
+        and the profile x category tastes turn half a circle over the horizon), ``synthetic_item_drift``
+        (``SyntheticConfig.item_drift``: ``drift`` plus a per-item appeal that turns half a circle, which only
+        the item's id reveals: the benchmark on which fine-tuning forgets) and its control
+        ``synthetic_item_drift_control`` (the same appeal, constant), ``synthetic_long``
         (SyntheticConfig.long_history, ~1,100 events per user) and ``ml100k``.
 
         Served / privileged history: 5 / 100 on quick synthetic data (its users have ~20 clicks; a served
         window of 20 would already hold most of them), 20 / 200 on the others (spec example)."""
         if dataset not in _QUICK_TRAIN:
-            raise ValueError(
-                f"no quick preset for dataset {dataset!r}; choose synthetic, synthetic_long, ml100k"
-            )
+            raise ValueError(f"no quick preset for dataset {dataset!r}; choose one of {sorted(_QUICK_TRAIN)}")
         served_len, privileged_len, max_train = _QUICK_TRAIN[dataset]
         base: dict[str, Any] = {
             "dataset": dataset,
@@ -181,6 +184,10 @@ class ContinualConfig(RankingDataSource):
             base["synthetic"] = SyntheticConfig.quick()
         elif dataset == "synthetic_drift":
             base["synthetic"] = SyntheticConfig.drift()
+        elif dataset == "synthetic_item_drift":
+            base["synthetic"] = SyntheticConfig.item_drift()
+        elif dataset == "synthetic_item_drift_control":
+            base["synthetic"] = SyntheticConfig.item_drift_control()
         elif dataset == "synthetic_long":
             base["synthetic"] = SyntheticConfig.long_history()
         else:  # ml100k
@@ -745,9 +752,13 @@ def _group() -> None:
 
 @app.command("run")
 def run_command(
-    dataset: Annotated[str, typer.Option(help="synthetic, synthetic_long or ml100k (the quick presets).")] = (
-        "synthetic"
-    ),
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="synthetic, synthetic_drift, synthetic_item_drift, synthetic_item_drift_control, "
+            "synthetic_long or ml100k (the quick presets)."
+        ),
+    ] = "synthetic",
     methods: Annotated[str, typer.Option(help="Comma-separated: finetune, replay, sdft.")] = ",".join(
         METHODS
     ),

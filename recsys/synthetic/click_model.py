@@ -9,6 +9,7 @@ The click logit of user u for item i at time t (position-free, ``ClickModel.logi
               + l * 1[u clicked creator_i at any time before t]      long-range creator loyalty
               + r * 1[u clicked creator_i before, not in the last R clicks]   a dormant interest returning
               + q * quality_i
+              + v * A_i(t)                                           item appeal (optionally drifting)
               + d * sin(2 pi (H(t) - H0) / period_c + phase_c)       slow drift of category appeal
               + h * cos(2 pi (hour(t) - peak_c) / 24)                hour-of-day effect
 
@@ -17,7 +18,9 @@ The click logit of user u for item i at time t (position-free, ``ClickModel.logi
 ``short_u,t[c] = sum over u's clicks j in category c before t of exp(-(t - t_j) / tau)`` (time-based, so it
 decays within a session and is ~0 at the next session); ``H(t) = floor(t / 3600)`` and ``hour(t) = H(t) mod
 24`` (UTC), ``H0 = H(start_ts)``, ``daypart(t) = hour(t) // 6``; ``W_ag(t) = cos(r) W_ag + sin(r) W_ag'`` with
-``r = interaction_drift * (t - start_ts) / horizon`` (W_ag' an independent draw; r = 0 without drift).
+``r = interaction_drift * (t - start_ts) / horizon`` (W_ag' an independent draw; r = 0 without drift);
+likewise ``A_i(t) = cos(g) A_i + sin(g) A_i'`` with ``g = item_appeal_drift * (t - start_ts) / horizon``
+(A, A' independent N(0, 1) per item; the term is absent while v = 0).
 All coefficients are ``ClickModelConfig`` fields; the world's random parts (catalogue, W, phases, peaks,
 taste prior) derive from the config seed. OPEN choices picked: the short-term term is log1p of the decayed
 count (the raw count feeds back on itself within a session); the long-range effect is creator loyalty (not
@@ -231,6 +234,12 @@ class ClickModel:
             (shape[0], shape[1], c.n_categories)
         )
         self._horizon_s = config.sessions.horizon_days * DAY_S
+        # Item appeal at the start and the independent draw it turns towards, by item id (drawn only when
+        # the term is on: catalogues may hold millions of items).
+        appeal = world_rng(config.seed, "item_appeal").standard_normal(
+            (2, c.n_items if cm.item_appeal else 0)
+        )
+        self.item_appeal_early, self.item_appeal_late = appeal
         # Time effects tabulated per (hour, category) over the simulated window plus a margin.
         self._t_lo = self.h0 - 24 * 30
         self._t_hi = self.h0 + int(np.ceil(config.sessions.horizon_days + 60)) * 24
@@ -245,6 +254,9 @@ class ClickModel:
         self.creator_r = cat.creator[self.id_of_rank]
         self.base_r = cm.bias + cm.quality * cat.quality[self.id_of_rank]
         self.release_r = cat.release_ts[self.id_of_rank]
+        on = self.id_of_rank if cm.item_appeal else np.zeros(0, dtype=np.int64)
+        self.appeal_early_r = self.item_appeal_early[on]
+        self.appeal_late_r = self.item_appeal_late[on]
         # Poisson(mean) CDF for the number of extra favourite categories.
         k = np.arange(c.n_categories)
         pmf = np.exp(-u.favourite_categories_mean) * np.cumprod(
@@ -396,6 +408,8 @@ class ClickModel:
             early = self.w_age_gender_cat[age, gender, cat]
             late = self.w_age_gender_cat_late[age, gender, cat]
             z += cm.interaction * ((np.cos(theta) - 1.0)[:, None] * early + np.sin(theta)[:, None] * late)
+        if cm.item_appeal:
+            z += cm.item_appeal * self.item_appeal_at(ranks, ts)
         return z
 
     def category_preference(self, profile: np.ndarray, taste: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -425,6 +439,19 @@ class ClickModel:
         drift = np.sin(2 * np.pi * (hours[:, None] - self.h0) / period + phase)
         context = self.w_age_cat_daypart[age].mean(axis=2)  # [n, C]
         return cm.taste * taste + cm.interaction * w + cm.context_interaction * context + cm.drift * drift
+
+    def item_appeal_at(self, ranks: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """A_i(t) [B, m] of items given by popularity rank [B, m] at times ts [B] (without the weight v)."""
+        cm = self.config.click
+        early = self.appeal_early_r[ranks]
+        if not cm.item_appeal_drift:
+            return early
+        g = (
+            cm.item_appeal_drift
+            * (np.asarray(ts, dtype=np.int64) - self.config.sessions.start_ts)
+            / self._horizon_s
+        )
+        return np.cos(g)[:, None] * early + np.sin(g)[:, None] * self.appeal_late_r[ranks]
 
     def examine(self, position: np.ndarray | int) -> np.ndarray:
         """P(the user examines 0-based slate position k) = (1 + k)^-eta."""

@@ -7,12 +7,15 @@ Execution settings that do not change the output (chunk size, worker processes) 
 
 Presets: ``SyntheticConfig.quick()`` (tests and the default pipeline), ``SyntheticConfig.long_history()``
 (>= 1,000 clicks per user for the long-sequence ranking models) and ``SyntheticConfig.for_events(n)``
-(exactly ``n`` click events for the scale benchmark, impressions not logged).
+(exactly ``n`` click events for the scale benchmark, impressions not logged); the signal presets below
+(``preset_names()``).
 """
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from typing import Any
+
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from recsys.core.config import FrozenModel
 from recsys.core.hashing import stable_hash
@@ -165,6 +168,17 @@ class ClickModelConfig(FrozenModel):
         description="Radians W[age, gender, category] rotates over the horizon (towards an independent "
         "draw): profile x category tastes that change over time, which counters cannot track.",
     )
+    item_appeal: float = Field(
+        0.0,
+        description="v: weight of a per-item appeal A_i(t) (N(0,1)); only the item's id reveals it, and no "
+        "user's history does (an item rarely recurs in one history).",
+    )
+    item_appeal_drift: float = Field(
+        0.0,
+        description="Radians A_i(t) turns over the horizon (towards an independent draw): item appeal that "
+        "changes over time, so what a model memorised about an item early is wrong later "
+        "(needs item_appeal).",
+    )
     drift: float = Field(0.5, description="d: amplitude of the slow per-category sinusoid.")
     drift_period_days: tuple[float, float] = Field(
         (30.0, 120.0), description="Per-category drift periods are drawn uniformly in this range (days)."
@@ -178,6 +192,29 @@ class ClickModelConfig(FrozenModel):
         if not 0.0 < v[0] <= v[1]:
             raise ValueError(f"drift_period_days must satisfy 0 < low <= high, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _appeal_drift_needs_appeal(self) -> ClickModelConfig:
+        if self.item_appeal_drift and not self.item_appeal:
+            raise ValueError(
+                f"item_appeal_drift ({self.item_appeal_drift}) turns the item appeal, but item_appeal is 0: "
+                "set item_appeal too"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_late_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Fields added after data had been versioned are left out while at 0, so every config that does not
+        # use them dumps (and hashes: data_version, experiment ids) exactly as before they existed.
+        data = handler(self)
+        for name in _LATE_CLICK_FIELDS:
+            if getattr(self, name) == 0.0:
+                data.pop(name, None)
+        return data
+
+
+#: ClickModelConfig fields that are omitted from its dump while 0 (see ``_omit_unused_late_fields``).
+_LATE_CLICK_FIELDS: tuple[str, ...] = ("item_appeal", "item_appeal_drift")
 
 
 class ResponseConfig(FrozenModel):
@@ -339,6 +376,39 @@ class SyntheticConfig(FrozenModel):
         )
 
     @classmethod
+    def item_drift(
+        cls, seed: int = 0, *, turn: float = 6.283185307179586, appeal: float = 2.5
+    ) -> SyntheticConfig:
+        """Item appeal that drifts, the one non-stationary signal (the continual-training benchmark): each of
+        500 items has an appeal of weight ``appeal`` (``click.item_appeal``) that turns ``turn`` radians over
+        the 120 days (``click.item_appeal_drift``, the drift dial; a full turn by default, so the appeal a
+        model learned in one 30-day period is unrelated or opposite a period or two later). Only the item's
+        id reveals it (no history, no counter tracks it): a model must relearn it, and forgets what held
+        before. Users, sessions and logging as in ``drift``; static taste and profile x item crosses at
+        weight 1; category drift and interaction drift off. ``turn=0`` is the stationary control."""
+        base = cls.drift(seed)
+        return cls(
+            seed=seed,
+            catalogue=CatalogueConfig(n_items=500, n_creators=250),
+            users=base.users,
+            sessions=base.sessions,
+            policy=base.policy,
+            click=ClickModelConfig(
+                taste=1.0,
+                interaction=1.0,
+                drift=0.0,
+                loyalty=0.0,
+                item_appeal=appeal,
+                item_appeal_drift=turn if appeal else 0.0,
+            ),
+        )
+
+    @classmethod
+    def item_drift_control(cls, seed: int = 0) -> SyntheticConfig:
+        """``item_drift`` with the drift dial at 0: the same item appeal, constant over time (stationary)."""
+        return cls.item_drift(seed, turn=0.0)
+
+    @classmethod
     def sparse_catalogue(cls, seed: int = 0) -> SyntheticConfig:
         """Retrieval with sparse feedback: 20,000 users with a few requests each (~6 clicks) over a
         200,000-item catalogue; 10% of requests' impressions are logged."""
@@ -407,6 +477,8 @@ _PRESETS: dict[str, str] = {
     "long_range_x5": "long_range_x5",
     "interactions": "interactions",
     "drift": "drift",
+    "item_drift": "item_drift",
+    "item_drift_control": "item_drift_control",
     "sparse_catalogue": "sparse_catalogue",
     "sparse_retrieval": "sparse_retrieval",
     "long_sequence": "long_sequence",

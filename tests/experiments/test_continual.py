@@ -106,6 +106,11 @@ def test_presets_and_bad_configs_name_the_problem() -> None:
     assert quick.synthetic == SyntheticConfig.quick() and quick.train.n_periods == 4
     assert (quick.train.served_len, quick.train.privileged_len) == (5, 100)
     assert ContinualConfig.quick("ml100k").train.privileged_len == 200
+    assert ContinualConfig.quick("synthetic_item_drift").synthetic == SyntheticConfig.item_drift()
+    assert (
+        ContinualConfig.quick("synthetic_item_drift_control").synthetic
+        == SyntheticConfig.item_drift_control()
+    )
     # The id names the protocol: adding methods or stopping early keeps it, changing a knob does not.
     assert (
         quick.experiment_id == quick.model_copy(update={"methods": ("sdft",), "stop_after": 2}).experiment_id
