@@ -225,6 +225,11 @@ class ServingConfig(ServerProcessConfig):
     ranker_rows: int = Field(
         4096, ge=1, description="Feature rankers: most (user, candidate) rows per forward pass."
     )
+    unique_pooling: bool = Field(
+        False,
+        description="Feature rankers: behaviour sequences as unique ids + inverse index (built on the host, "
+        "pooled on the device: models.ops.unique_pooling); same scores, fewer bytes to a GPU.",
+    )
     max_batch_size: int = Field(32, ge=1, description="Most requests per model batch.")
     batch_wait_ms: float = Field(0.0, ge=0.0, description="Extra wait to fill a batch (0: none).")
     log_impressions: bool = True
@@ -284,6 +289,7 @@ class ModelRuntime:
         device: torch.device,
         micro_batch: int,
         ranker_rows: int = 4096,
+        unique_pooling: bool = False,
     ) -> None:
         module = loaded.module
         self.featurizer: RankingFeaturizer | None = loaded.featurizer
@@ -293,6 +299,7 @@ class ModelRuntime:
                 "without a featurizer; register it with serving.registry.register_ranker"
             )
         self.ranker_rows = ranker_rows
+        self.unique_pooling = unique_pooling
         self.loaded = loaded
         self.tag = loaded.tag
         self.card = loaded.card
@@ -459,6 +466,8 @@ class ModelRuntime:
                 continue
             if group:
                 batch = f.batch([users[r] for r, _ in group], [candidates[r][pos] for r, pos in group])
+                if self.unique_pooling:
+                    batch = batch.deduplicated()
                 logits = self.module(batch.to(self.device)).logits
                 at = 0
                 for r, pos in group:
@@ -732,7 +741,11 @@ class Recommender:
         if retriever.featurizer is not None:
             raise ValueError(f"{retriever.tag} is a feature-based ranker, not a retriever")
         self.retriever = ModelRuntime(retriever, device, config.micro_batch)
-        self.ranker = ModelRuntime(ranker, device, config.micro_batch, config.ranker_rows) if ranker else None
+        self.ranker = (
+            ModelRuntime(ranker, device, config.micro_batch, config.ranker_rows, config.unique_pooling)
+            if ranker
+            else None
+        )
         if retriever.card.task != "retrieval":
             raise ValueError(f"{retriever.tag} is a {retriever.card.task} model, not a retriever")
         if config.retrieval_index == "ivf" and self.retriever.item_table is not None:
