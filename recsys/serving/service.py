@@ -311,6 +311,12 @@ class ModelRuntime:
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_idx = (order + 1).astype(np.int64)
+        # Integer ids that are dense enough (at most 4 slots per item): a direct table instead of a binary
+        # search (3 lookups of 1,000 ids per rank request; searchsorted was ~10% of its CPU under load).
+        self._id_table: np.ndarray | None = None
+        if ids.size and ids.dtype.kind == "i" and ids.min() >= 0 and ids.max() < 4 * ids.size + 1024:
+            self._id_table = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+            self._id_table[self._sorted_ids] = self._sorted_idx
         self.prior = torch.log1p(
             torch.as_tensor(loaded.catalog.popularity, dtype=torch.float32, device=device)
         )
@@ -350,6 +356,10 @@ class ModelRuntime:
         ids = np.asarray(ids, dtype=np.int64)
         if len(self._sorted_ids) == 0 or ids.size == 0:
             return np.zeros(ids.shape, dtype=np.int64)
+        table = self._id_table
+        if table is not None:
+            inside = (ids >= 0) & (ids < table.size)
+            return np.where(inside, table[np.where(inside, ids, 0)], 0)
         pos = np.searchsorted(self._sorted_ids, ids).clip(max=len(self._sorted_ids) - 1)
         return np.where(self._sorted_ids[pos] == ids, self._sorted_idx[pos], 0)
 
