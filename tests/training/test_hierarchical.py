@@ -117,3 +117,50 @@ def test_loop_option_trains_with_the_rule_and_refuses_clipping() -> None:
     clipped = config.model_copy(update={"optimizer": OptimizerConfig(grad_clip_norm=1.0)})
     with pytest.raises(ValueError, match="grad_clip_norm"):
         fit(TinyTask(), clipped)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = Tiny()
+        updater = HierarchicalUpdater(model, sgd, distributed=True)
+        for step in range(3):
+            updater.zero_grad()
+            model(SHARDS[step][rank]).backward()
+            updater.step()
+        updater.flush()
+        if rank == 0:
+            torch.save({k: v.clone() for k, v in model.state_dict().items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+SHARDS = [(0, 1), (2, 1), (1, 0)]  # step -> the example of rank 0 and of rank 1
+
+
+def test_two_processes_average_gradients_as_one_process_would(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    # One process on the mean of the two ranks' losses: the gradient the all-reduce averages to.
+    model = Tiny()
+    updater = HierarchicalUpdater(model, sgd)
+    for a, b in SHARDS:
+        updater.zero_grad()
+        ((model(a) + model(b)) / 2).backward()
+        updater.step()
+    updater.flush()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
