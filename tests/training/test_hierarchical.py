@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from recsys.training.checkpoint import load_weights, weights_path
 from recsys.training.hierarchical import HierarchicalUpdater, split_parameters
 from recsys.training.loop import LoopConfig, OptimizerConfig, fit
 
@@ -164,3 +165,29 @@ def test_two_processes_average_gradients_as_one_process_would(tmp_path) -> None:
     updater.flush()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_checkpointed_run_resumes_with_its_pending_gradient(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def config(epochs: int) -> LoopConfig:
+        return LoopConfig(
+            max_epochs=epochs,
+            patience=5,
+            monitor="score",
+            progress=False,
+            device="cpu",
+            hierarchical_updates=True,
+        )
+
+    straight = TinyTask()
+    fit(straight, config(2), checkpoint_dir=tmp_path / "straight")
+    resumed = TinyTask()
+    fit(resumed, config(1), checkpoint_dir=tmp_path / "resumed")
+    resumed = TinyTask()
+    fit(resumed, config(2), checkpoint_dir=tmp_path / "resumed")  # trains on from epoch 1's last state
+    last = {}
+    for name in ("straight", "resumed"):
+        model = Tiny()
+        load_weights(model, weights_path(tmp_path / name, "last"))
+        last[name] = model.state_dict()
+    for key, value in last["straight"].items():
+        torch.testing.assert_close(last["resumed"][key], value, rtol=0, atol=1e-7, msg=key)
