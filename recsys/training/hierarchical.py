@@ -78,13 +78,14 @@ class HierarchicalUpdater:
         the previous step's (none at the first step); this step's dense gradient is kept (and its
         all-reduce started) for the next call."""
         if self.sparse_opt is not None:
-            if self.distributed:
-                for p in self.sparse:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(self.world_size)
+            if self.distributed:  # one blocking collective for all the tables (not one per table)
+                flat = _flatten([_grad(p) for p in self.sparse])
+                dist.all_reduce(flat)
+                flat.div_(self.world_size)
+                for p, g in zip(self.sparse, _unflatten(flat, self.sparse), strict=True):
+                    p.grad = g
             self.sparse_opt.step()
-        current = _flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.dense])
+        current = _flatten([_grad(p) for p in self.dense])
         handle = dist.all_reduce(current, async_op=True) if self.distributed else None
         if self._pending is not None:
             self._apply(self._pending, self._handle)
@@ -121,6 +122,11 @@ class HierarchicalUpdater:
         self._pending, self._handle = state.get("pending"), None
 
 
+def _grad(p: nn.Parameter) -> torch.Tensor:
+    """The parameter's gradient, zeros when it took no part in the loss (as DDP reduces it)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def _flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -128,6 +134,6 @@ def _flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 def _unflatten(flat: torch.Tensor, like: list[nn.Parameter]) -> list[torch.Tensor]:
     out, at = [], 0
     for p in like:
-        out.append(flat[at : at + p.numel()].view_as(p).clone())
+        out.append(flat[at : at + p.numel()].view_as(p))  # views: the flat buffer is fresh every step
         at += p.numel()
     return out
