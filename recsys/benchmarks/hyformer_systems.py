@@ -217,6 +217,7 @@ def async_updates(
     epochs: Annotated[int, typer.Option(help="Passes over the (capped) training examples.")] = 2,
     global_batch: Annotated[int, typer.Option(help="Examples per step over both processes.")] = 256,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: the epochs decide).")] = 0,
+    repeats: Annotated[int, typer.Option(help="Runs of each mode, alternating (load drift hits both).")] = 1,
     lr: Annotated[float, typer.Option()] = 1e-3,
     warmup: Annotated[int, typer.Option(help="Steps left out of the step time.")] = 3,
     state_dir: Annotated[
@@ -231,7 +232,7 @@ def async_updates(
     root = Path(state_dir or tempfile.mkdtemp(prefix="hyformer-systems-"))
     warehouse = prepare(root, "ml100k", source_dir, 0)
     results = []
-    for mode in ("sync", "hierarchical"):
+    for mode in ("sync", "hierarchical") * repeats:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -256,6 +257,11 @@ def async_updates(
             f"{result['step_ms_median']:.1f}), test AUC {result['test_auc']:.4f}, log loss "
             f"{result['test_log_loss']:.4f}, wall {result['wall_s']:.0f} s"
         )
+    for mode in ("sync", "hierarchical"):
+        mine = [r for r in results if r["mode"] == mode]
+        each = ", ".join(f"{r['step_ms_mean']:.0f}" for r in mine)
+        mean = statistics.fmean(r["step_ms_mean"] for r in mine)
+        print(f"{mode:>12}: step mean over {len(mine)} run(s) {mean:.1f} ms (runs: {each})")
     _write(json_out, {"history": history, "epochs": epochs, "global_batch": global_batch, "runs": results})
 
 
