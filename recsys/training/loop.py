@@ -1,10 +1,12 @@
 """The generic training loop shared by retrieval, ranking and distillation.
 
 A task (``TrainTask``) supplies batches, the loss and the validation metrics; the loop owns everything
-else: seeding, the optimizer, device and bf16 autocast (CUDA only), tqdm progress, early stopping on one
-validation metric, checkpoints (``training.checkpoint``) with resume, the one-time test evaluation of the
-best checkpoint, and the run record in ``warehouse.runs.RunLog`` (config, data version, per-epoch metrics,
-wall time, parameter count, FLOPs per example, hardware).
+else: seeding, the optimizer (AdamW; or hierarchical asynchronous updates, ``training.hierarchical``:
+embedding tables with the step's gradient, dense parameters with the previous step's), device and bf16
+autocast (CUDA only), tqdm progress, early stopping on one validation metric, checkpoints
+(``training.checkpoint``) with resume, the one-time test evaluation of the best checkpoint, and the run
+record in ``warehouse.runs.RunLog`` (config, data version, per-epoch metrics, wall time, parameter count,
+FLOPs per example, hardware).
 
 Reproducibility: every epoch re-seeds torch, numpy and ``random`` from (seed, epoch), so a run resumed
 from its last checkpoint continues with the same random stream as one that never stopped.
