@@ -7,6 +7,8 @@
     python -m recsys.benchmarks.serving_load --rate 100,200,300   # open loop: Poisson arrivals at these rates
     python -m recsys.benchmarks.serving_load --retriever synthetic-retriever:latest \
         --ranker-tag synthetic-ranker:latest             # what the pipeline packaged (current store)
+    python -m recsys.benchmarks.serving_load --compare-to 6b72956 --starlette \
+        --loads c8,c16,c32,r500 --duration 15 --json load.json   # before/after + framework yardstick
 
 Scenarios, one after the other: ``recommend`` (k = 10, a random known user) and ``rank`` (1,000 random
 catalogue items for a random known user). Each runs ``--concurrency`` clients that send requests back to
@@ -22,6 +24,20 @@ weights: latency does not depend on them) on the MovieLens-100K catalogue and us
 (``../shared/data/ml-100k`` or ``RECSYS_ML100K_DIR``), or on a synthetic catalogue of the same size when
 the files are missing. ``--retriever TAG`` serves a registered model of the current store instead. The
 server and this client share the machine's cores: the figures are for both on one box.
+
+Side by side, in one invocation: ``--compare-to REV`` also serves git revision REV (checked out into a
+temporary ``git worktree``, its server started with that tree on ``PYTHONPATH``, the same model store) and
+``--starlette`` the same model and engine behind a minimal uvicorn + Starlette app
+(``benchmarks.serving_starlette``: BentoML left out). All servers run at once, idle but one: every load point
+is run on each server in turn, so a change in the machine's load hits them alike. ``--loads`` mixes
+closed-loop points (``c16``: 16 clients) and open-loop ones (``r500``: Poisson arrivals at 500 req/s, at most
+``max(c..., --concurrency)`` in flight). A server that sends a ``server-timing`` header (this tree's service
+and the Starlette app) gets a breakdown of its CPU per request: request checks (``job``), its share of the
+model batch (``model``), impressions logging on the request path (``log``), the policy and response
+(``respond``), the Starlette app's parsing (``parse``); the rest of the server's CPU per request is the
+framework (HTTP, parsing and serialisation, middleware) and the background threads (the spool writer). The
+summary gives, per server and scenario, the highest closed-loop throughput with p99 <= ``--p99-target`` ms,
+the open-loop p99s, and the ratios to the first server.
 """
 
 from __future__ import annotations
@@ -43,7 +59,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
+
+from recsys.core.atomic import atomic_path
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -56,6 +75,7 @@ class Outcome:
     server_cpu_s: float = float("nan")  # CPU seconds of the server's processes over the measured part
     client_cpu_s: float = float("nan")  # CPU seconds of this (client) process over the measured part
     error_kinds: dict[str, int] = field(default_factory=dict)  # "<status>: <body start>" or the exception
+    timing_ms: dict[str, float] = field(default_factory=dict)  # mean server-timing parts of the OK answers
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies_ms)
@@ -102,6 +122,7 @@ async def run_load(
     latencies: list[float] = []
     errors = 0
     kinds: dict[str, int] = {}
+    timing: dict[str, float] = {}
     sent = 0
     rng = random.Random(1)
     async with aiohttp.ClientSession(
@@ -115,6 +136,11 @@ async def run_load(
                     text = await response.read()
                     ok = response.status == 200
                     kind = f"{response.status}: {text[:200].decode(errors='replace')}"
+                    parts = response.headers.get("server-timing")
+                    if ok and parts:
+                        for part in parts.split(","):
+                            name, _, dur = part.strip().partition(";dur=")
+                            timing[name] = timing.get(name, 0.0) + float(dur)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 ok = False
                 kind = f"{type(exc).__name__}: {exc}"[:200]
@@ -131,6 +157,7 @@ async def run_load(
         latencies.clear()
         errors = 0
         kinds.clear()
+        timing.clear()
         cpu0 = server_cpu() if server_cpu else float("nan")
         client0 = time.process_time()
         started = time.perf_counter()
@@ -159,7 +186,8 @@ async def run_load(
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client0
         server = server_cpu() - cpu0 if server_cpu else float("nan")
-    return Outcome(latencies, errors, wall, server, client_cpu, kinds)
+    means = {name: total / len(latencies) for name, total in timing.items()} if latencies else {}
+    return Outcome(latencies, errors, wall, server, client_cpu, kinds, means)
 
 
 def _process_tree_cpu(pid: int) -> float:
@@ -255,16 +283,44 @@ def _register_bench_ranker(ml100k: Path, architecture: str, max_len: int) -> str
         )
 
 
-def _start_server(tag: str, env_extra: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_server(
+    tag: str,
+    env_extra: dict[str, str],
+    log: Path,
+    root: Path = ROOT,
+    app: Literal["bentoml", "starlette"] = "bentoml",
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``bentoml serve`` of the tree at ``root`` (on PYTHONPATH), or the Starlette app of this tree under
+    uvicorn with the service's worker count; returns once /readyz answers 200."""
     import httpx
 
     port = _free_port()
     env = {**os.environ, "RECSYS_SERVING_RETRIEVER": tag, **env_extra}
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
-    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if app == "bentoml":
+        command = [
+            str(Path(sys.executable).with_name("bentoml")),
+            "serve",
+            "recsys.serving.service:RecommendationService",
+            "--port",
+            str(port),
+        ]
+    else:
+        workers = env.get("RECSYS_SERVING_WORKERS") or "2"
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "recsys.benchmarks.serving_starlette:app",
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", workers),
+            *("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"),
+        ]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(bentoml_cli), "serve", "recsys.serving.service:RecommendationService", "--port", str(port)],
+            command,
             cwd=root,
             env=env,
             stdout=out,
@@ -296,6 +352,85 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+@dataclass
+class Served:
+    """One server under test: a label, its URL and (when started here) its process."""
+
+    label: str
+    url: str
+    process: subprocess.Popen[bytes] | None = None
+
+    def cpu(self) -> Callable[[], float] | None:
+        process = self.process
+        return (lambda: _process_tree_cpu(process.pid)) if process is not None else None
+
+
+def parse_loads(text: str) -> list[tuple[str, float]]:
+    """``c16,r500`` -> [("closed", 16), ("open", 500.0)]: closed-loop clients, open-loop request rates."""
+    loads: list[tuple[str, float]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, value = part[0], part[1:]
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if kind not in "cr" or number <= 0 or (kind == "c" and not number.is_integer()):
+            raise ValueError(
+                f"--loads: {part!r} is neither c<clients> (closed loop) nor r<requests/s> (open loop)"
+            )
+        loads.append(("closed" if kind == "c" else "open", number))
+    if not loads:
+        raise ValueError("--loads: no load point given")
+    return loads
+
+
+def summarize(
+    results: list[dict[str, object]], labels: list[str], p99_target: float
+) -> list[dict[str, object]]:
+    """Per server and scenario: the best closed-loop req/s with p99 <= target, the open-loop p99s, the
+    server CPU per request, and the ratios to the first server (the reference)."""
+    rows: list[dict[str, object]] = []
+    for scenario in dict.fromkeys(str(r["scenario"]) for r in results):
+        for label in labels:
+            mine = [r for r in results if r["scenario"] == scenario and r["server"] == label]
+            closed = [r for r in mine if r["mode"] == "closed"]
+            good = [float(r["rps"]) for r in closed if float(r["p99_ms"]) <= p99_target and r["errors"] == 0]
+            cpu = [float(r["server_cpu_ms"]) for r in closed]
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "server": label,
+                    "best_rps_at_p99": max(good) if good else 0.0,
+                    "open_p99_ms": {
+                        f"{float(r['load']):g}": float(r["p99_ms"]) for r in mine if r["mode"] == "open"
+                    },
+                    "server_cpu_ms": statistics.fmean(cpu) if cpu else float("nan"),
+                }
+            )
+        reference = next(r for r in rows if r["scenario"] == scenario and r["server"] == labels[0])
+        for row in rows:
+            if row["scenario"] == scenario:
+                ref_rps, ref_cpu = float(reference["best_rps_at_p99"]), float(reference["server_cpu_ms"])
+                row["rps_ratio"] = float(row["best_rps_at_p99"]) / ref_rps if ref_rps > 0 else float("nan")
+                row["cpu_ratio"] = float(row["server_cpu_ms"]) / ref_cpu if ref_cpu > 0 else float("nan")
+    return rows
+
+
+def _git_worktree(rev: str, scratch: Path) -> Path:
+    """A detached checkout of ``rev`` under ``scratch`` (removed by ``_remove_worktree``)."""
+    tree = scratch / f"tree-{rev.replace('/', '_')}"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), rev],
+        check=True,
+        capture_output=True,
+    )
+    return tree
+
+
+def _remove_worktree(tree: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from recsys.ingest.movielens import find_movielens_100k  # the client itself stays light
 
@@ -315,6 +450,12 @@ def main(argv: list[str] | None = None) -> None:
         "comma list runs each rate in turn (e.g. 100,200,300). Default: closed loop, --concurrency "
         "clients back to back.",
     )
+    parser.add_argument(
+        "--loads",
+        default=None,
+        help="Load points, run in turn (overrides --concurrency/--rate): c<N> = N closed-loop clients, "
+        "r<R> = open loop at R req/s (at most max(N, --concurrency) in flight), e.g. c8,c16,c32,r500.",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="Seconds per scenario.")
     parser.add_argument("--max-requests", type=int, default=200_000, help="Per scenario.")
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -327,6 +468,26 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="Intra-op threads of a server started here (0: torch default).",
     )
+    parser.add_argument(
+        "--compare-to",
+        default=None,
+        metavar="REV",
+        help="Also serve git revision REV (a temporary git worktree) and run every load point on both.",
+    )
+    parser.add_argument(
+        "--starlette",
+        action="store_true",
+        help="Also serve the same model and engine behind a minimal uvicorn + Starlette app.",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Extra environment of this tree's servers (e.g. RECSYS_SERVING_LOG_IMPRESSIONS=false).",
+    )
+    parser.add_argument("--p99-target", type=float, default=50.0, help="ms, for the summary.")
+    parser.add_argument("--json", type=Path, default=None, help="Write every figure here.")
     parser.add_argument(
         "--ranker",
         default=None,
@@ -354,24 +515,41 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        rates: list[float | None] = [float(r) for r in args.rate.split(",")] if args.rate else [None]
-    except ValueError:
-        parser.error(f"--rate: expected numbers separated by commas, got {args.rate!r}")
-    if any(r is not None and r <= 0 for r in rates):
+        if args.loads:
+            loads = parse_loads(args.loads)
+        elif args.rate:
+            loads = [("open", float(r)) for r in args.rate.split(",")]
+        else:
+            loads = [("closed", float(args.concurrency))]
+    except ValueError as exc:
+        parser.error(
+            str(exc) if args.loads else f"--rate: expected numbers separated by commas, got {args.rate!r}"
+        )
+    if any(value <= 0 for _, value in loads):
         parser.error(f"--rate: rates must be > 0, got {args.rate!r}")
+    in_flight = int(max([args.concurrency, *(v for kind, v in loads if kind == "closed")]))
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
         parser.error(
             f"--url must be a loopback address ({', '.join(sorted(LOOPBACK))}): this is a local benchmark"
         )
+    if args.url and (args.compare_to or args.starlette):
+        parser.error("--compare-to and --starlette start servers: not with --url")
+    extra_env: dict[str, str] = {}
+    for item in args.server_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("RECSYS_SERVING_"):
+            parser.error(f"--server-env: expected RECSYS_SERVING_<NAME>=<value>, got {item!r}")
+        extra_env[name] = value
     scratch = Path(tempfile.mkdtemp(prefix="recsys-load-"))  # server log (+ state of a bench model)
     if not args.url and not args.retriever and "RECSYS_HOME" not in os.environ:
         os.environ["RECSYS_HOME"] = str(scratch / "home")
     import recsys.core  # noqa: F401  (state dir and BentoML home, after RECSYS_HOME is decided)
 
-    process = None
+    servers: list[Served] = []
+    tree: Path | None = None
     try:
         if args.url:
-            url = args.url.rstrip("/")
+            servers.append(Served("server", args.url.rstrip("/")))
             users, items = [], []
         else:
             if args.retriever:
@@ -394,11 +572,20 @@ def main(argv: list[str] | None = None) -> None:
             env["RECSYS_SERVING_TORCH_THREADS"] = str(args.torch_threads)
             if args.api_key:
                 env["RECSYS_SERVING_API_KEY"] = args.api_key
-            process, url = _start_server(tag, env, scratch / "server.log")
-            print(
-                f"server {url} serving {tag}"
-                + (f" + {env['RECSYS_SERVING_RANKER']}" if "RECSYS_SERVING_RANKER" in env else "")
-            )
+            if args.compare_to:  # the reference first: the summary's ratios are to it
+                tree = _git_worktree(args.compare_to, scratch)
+                process, url = _start_server(tag, env, scratch / "server-ref.log", root=tree)
+                servers.append(Served(f"bentoml@{args.compare_to}", url, process))
+            process, url = _start_server(tag, env | extra_env, scratch / "server.log")
+            servers.append(Served("bentoml" if args.compare_to or args.starlette else "server", url, process))
+            if args.starlette:
+                process, url = _start_server(
+                    tag, env | extra_env, scratch / "server-starlette.log", app="starlette"
+                )
+                servers.append(Served("starlette", url, process))
+            ranker = env.get("RECSYS_SERVING_RANKER")
+            for server in servers:
+                print(f"{server.label}: {server.url} serving {tag}" + (f" + {ranker}" if ranker else ""))
         import httpx
         import uvloop
 
@@ -407,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
             **({"x-api-key": args.api_key} if args.api_key else {}),
         }
         if not users:  # a foreign server: ask it for its catalogue size, use ids 1..n and anonymous histories
-            meta = httpx.post(f"{url}/metadata", headers=headers, timeout=30).json()
+            meta = httpx.post(f"{servers[0].url}/metadata", headers=headers, timeout=30).json()
             n = int(meta["retriever"]["num_items"])
             items, users = list(range(1, n + 1)), []
         rng = random.Random(0)
@@ -427,42 +614,86 @@ def main(argv: list[str] | None = None) -> None:
             ],
         }
         print(
-            f"{'scenario':>16} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-            f"{'p99 ms':>8} {'srv cpu':>9} {'cli cpu':>9}   ({args.concurrency} clients, "
-            + ("open loop, " if rates != [None] else "closed loop, ")
-            + f"{args.duration:g} s; cpu = ms of CPU per request)"
+            f"{'server':>18} {'scenario':>16} {'load':>8} {'requests':>9} {'errors':>7} {'req/s':>8} "
+            f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv cpu':>9} {'cli cpu':>9}   ({args.duration:g} s "
+            "each; load = closed-loop clients or open-loop req/s; cpu = ms of CPU per request)"
         )
         figures: dict[str, float] = {}
-        for scenario, rate in [(sc, r) for sc in args.scenarios.split(",") for r in rates]:
-            # uvloop (a serving dependency): the client's own CPU is taken from the server's 2 cores.
-            outcome = uvloop.run(
-                run_load(
-                    url,
-                    f"/{scenario}",
-                    bodies[scenario],
-                    concurrency=args.concurrency,
-                    duration_s=args.duration,
-                    max_requests=args.max_requests,
-                    warmup_s=args.warmup,
-                    headers=headers,
-                    server_cpu=(lambda: _process_tree_cpu(process.pid)) if process is not None else None,
-                    rate=rate,
+        results: list[dict[str, object]] = []
+        for scenario, (mode, value) in [(sc, load) for sc in args.scenarios.split(",") for load in loads]:
+            for server in servers:  # each load point on every server in turn: drift hits them alike
+                outcome = uvloop.run(  # uvloop: the client's own CPU is taken from the server's cores
+                    run_load(
+                        server.url,
+                        f"/{scenario}",
+                        bodies[scenario],
+                        concurrency=int(value) if mode == "closed" else in_flight,
+                        duration_s=args.duration,
+                        max_requests=args.max_requests,
+                        warmup_s=args.warmup,
+                        headers=headers,
+                        server_cpu=server.cpu(),
+                        rate=value if mode == "open" else None,
+                    )
                 )
-            )
-            s = outcome.summary()
-            label = f"rank@{args.rank_candidates}" if scenario == "rank" else f"rec@k={args.k}"
-            if rate is not None:
-                label += f" @{rate:g}/s"
+                s = outcome.summary()
+                label = f"rank@{args.rank_candidates}" if scenario == "rank" else f"rec@k={args.k}"
+                load = f"c{value:g}" if mode == "closed" else f"{value:g}/s"
+                print(
+                    f"{server.label:>18} {label:>16} {load:>8} {int(s['requests']):>9} {int(s['errors']):>7} "
+                    f"{s['rps']:>8.1f} {s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f} "
+                    f"{s['server_cpu_ms']:>9.2f} {s['client_cpu_ms']:>9.2f}"
+                )
+                if outcome.timing_ms:
+                    parts = "  ".join(f"{k} {v:.3f}" for k, v in outcome.timing_ms.items())
+                    rest = s["server_cpu_ms"] - sum(outcome.timing_ms.values())
+                    print(f"{'':>18} server-timing ms/request: {parts}  (rest of srv cpu {rest:.3f})")
+                for kind, count in outcome.error_kinds.items():
+                    print(f"{'':>10} error x{count}: {kind}")
+                keys = ("p50_ms", "p95_ms", "p99_ms", "rps", "server_cpu_ms", "client_cpu_ms", "errors")
+                name = (
+                    scenario
+                    if (mode, value) == ("closed", args.concurrency)
+                    else f"{scenario}@{load.removesuffix('/s')}"
+                )
+                prefix = "" if server.label == "server" else f"{server.label}/"
+                figures |= {f"{prefix}{name}/{key}": float(s[key]) for key in keys}
+                results.append(
+                    {
+                        "server": server.label,
+                        "scenario": scenario,
+                        "mode": mode,
+                        "load": value,
+                        **{k: float(v) for k, v in s.items()},
+                        "timing_ms": outcome.timing_ms,
+                    }
+                )
+        labels = [server.label for server in servers]
+        summary = summarize(results, labels, args.p99_target)
+        print(
+            f"\nsummary: best closed-loop req/s with p99 <= {args.p99_target:g} ms and no errors; "
+            f"open-loop p99 ms; server CPU ms/request (closed-loop mean); ratios to {labels[0]}"
+        )
+        for row in summary:
+            opened = ", ".join(f"p99@{r}/s {v:.1f}" for r, v in row["open_p99_ms"].items())  # type: ignore[union-attr]
             print(
-                f"{label:>16} {int(s['requests']):>9} {int(s['errors']):>7} {s['rps']:>8.1f} "
-                f"{s['p50_ms']:>8.1f} {s['p95_ms']:>8.1f} {s['p99_ms']:>8.1f} "
-                f"{s['server_cpu_ms']:>9.2f} {s['client_cpu_ms']:>9.2f}"
+                f"{row['server']:>18} {row['scenario']:>10}: {row['best_rps_at_p99']:.0f} req/s "
+                f"(x{row['rps_ratio']:.2f}); {opened or 'no open loop'}; cpu {row['server_cpu_ms']:.2f} ms "
+                f"(x{row['cpu_ratio']:.2f})"
             )
-            for kind, count in outcome.error_kinds.items():
-                print(f"{'':>10} error x{count}: {kind}")
-            keys = ("p50_ms", "p95_ms", "p99_ms", "rps", "server_cpu_ms", "client_cpu_ms", "errors")
-            name = scenario if rate is None else f"{scenario}@{rate:g}"
-            figures |= {f"{name}/{key}": float(s[key]) for key in keys}
+        if args.json is not None:
+            with atomic_path(args.json) as tmp:
+                Path(tmp).write_text(
+                    json.dumps(
+                        {
+                            "args": {k: str(v) for k, v in vars(args).items() if k != "api_key"},
+                            "results": results,
+                            "summary": summary,
+                        },
+                        indent=1,
+                    )
+                )
+            print(f"figures written to {args.json}")
         if args.record is not None:
             from recsys.warehouse.runs import RunLog
 
@@ -472,10 +703,13 @@ def main(argv: list[str] | None = None) -> None:
             log.finish(run_id, metrics=figures)
             print(f"recorded as run {run_id} in {args.record}")
     finally:
-        if process is not None:
-            _stop(process)
+        for server in servers:
+            if server.process is not None:
+                _stop(server.process)
+        if tree is not None:
+            _remove_worktree(tree)
         if args.keep_state:
-            print(f"server log and state kept in {scratch}")
+            print(f"server logs and state kept in {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
 

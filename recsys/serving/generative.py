@@ -40,6 +40,7 @@ class GenerativeRuntime(ModelRuntime):
         # ModelRuntime.__init__ accepts only vector-scoring models: its catalogue state is set here instead.
         self.featurizer = None
         self.ranker_rows = 0
+        self.unique_pooling = False
         self.loaded, self.tag, self.card, self.catalog = loaded, loaded.tag, loaded.card, loaded.catalog
         self.device = device
         self.module = module.to(device).eval()
@@ -47,10 +48,7 @@ class GenerativeRuntime(ModelRuntime):
         self.generator: ServedGenerator = module
         self.beam = int(beam or module.config.beam)
         self.tasks = tuple(loaded.card.tasks)
-        ids = loaded.catalog.item_ids[1:]
-        order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[order]
-        self._sorted_idx = (order + 1).astype(np.int64)
+        self._index_catalogue(loaded.catalog.item_ids[1:])
         self.prior = torch.log1p(
             torch.as_tensor(loaded.catalog.popularity, dtype=torch.float32, device=device)
         )

@@ -1,10 +1,12 @@
 """The generic training loop shared by retrieval, ranking and distillation.
 
 A task (``TrainTask``) supplies batches, the loss and the validation metrics; the loop owns everything
-else: seeding, the optimizer, device and bf16 autocast (CUDA only), tqdm progress, early stopping on one
-validation metric, checkpoints (``training.checkpoint``) with resume, the one-time test evaluation of the
-best checkpoint, and the run record in ``warehouse.runs.RunLog`` (config, data version, per-epoch metrics,
-wall time, parameter count, FLOPs per example, hardware).
+else: seeding, the optimizer (AdamW; or hierarchical asynchronous updates, ``training.hierarchical``:
+embedding tables with the step's gradient, dense parameters with the previous step's), device and bf16
+autocast (CUDA only), tqdm progress, early stopping on one validation metric, checkpoints
+(``training.checkpoint``) with resume, the one-time test evaluation of the best checkpoint, and the run
+record in ``warehouse.runs.RunLog`` (config, data version, per-epoch metrics, wall time, parameter count,
+FLOPs per example, hardware).
 
 Reproducibility: every epoch re-seeds torch, numpy and ``random`` from (seed, epoch), so a run resumed
 from its last checkpoint continues with the same random stream as one that never stopped.
@@ -42,6 +44,7 @@ from recsys.training.checkpoint import (
     save_checkpoint,
 )
 from recsys.training.checkpoint import weights_path as checkpoint_weights_path
+from recsys.training.hierarchical import HierarchicalUpdater
 from recsys.warehouse.runs import RunLog, dataset_of
 
 T = TypeVar("T")
@@ -89,6 +92,11 @@ class LoopConfig(FrozenModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     progress: bool = True
     resume: bool = Field(True, description="Continue from the last checkpoint in checkpoint_dir if any.")
+    hierarchical_updates: bool = Field(
+        False,
+        description="Embedding tables updated with this step's gradient, the other (dense) parameters with "
+        "the previous step's (training.hierarchical): under DDP their all-reduce overlaps the next step.",
+    )
 
 
 class TrainTask(Protocol):
@@ -141,8 +149,13 @@ class FitResult:
 def build_optimizer(model: nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the model's parameters; on CPU and CUDA the fused kernel (the same update, one pass over
     all tensors: a ranking model's optimiser step costs ~4x less CPU than the per-tensor loop)."""
+    return adamw(model.parameters(), config, device)
+
+
+def adamw(params: Iterable[nn.Parameter], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    """``build_optimizer``'s AdamW over the given parameters (e.g. one group of hierarchical updates)."""
     return torch.optim.AdamW(
-        model.parameters(),
+        params,
         lr=config.lr,
         betas=config.betas,
         weight_decay=config.weight_decay,
@@ -215,11 +228,24 @@ def fit(
     device = resolve_device(config.device)
     model = task.model.to(device)
     opt_cfg = config.optimizer
-    optimizer = build_optimizer(model, opt_cfg, device)
+    optimizer: Any
+    if config.hierarchical_updates:
+        if opt_cfg.grad_clip_norm is not None:
+            raise ValueError(
+                "optimizer.grad_clip_norm: not with hierarchical_updates (the sparse and dense gradients "
+                "applied at a step belong to different steps)"
+            )
+        optimizer = HierarchicalUpdater(model, lambda params: adamw(params, opt_cfg, device))
+    else:
+        optimizer = build_optimizer(model, opt_cfg, device)
     # Display/resume switches do not change what is trained, and a higher epoch cap only continues a run,
-    # so none of them is part of the checkpoint key.
+    # so none of them is part of the checkpoint key (nor is an update rule left at its default, so that
+    # checkpoints written before the option existed still resume).
+    skip = {"progress", "resume", "max_epochs"} | (
+        set() if config.hierarchical_updates else {"hierarchical_updates"}
+    )
     full_config = {
-        "loop": config.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"}),
+        "loop": config.model_dump(mode="json", exclude=skip),
         "task": run_config or {},
     }
     config_key = stable_hash(full_config)

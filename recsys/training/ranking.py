@@ -442,6 +442,12 @@ class RankingTrainConfig(FrozenModel):
     )
     bucket_batches: int = Field(32, ge=1)
     flop_examples: int = Field(512, ge=1, description="Random test examples the FLOP count averages over.")
+    unique_pooling: bool = Field(
+        False,
+        description="Behaviour sequences travel as unique item ids + an int32 inverse index, made on the "
+        "host (models.ops.unique_pooling): fewer bytes host -> device, each unique embedding looked up once. "
+        "Same model outputs.",
+    )
 
 
 def predict(
@@ -453,8 +459,10 @@ def predict(
     *,
     batch_size: int = 512,
     length_multiple: int = 8,
+    unique_pooling: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Probabilities per task for every example of ``split`` (batched by history length, in split order)."""
+    """Probabilities per task for every example of ``split`` (batched by history length, in split order);
+    ``unique_pooling``: batches deduplicated on the host before they move to ``device``."""
     s = data.splits[split] if isinstance(split, str) else split
     order = np.argsort(np.minimum(s.seq_offset, max_len), kind="stable")
     out = {t: np.zeros(len(s), dtype=np.float64) for t in data.tasks}
@@ -464,8 +472,10 @@ def predict(
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
-                batch = data.make_batch(s, index, max_len, length_multiple).to(device)
-                logits = model(batch).logits
+                batch = data.make_batch(s, index, max_len, length_multiple)
+                if unique_pooling:
+                    batch = batch.deduplicated()
+                logits = model(batch.to(device)).logits
                 for t in data.tasks:
                     out[t][index] = torch.sigmoid(logits[t].float()).cpu().numpy()
     finally:
@@ -509,6 +519,7 @@ def evaluate(
         device,
         batch_size=config.eval_batch_size,
         length_multiple=config.length_multiple,
+        unique_pooling=config.unique_pooling,
     )
     out: dict[str, RankingMetrics] = {}
     for t in data.tasks:
@@ -578,7 +589,8 @@ class RankingTask:
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterator[RankingBatch]:
         for index in self.batch_indices(epoch, rng):
-            yield self.data.make_batch(self.train, index, self.config.max_len, self.config.length_multiple)
+            batch = self.data.make_batch(self.train, index, self.config.max_len, self.config.length_multiple)
+            yield batch.deduplicated() if self.config.unique_pooling else batch
 
     def loss(self, model: nn.Module, batch: RankingBatch, device: torch.device) -> torch.Tensor:
         batch = batch.to(device)
@@ -610,6 +622,7 @@ class RankingTask:
                 device,
                 batch_size=self.config.eval_batch_size,
                 length_multiple=self.config.length_multiple,
+                unique_pooling=self.config.unique_pooling,
             )
 
         return run, n
@@ -663,7 +676,8 @@ def train_ranking(
     run_config = {
         "model": name,
         "model_config": model_config.model_dump(mode="json", exclude={"features"}) if model_config else None,
-        "train": train_config.model_dump(mode="json"),
+        # unique_pooling changes no output: left out of the checkpoint key, so runs resume either way.
+        "train": train_config.model_dump(mode="json", exclude={"unique_pooling"}),
         "data": data.config.model_dump(mode="json"),
         "dataset": data.dataset,
         "feature_spec": data.feature_spec(train_config.max_len).model_dump(mode="json"),

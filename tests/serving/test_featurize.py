@@ -218,12 +218,15 @@ class Served:
     items: np.ndarray  # raw item ids of the catalogue
 
 
-def register_synthetic_ranker(built: Built, name: str = "tiny-rankmixer") -> Served:
-    """A small RankMixer (the distilled-student shape) + a popularity retriever on the same catalogue."""
+def register_synthetic_ranker(
+    built: Built, name: str = "tiny-rankmixer", architecture: str = "rankmixer"
+) -> Served:
+    """A small RankMixer (the distilled-student shape; or ``architecture``) + a popularity retriever on the
+    same catalogue."""
     torch.manual_seed(0)
-    model, _ = build_ranker("rankmixer", built.data, MAX_LEN)
+    model, _ = build_ranker(architecture, built.data, MAX_LEN)
     with Warehouse(built.path) as wh:
-        tag = register_ranker(name, architecture="rankmixer", model=model, wh=wh, data=built.data)
+        tag = register_ranker(name, architecture=architecture, model=model, wh=wh, data=built.data)
         items = wh.sql("SELECT item_id, item_idx FROM syn.item_index ORDER BY item_idx")
         counts = wh.sql(
             "SELECT ii.item_idx, count(e.item_id)::DOUBLE AS n FROM syn.item_index ii "
@@ -311,6 +314,30 @@ def test_rank_scores_candidates_with_the_feature_ranker(engine: Recommender, ser
         np.testing.assert_allclose(np.array(response.scores[task]), want, rtol=0, atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"unknown item ids \[424242\]"):  # a guess is not a score
         engine.rank(RankRequest(user_id=served.known_user, candidates=[*candidates, 424242], ts=ts))
+
+
+def test_unique_pooling_serves_a_hyformer_the_same_scores(syn: Built) -> None:
+    """Sequences sent as unique ids + inverse (RECSYS_SERVING_UNIQUE_POOLING) score exactly as the padded
+    ids do, for rank and for recommend's re-ranking."""
+    served = register_synthetic_ranker(syn, "tiny-hyformer", "hyformer")
+    ts = 2_000_000_000
+    candidates = [int(i) for i in served.items[:40]]
+    out = {}
+    for pooled in (False, True):
+        config = ServingConfig(
+            retriever=served.retriever, ranker=served.ranker, policy_temperature=0.0, unique_pooling=pooled
+        )
+        eng = Recommender(config, load_model(served.retriever), load_model(served.ranker))
+        assert eng.ranker is not None and eng.ranker.unique_pooling is pooled
+        rank = eng.rank(RankRequest(user_id=served.known_user, candidates=candidates, ts=ts))
+        rec = eng.recommend(RecommendRequest(user_id=served.known_user, k=10, ts=ts))
+        out[pooled] = (rank.scores, [(i.item_id, i.score) for i in rec.items])
+        eng.close()
+    assert out[True][0].keys() == out[False][0].keys()
+    for task in out[False][0]:
+        np.testing.assert_allclose(out[True][0][task], out[False][0][task], rtol=0, atol=1e-6)
+    assert [i for i, _ in out[True][1]] == [i for i, _ in out[False][1]]
+    np.testing.assert_allclose([s for _, s in out[True][1]], [s for _, s in out[False][1]], rtol=0, atol=1e-6)
 
 
 def test_recommend_reranks_the_pool_with_the_feature_ranker(engine: Recommender, served: Served) -> None:
