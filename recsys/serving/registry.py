@@ -83,7 +83,11 @@ class ModelCard(FrozenModel):
     architecture: str = Field(description="A models.registry name: hstu, hstu-large, sasrec, popularity, ...")
     task: Literal["retrieval", "ranking"]
     model_config_json: dict[str, Any] = Field(description="The model's config (its config class's fields).")
-    temperature: float = Field(0.05, gt=0.0, description="Served score = cosine / temperature.")
+    temperature: float = Field(
+        0.05,
+        gt=0.0,
+        description="Served score = user · item / temperature (cosine where the model L2-normalises).",
+    )
     tasks: tuple[str, ...] = Field(("score",), min_length=1, description="Score names the model returns.")
     data_version: str = Field(min_length=1)
     metrics: dict[str, float] = Field(default_factory=dict)

@@ -421,7 +421,7 @@ class ModelRuntime:
 
     @torch.inference_mode()
     def user_vectors(self, histories: list[MappedHistory], request_ts: np.ndarray) -> torch.Tensor:
-        """[B, D] L2-normalised user vectors at the request time (batched by history length)."""
+        """[B, D] user vectors at the request time, as the model scores them (batched by history length)."""
         request_ts = np.asarray(request_ts, dtype=np.int64)
         out: torch.Tensor | None = None
         for rows in self._length_groups(histories):
