@@ -233,10 +233,11 @@ def history_query_ts(ts: Tensor, lengths: Tensor, request_ts: Tensor) -> Tensor:
 
 
 def encode_user(model: HSTU, items: Tensor, ts: Tensor, lengths: Tensor, request_ts: Tensor) -> Tensor:
-    """[B, D] the user vector of a retrieval HSTU at the request time (L2-normalised where the model is): its
-    output at the last history position (query time = the request time). Every block but the last runs over the whole history;
-    the last block is evaluated at that one position only: O(L) instead of O(L^2). A history of length 0
-    gives the zero vector. items/ts [B, L] right-padded (L <= max_len), lengths [B], request_ts [B]."""
+    """[B, D] the user vector of a retrieval HSTU at the request time (L2-normalised where the model is):
+    its output at the last history position (query time = the request time). Every block but the last runs
+    over the whole history; the last block is evaluated at that one position only: O(L) instead of O(L^2). A
+    history of length 0 gives the zero vector. items/ts [B, L] right-padded (L <= max_len), lengths [B],
+    request_ts [B]."""
     c = model.config
     b, n = items.shape
     if n > c.max_len:

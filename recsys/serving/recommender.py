@@ -10,8 +10,8 @@ It runs the service's own engine (``serving.service.Recommender``: the same id c
 exclusions, scoring and deterministic top-k policy) in batches, without HTTP, so the list it gives a user is
 the list ``/recommend`` serves that user at the same request time. ``rank`` is 1-based; ``score`` is the
 model's score (retrieval: user · item / temperature; a ranker's logit when one re-ranks the pool); user and
-item ids are the dataset's own (strings or integers, as ingested; ``serving.ids``). A user the model does not know
-gets the popularity ranking, as the service's cold start does (``knows`` tells them apart).
+item ids are the dataset's own (strings or integers, as ingested; ``serving.ids``). A user the model does not
+know gets the popularity ranking, as the service's cold start does (``knows`` tells them apart).
 """
 
 from __future__ import annotations
