@@ -33,6 +33,7 @@ from recsys.flows.pipeline import (
     PipelineConfig,
     PipelineResult,
     RankingStageConfig,
+    _needed,
     distill_record,
     package_key,
     package_stage,
@@ -224,6 +225,9 @@ def test_the_served_ranker_is_trained_by_the_ranking_stage() -> None:
     assert config.ranking_stage_config().models == (*PIPELINE.ranking.models, "hstu-ranker")
     assert config.ranking_experiment().models == (*PIPELINE.ranking.models, "hstu-ranker")
     assert PIPELINE.ranking_stage_config() == PIPELINE.ranking  # the default is unchanged
+    # Packaging the chosen ranker needs the ranking stage's record, even when "ranking" is not in stages.
+    assert _needed("ranking", ("features", "package"), "hstu-ranker")
+    assert not _needed("ranking", ("features", "package"))
     with pytest.raises(ValueError, match="ranker: unknown ranking model 'gpt'"):
         PipelineConfig(ranker="gpt")
 
