@@ -24,6 +24,7 @@ from recsys.flows.options import (
     Negatives,
     PositiveEvents,
     Sampling,
+    ServedRanker,
     TimeCol,
     TimeFormat,
     UserCol,
@@ -99,6 +100,7 @@ def pipeline_command(
     negatives: Negatives = 4,
     sampling: Sampling = "popularity",
     positive_events: PositiveEvents = None,
+    ranker: ServedRanker = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -151,6 +153,8 @@ def pipeline_command(
             overrides["features"] = feature_config_from_flags(
                 examples=examples, negatives=negatives, sampling=sampling, positive_events=positive_events
             )
+        if ranker is not None:
+            overrides["ranker"] = ranker
         pipeline_config = PipelineConfig.for_profile(profile, spec, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc

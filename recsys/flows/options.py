@@ -73,6 +73,16 @@ PositiveEvents = Annotated[
     ),
 ]
 
+# `pipeline` only: which model the package stage serves as the ranker.
+ServedRanker = Annotated[
+    str | None,
+    typer.Option(
+        help="Serve this ranking model as the ranker (e.g. hstu-ranker: the generative ranker, scored "
+        "through M-FALCON), trained by the ranking stage on the pipeline's examples (default: the "
+        "distilled student)."
+    ),
+]
+
 
 def feature_config_from_flags(
     max_seq_len: int = 200,

@@ -8,6 +8,8 @@ Popularity, the A/B control and cold-start fallback, is refit from the dataset's
 records its served student (``experiments.distillation.ServedStudent``); ``register_distilled_ranker``
 rebuilds it from that record, checks its weights against the recorded sha256 and registers it as a
 feature-based ranker with the featurizer of the data it was trained on (``serving.registry.register_ranker``).
+With a chosen served ranker (``PipelineConfig.ranker``, e.g. the generative ``hstu-ranker``), the ranking
+stage records that model's first-seed run the same way and ``register_trained_ranker`` registers it.
 """
 
 from __future__ import annotations
@@ -115,33 +117,45 @@ def register_distilled_ranker(warehouse_path: Path, student: ServedStudent, *, s
     """Rebuild the distilled ``student`` from its record, load its best weights and register it under
     ``store`` as a feature-based ranker, with the featurizer of the examples it was trained on (the same
     ``load_ranking_data`` config, so vocabularies and dense transforms match); returns the tag."""
-    best = student.weights
+    return _register_ranking_run(warehouse_path, student, store=store, field="student", stage="distill")
+
+
+def register_trained_ranker(warehouse_path: Path, run: ServedStudent, *, store: str) -> str:
+    """``register_distilled_ranker`` for a run of the ranking stage (the same record: architecture and
+    config, best checkpoint and sha256, data config and version), e.g. the generative ``hstu-ranker``, which
+    the service then scores through M-FALCON; returns the tag."""
+    return _register_ranking_run(warehouse_path, run, store=store, field="served_ranker", stage="ranking")
+
+
+def _register_ranking_run(
+    warehouse_path: Path, run: ServedStudent, *, store: str, field: str, stage: str
+) -> str:
+    best = run.weights
     if not best.exists():
         raise FileNotFoundError(
-            f"student.checkpoint: no best weights at {best} (did the distill stage finish?)"
+            f"{field}.checkpoint: no best weights at {best} (did the {stage} stage finish?)"
         )
     digest = file_sha256(best)
-    if digest != student.weights_sha256:
+    if digest != run.weights_sha256:
         raise ValueError(
-            f"student.weights_sha256: {best} has sha256 {digest}, the distill stage recorded "
-            f"{student.weights_sha256}: the checkpoint changed since; re-run the distill stage"
+            f"{field}.weights_sha256: {best} has sha256 {digest}, the {stage} stage recorded "
+            f"{run.weights_sha256}: the checkpoint changed since; re-run the {stage} stage"
         )
-    config = entry(student.architecture).config_cls(**student.model_config_json)
-    model = build_model(student.architecture, config)
+    config = entry(run.architecture).config_cls(**run.model_config_json)
+    model = build_model(run.architecture, config)
     load_weights(model, best)
     with Warehouse(warehouse_path, read_only=True) as wh:
-        data = load_ranking_data(wh, student.dataset, student.data)
-        if data.data_version != student.data_version:
+        data = load_ranking_data(wh, run.dataset, run.data)
+        if data.data_version != run.data_version:
             raise ValueError(
-                f"student.data_version: the student was trained on {student.dataset}.examples "
-                f"{student.data_version}, the warehouse now holds {data.data_version}: re-run the distill "
-                "stage"
+                f"{field}.data_version: the {stage} stage trained on {run.dataset}.examples "
+                f"{run.data_version}, the warehouse now holds {data.data_version}: re-run the {stage} stage"
             )
         return register_ranker(
             store,
-            architecture=student.architecture,
+            architecture=run.architecture,
             model=model.eval(),
             wh=wh,
             data=data,
-            metrics=student.test,
+            metrics=run.test,
         )

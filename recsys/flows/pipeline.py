@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import recsys.core  # noqa: F401  (telemetry off, Prefect start-up timeout)
 from recsys.core.atomic import atomic_path
@@ -108,6 +108,51 @@ class PipelineConfig(FrozenModel):
         default_factory=dict,
         description="ABTestFlowConfig fields over the quick preset (arms: the package's).",
     )
+    ranker: str | None = Field(
+        None,
+        description="The served ranker: None serves the distill stage's student; a ranking model name (e.g. "
+        "hstu-ranker, scored through M-FALCON) serves that model as the ranking stage trained it (first "
+        "seed), the stage training it even if ranking.models leaves it out.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranker(self) -> PipelineConfig:
+        if self.ranker is not None:
+            from recsys.experiments.ranking import RANKING_MODELS
+
+            if self.ranker not in RANKING_MODELS:
+                raise ValueError(
+                    f"ranker: unknown ranking model {self.ranker!r}; known: {sorted(RANKING_MODELS)}"
+                )
+        return self
+
+    def ranking_stage_config(self) -> RankingStageConfig:
+        """The ranking stage config: ``ranking``, plus the served ranker when its models leave it out."""
+        if self.ranker is None or self.ranker in self.ranking.models:
+            return self.ranking
+        return self.ranking.model_copy(update={"models": (*self.ranking.models, self.ranker)})
+
+    def ranking_experiment(self):  # noqa: ANN201  (experiments.ranking is imported lazily)
+        """The ranking stage's experiment on this run's dataset, features and seeds."""
+        from recsys.experiments.ranking import RankingExperimentConfig
+
+        stage = self.ranking_stage_config()
+        return RankingExperimentConfig(
+            dataset=self.dataset.dataset,
+            features=self.features,
+            data=stage.data,
+            models=stage.models,
+            seeds=self.seeds,
+            short_len=stage.short_len,
+            long_len=stage.long_len,
+            train=stage.train,
+            loop=stage.loop.model_copy(update={"progress": _interactive()}),
+            comparisons=tuple(
+                pair
+                for pair in (("hyformer", "rankmixer"), ("rankmixer", "deepfm"))
+                if set(pair) <= set(stage.models) and len(self.seeds) > 1
+            ),
+        )
 
     def distill_config(self):  # noqa: ANN201  (experiments.distillation is imported lazily)
         """The teacher -> student comparison on this run's dataset and features."""
@@ -278,27 +323,12 @@ def compare_ranking(experiment: Any) -> Any:
 
 @flow(name="ranking-stage", log_prints=False)
 def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
-    """Train and evaluate the ranking models on the point-in-time examples."""
-    from recsys.experiments.ranking import RankingExperimentConfig
+    """Train and evaluate the ranking models on the point-in-time examples; with ``config.ranker`` the
+    record also names the served ranker's run (``served_ranker_record``)."""
     from recsys.experiments.ranking import format_table as format_ranking_table
 
-    stage = config.ranking
-    experiment = RankingExperimentConfig(
-        dataset=config.dataset.dataset,
-        features=config.features,
-        data=stage.data,
-        models=stage.models,
-        seeds=config.seeds,
-        short_len=stage.short_len,
-        long_len=stage.long_len,
-        train=stage.train,
-        loop=stage.loop.model_copy(update={"progress": _interactive()}),
-        comparisons=tuple(
-            pair
-            for pair in (("hyformer", "rankmixer"), ("rankmixer", "deepfm"))
-            if set(pair) <= set(stage.models) and len(config.seeds) > 1
-        ),
-    )
+    stage = config.ranking_stage_config()
+    experiment = config.ranking_experiment()
     log = get_run_logger()
     ds = config.dataset.dataset
     progress = StageProgress(artifact_key("ranking", ds, "progress"), len(stage.models) + 1, "ranking", log)
@@ -329,12 +359,46 @@ def ranking_stage(config: PipelineConfig) -> dict[str, Any]:
         markdown=f"# Ranking on {ds}\n\n{table}\n",
         description="Global temporal split; AUC over all test examples, GAUC by user",
     )
-    return {
+    record: dict[str, Any] = {
         "table": table,
         "report": str(result.report_path) if result.report_path else None,
         "models": models,
         "data_version": result.data.data_version,
     }
+    if config.ranker is not None:
+        record["served_ranker"] = served_ranker_record(result, config.ranker)
+    return record
+
+
+def served_ranker_record(result: Any, name: str) -> dict[str, Any] | None:
+    """The first seed's run of ranking model ``name`` in a ``RankingExperimentResult``, as the package stage
+    registers it (``experiments.distillation.ServedStudent``'s fields: architecture and config, best
+    checkpoint and its sha256, the data config and version); None if it left no best weights."""
+    from recsys.core.hashing import file_sha256
+    from recsys.experiments.distillation import ServedStudent
+    from recsys.experiments.ranking import build_model
+    from recsys.training.checkpoint import weights_path
+
+    run = result.runs[name][0]
+    checkpoint = run.fit.checkpoint_dir if run.fit is not None else None
+    if checkpoint is None or not weights_path(checkpoint, "best").exists():
+        return None
+    # The pipeline's ranking stage uses the presets without overrides: this rebuilds the trained config.
+    _, model_config = build_model(name, result.data, run.max_len, result.config.model_overrides.get(name))
+    served = ServedStudent(
+        architecture=name,
+        model_config_json=model_config.model_dump(mode="json"),
+        max_len=run.max_len,
+        checkpoint=checkpoint,
+        weights_sha256=file_sha256(weights_path(checkpoint, "best")),
+        seed=run.seed,
+        dataset=result.config.dataset,
+        data=result.data.config,
+        data_version=result.data.data_version,
+        test={k: float(v) for k, v in run.test.items()},
+        run_id=run.run_id,
+    )
+    return served.model_dump(mode="json")
 
 
 @task(name="teacher-student")
@@ -413,15 +477,20 @@ def ab_stage(config: PipelineConfig, package: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="package-stage", log_prints=False)
 def package_stage(
-    config: PipelineConfig, retrieval: dict[str, Any], distill: dict[str, Any] | None = None
+    config: PipelineConfig,
+    retrieval: dict[str, Any],
+    distill: dict[str, Any] | None = None,
+    ranking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Register the best retriever, the popularity fallback and (when this run distilled one) the distilled
-    student as the ranker in the model store; build the bento that serves them."""
+    """Register the best retriever, the popularity fallback and the ranker in the model store: the ranking
+    stage's run of ``config.ranker`` when it names one, else (when this run distilled one) the distilled
+    student; build the bento that serves them."""
     from recsys.experiments.distillation import ServedStudent
     from recsys.flows.package import (
         register_distilled_ranker,
         register_learned_retriever,
         register_popularity,
+        register_trained_ranker,
     )
     from recsys.serving.build import build_bento
     from recsys.serving.service import ServingConfig
@@ -432,6 +501,12 @@ def package_stage(
     best = retrieval["best"]
     if best is None:
         raise ValueError("package: no learned retrieval model was trained (retrieval_models has none)")
+    trained = (ranking or {}).get("served_ranker")
+    if config.ranker is not None and trained is None:  # refused before anything is registered
+        raise ValueError(
+            f"ranker: the ranking stage left no trained {config.ranker!r} to serve (no ranking record, "
+            "or its run has no best weights)"
+        )
     model = retrieval["models"][best]
     retriever = register_learned_retriever(
         paths.warehouse,
@@ -456,12 +531,17 @@ def package_stage(
     control = register_popularity(paths.warehouse, dataset)
     ranker: str | None = None
     architecture: str | None = None
-    record = (distill or {}).get("student")
-    if record is not None:
+    source: str | None = None
+    if config.ranker is not None:
+        # The chosen ranking model (a generative ranker is scored through M-FALCON by the service).
+        run = ServedStudent.model_validate(trained)
+        ranker = register_trained_ranker(paths.warehouse, run, store=f"{_slug(dataset)}-ranker")
+        architecture, source = run.architecture, "ranking"
+    elif (record := (distill or {}).get("student")) is not None:
         # The distilled student re-ranks the retriever's pool, under the stable name deployments pin.
         student = ServedStudent.model_validate(record)
         ranker = register_distilled_ranker(paths.warehouse, student, store=f"{_slug(dataset)}-ranker")
-        architecture = student.architecture
+        architecture, source = student.architecture, "distill"
     else:
         log.info("package: no distilled student in this run; serving without a ranker")
     bento = build_bento(ServingConfig(retriever=served, ranker=ranker))
@@ -472,13 +552,26 @@ def package_stage(
         "control": control,
         "ranker": ranker,
         "ranker_architecture": architecture,
+        "ranker_source": source,
         "bento": bento,
     }
 
 
-def package_key(dataset: str, retrieval: dict[str, Any], distill: dict[str, Any] | None) -> str:
-    """The package stage's cache key: the retriever it registers and the distilled student it serves as
-    ranker (its record names the checkpoint's sha256, so a re-trained student re-packages)."""
+def package_key(
+    dataset: str,
+    retrieval: dict[str, Any],
+    distill: dict[str, Any] | None,
+    ranking: dict[str, Any] | None = None,
+    ranker: str | None = None,
+) -> str:
+    """The package stage's cache key: the retriever it registers and the ranker it serves, the distilled
+    student or the ranking stage's run of ``ranker`` (either record names the checkpoint's sha256, so a
+    re-trained ranker re-packages)."""
+    if ranker is not None:
+        served = (ranking or {}).get("served_ranker")
+        return stage_cache.stage_key(
+            "package", dataset, retrieval["best"], retrieval["models"], ranker, served
+        )
     student = (distill or {}).get("student")
     return stage_cache.stage_key("package", dataset, retrieval["best"], retrieval["models"], student)
 
@@ -486,9 +579,12 @@ def package_key(dataset: str, retrieval: dict[str, Any], distill: dict[str, Any]
 # -- the pipeline -------------------------------------------------------------------------------------------
 
 
-def _needed(stage: str, wanted: tuple[str, ...]) -> bool:
-    """Stages run because a wanted later one needs their record (package and ab need retrieval)."""
+def _needed(stage: str, wanted: tuple[str, ...], ranker: str | None = None) -> bool:
+    """Stages run because a wanted later one needs their record (package and ab need retrieval, and the
+    ranking stage when it trains the served ranker)."""
     needs = {"retrieval": ("package", "ab"), "package": ("ab",)}
+    if ranker is not None:
+        needs["ranking"] = ("package", "ab")
     return any(w in wanted for w in needs.get(stage, ()))
 
 
@@ -568,7 +664,9 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
         def want(stage: str) -> bool:
             return stage in config.stages
 
-        planned = ["features"] + [s for s in STAGES[1:] if want(s) or _needed(s, config.stages)]
+        planned = ["features"] + [
+            s for s in STAGES[1:] if want(s) or _needed(s, config.stages, config.ranker)
+        ]
         progress = StageProgress(artifact_key("pipeline", ds, "progress"), len(planned), "pipeline", log)
         log.info("pipeline on %s: stages %s", ds, " -> ".join(planned))
         start = time.perf_counter()
@@ -593,8 +691,12 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
             _run_stage(
                 "retrieval", key, lambda: retrieval_stage(config), records, skipped, seconds, wh, progress
             )
-        if want("ranking"):
-            key = stage_cache.stage_key("ranking", versions, config.ranking, config.seeds, config.features)
+        if want("ranking") or _needed("ranking", config.stages, config.ranker):
+            # Without a chosen ranker the key is what it always was (cached stages stay valid).
+            served = () if config.ranker is None else (config.ranking_stage_config(), config.ranker)
+            key = stage_cache.stage_key(
+                "ranking", versions, config.ranking, config.seeds, config.features, *served
+            )
             _run_stage("ranking", key, lambda: ranking_stage(config), records, skipped, seconds, wh, progress)
         if want("distill"):
             # "student-record": records cached before they carried the served student are not reused
@@ -604,11 +706,12 @@ def pipeline_flow(config: PipelineConfig) -> PipelineResult:
         if want("package") or want("ab"):
             retrieval = records["retrieval"]
             distill = records.get("distill")  # only this run's: None when the distill stage is not run
-            key = package_key(ds, retrieval, distill)
+            ranking = records.get("ranking")
+            key = package_key(ds, retrieval, distill, ranking, config.ranker)
             _run_stage(
                 "package",
                 key,
-                lambda: package_stage(config, retrieval, distill),
+                lambda: package_stage(config, retrieval, distill, ranking),
                 records,
                 skipped,
                 seconds,
@@ -651,7 +754,9 @@ def summary_markdown(result: PipelineResult) -> str:
     if "package" in result.stages:
         pkg = result.stages["package"]
         served = f"Bento `{pkg['bento']}` serves retriever `{pkg.get('served', pkg['retriever'])}` and "
-        if pkg.get("ranker"):
+        if pkg.get("ranker") and pkg.get("ranker_source") == "ranking":
+            served += f"ranker `{pkg['ranker']}`, the ranking stage's {pkg.get('ranker_architecture')}."
+        elif pkg.get("ranker"):
             served += f"ranker `{pkg['ranker']}`, the distilled student ({pkg.get('ranker_architecture')})."
         else:
             served += "no ranker (no distilled student in this run): lists are ranked by retrieval scores."

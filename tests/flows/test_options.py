@@ -57,3 +57,12 @@ def test_bad_flags_name_the_field_before_anything_runs(argv: list[str], field: s
         assert result.exit_code == 2, result.output
         text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # rich's error box, unwrapped
         assert field in text, result.output
+
+
+def test_an_unknown_served_ranker_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    events = tmp_path / "clicks.csv"
+    events.write_text("user_id,item_id,timestamp\n")
+    result = runner.invoke(cli_app, ["pipeline", "--events", str(events), "--ranker", "gpt"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert "ranker: unknown ranking model 'gpt'" in text, result.output

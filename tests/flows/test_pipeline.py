@@ -5,7 +5,9 @@ tiny synthetic config of ``tests/flows/test_distill.py`` gives the distill recor
 at a SASRec checkpoint of the same dataset (untrained: packaging does not care how good it is). After
 ``package_stage`` the store holds ``<dataset>-ranker:latest`` (task ranking, the student's architecture and
 weights), the bento pins it, and a ``Recommender`` built from the bento's configuration answers recommend and
-rank with it. Without the distill stage the bento has no ranker.
+rank with it. Without the distill stage the bento has no ranker. With ``ranker="hstu-ranker"`` the ranking
+stage's run of the generative ranker (trained here through the stage's own experiment config on the same
+data) is packaged instead, and the service scores ``/rank`` and ``/recommend`` through M-FALCON.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from safetensors.torch import load_file
 from recsys.core.config import PathsConfig
 from recsys.core.hashing import file_sha256
 from recsys.experiments.distillation import ServedStudent, TeacherStudentResult, run_teacher_student
+from recsys.experiments.ranking import run_ranking_experiment
 from recsys.flows.build_features import DatasetSpec
-from recsys.flows.package import register_distilled_ranker
+from recsys.flows.package import register_distilled_ranker, register_trained_ranker
 from recsys.flows.pipeline import (
     STAGES,
     PipelineConfig,
     PipelineResult,
+    RankingStageConfig,
+    _needed,
     distill_record,
     package_key,
     package_stage,
+    served_ranker_record,
     summary_markdown,
 )
 from recsys.models.registry import build_model, model_config
@@ -39,6 +45,8 @@ from recsys.serving.registry import load_model, resolve
 from recsys.serving.schemas import RankRequest, RecommendRequest
 from recsys.serving.service import Recommender, ServingConfig
 from recsys.training.checkpoint import save_weights, weights_path
+from recsys.training.loop import LoopConfig
+from recsys.training.ranking import RankingTrainConfig
 from recsys.warehouse import Warehouse
 from tests.flows.test_distill import CONFIG as TINY_DISTILL
 
@@ -46,6 +54,18 @@ DATASET = "syn_pkg"  # its own store names (syn-pkg-*): the BentoML store is sha
 PIPELINE = PipelineConfig(dataset=DatasetSpec(kind="synthetic", name=DATASET))
 RETRIEVAL_LEN = 16
 TS = 2_000_000_000  # after every event of the tiny data
+GENERATIVE = PIPELINE.model_copy(
+    update={
+        "ranker": "hstu-ranker",
+        "ranking": RankingStageConfig(
+            models=("hstu-ranker",),
+            long_len=16,
+            data=TINY_DISTILL.data,
+            train=RankingTrainConfig(batch_size=64, flop_examples=32),
+            loop=LoopConfig(monitor="auc", max_epochs=1, patience=1, progress=False),
+        ),
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +110,14 @@ def retrieval(home: Path, distilled: TeacherStudentResult) -> dict[str, Any]:
         "num_items": num_items,
         "max_len": RETRIEVAL_LEN,
     }
+
+
+@pytest.fixture(scope="module")
+def generative(home: Path, distilled: TeacherStudentResult) -> dict[str, Any]:
+    """The ranking stage's record with the served generative ranker: the stage's experiment on the
+    distilled fixture's dataset (its examples already built), one tiny epoch."""
+    result = run_ranking_experiment(GENERATIVE.ranking_experiment(), PathsConfig(home=home))
+    return {"served_ranker": served_ranker_record(result, "hstu-ranker")}
 
 
 def _bento_config(tag: str) -> ServingConfig:
@@ -197,3 +225,73 @@ def test_the_serve_hint_names_a_real_user_in_the_users_own_ids(tmp_path: Path) -
     assert example_user(path, "shop") == '"u_0007"'
     assert example_user(path, "ml") == "3"
     assert example_user(path, "other") == "1"
+
+
+def test_the_served_ranker_is_trained_by_the_ranking_stage() -> None:
+    config = PIPELINE.model_copy(update={"ranker": "hstu-ranker"})
+    assert config.ranking_stage_config().models == (*PIPELINE.ranking.models, "hstu-ranker")
+    assert config.ranking_experiment().models == (*PIPELINE.ranking.models, "hstu-ranker")
+    assert PIPELINE.ranking_stage_config() == PIPELINE.ranking  # the default is unchanged
+    # Packaging the chosen ranker needs the ranking stage's record, even when "ranking" is not in stages.
+    assert _needed("ranking", ("features", "package"), "hstu-ranker")
+    assert not _needed("ranking", ("features", "package"))
+    with pytest.raises(ValueError, match="ranker: unknown ranking model 'gpt'"):
+        PipelineConfig(ranker="gpt")
+
+
+def test_package_serves_the_generative_ranker_through_mfalcon(
+    home: Path, retrieval: dict[str, Any], generative: dict[str, Any], distilled: TeacherStudentResult
+) -> None:
+    run = ServedStudent.model_validate(generative["served_ranker"])
+    assert run.architecture == "hstu-ranker" and run.seed == 0 and run.max_len == 16
+    assert run.weights_sha256 == file_sha256(run.weights)
+    # The distill stage's student is there too; the chosen ranker wins.
+    package = package_stage.fn(GENERATIVE, retrieval, distill_record(distilled.summary()), generative)
+    assert package["ranker"] == resolve("syn-pkg-ranker:latest")
+    assert package["ranker_architecture"] == "hstu-ranker" and package["ranker_source"] == "ranking"
+    ranker = load_model("syn-pkg-ranker:latest")
+    assert ranker.card.task == "ranking" and ranker.card.architecture == "hstu-ranker"
+    weights = load_file(str(run.weights))
+    for name, tensor in ranker.module.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+
+    config = _bento_config(package["bento"])
+    assert config.ranker == package["ranker"] and config.retriever == package["served"]
+    engine = Recommender.from_config(config.model_copy(update={"policy_temperature": 0.0}))
+    try:
+        user = max(engine.histories, key=lambda u: len(engine.histories[u][0]))
+        candidates = [int(i) for i in ranker.catalog.item_ids[1:21]]
+        ranked = engine.rank(RankRequest(user_id=user, candidates=candidates, ts=TS))
+        body = ranked.model_dump(mode="json")
+        assert body["source"] == "ranker" and body["scored_by"] == "m-falcon"
+        assert sorted(ranked.ranking) == sorted(candidates) and set(ranked.scores) == set(
+            distilled.data.tasks
+        )
+        recommended = engine.recommend(RecommendRequest(user_id=user, k=5, ts=TS))
+        assert recommended.source == "ranker" and recommended.scored_by == "m-falcon"
+    finally:
+        engine.close()
+    text = summary_markdown(PipelineResult(dataset=DATASET, features={}, stages={"package": package}))
+    assert f"ranker `{package['ranker']}`, the ranking stage's hstu-ranker" in text
+
+
+def test_without_a_trained_run_the_chosen_ranker_is_refused(home: Path, retrieval: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="ranker: the ranking stage left no trained 'hstu-ranker'"):
+        package_stage.fn(GENERATIVE, retrieval, None, None)
+
+
+def test_the_package_key_follows_the_chosen_rankers_run(retrieval: dict[str, Any]) -> None:
+    run = {"architecture": "hstu-ranker", "weights_sha256": "a" * 64}
+    key = package_key(DATASET, retrieval, None, {"served_ranker": run}, "hstu-ranker")
+    assert key == package_key(
+        DATASET, retrieval, {"student": {"x": 1}}, {"served_ranker": run}, "hstu-ranker"
+    )
+    changed = {"served_ranker": run | {"weights_sha256": "b" * 64}}
+    assert key != package_key(DATASET, retrieval, None, changed, "hstu-ranker")
+    assert key != package_key(DATASET, retrieval, None, None)
+
+
+def test_a_changed_ranking_checkpoint_is_refused(home: Path, generative: dict[str, Any]) -> None:
+    run = ServedStudent.model_validate(generative["served_ranker"] | {"weights_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="served_ranker.weights_sha256"):
+        register_trained_ranker(home / "warehouse.duckdb", run, store="syn-pkg-refused")
