@@ -68,7 +68,7 @@ synthetic = SyntheticConfig(
     sessions=SessionConfig(requests_per_user_mean=15, horizon_days=30, slate_size=5, pool_size=10),
 )
 train = ContinualTrainConfig(
-    n_periods=3, served_len=4, privileged_len=16, batch_size=64, epochs_first=1, epochs=40
+    n_periods=3, served_len=4, privileged_len=16, batch_size=64, epochs_first=1, epochs=10
 )
 config = ContinualConfig(
     dataset="syn_night", synthetic=synthetic, methods=("finetune",), train=train, stop_after=2
