@@ -10,7 +10,7 @@ directory's lock, while the second pipeline starts. Then both are resumed and ev
 
 Outcomes checked: the nightly run is still ``running`` after the pipeline's clean-up and ends ``finished``
 with its period's results written; the pipeline cleaned up nothing (nothing here was ever killed) and
-finished its stages; the second pipeline was refused with the lock's message, leaving no record; every
+finished its stages; the second pipeline was refused (exit 2, the lock's message), leaving no record; every
 answer the service gave is in its impressions spool (no lost write); no run is left ``running`` or marked
 ``interrupted`` and no temp file is left behind.
 """
@@ -186,8 +186,9 @@ def test_service_nightly_job_and_two_pipelines_share_one_home(tmp_path: Path, ap
 
         # The second pipeline is refused by the lock and records nothing.
         second = PipelineProcess.start(home, tmp_path / "tmp", config, tmp_path / "second.log", api)
-        assert second.finish(timeout=300) != 0
-        assert "another pipeline" in second.log.read_text()
+        assert second.finish(timeout=300) == 2
+        refusal = second.log.read_text()
+        assert "another pipeline" in refusal and "Traceback" not in refusal
 
         os.killpg(pipeline.process.pid, signal.SIGCONT)
         os.killpg(nightly.pid, signal.SIGCONT)
