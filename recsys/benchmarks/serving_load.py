@@ -9,6 +9,15 @@
         --ranker-tag synthetic-ranker:latest             # what the pipeline packaged (current store)
     python -m recsys.benchmarks.serving_load --compare-to 6b72956 --starlette \
         --loads c8,c16,c32,r500 --duration 15 --json load.json   # before/after + framework yardstick
+    python -m recsys.benchmarks.serving_load --soak --duration 600   # 10-minute soak, 32 clients
+
+Soak (``--soak``, a server started here): ``--concurrency`` clients send recommend and rank requests in
+turn, back to back, for ``--duration`` seconds, warm-up included (every answer counts); the server's
+resident memory (the whole process tree) is sampled every ``--rss-every`` seconds. Then the server is
+stopped with SIGTERM (its impressions spool flushes on shutdown) and the spool is read back. It prints the
+three figures a soak is judged on: errors (non-200 answers and transport errors), the RSS growth from the
+first sample after ``--warmup`` seconds to the last one, and the request ids in the impressions spool
+against the request ids of the answers served (equal sets: no list lost, none logged twice).
 
 Scenarios, one after the other: ``recommend`` (k = 10, a random known user) and ``rank`` (1,000 random
 catalogue items for a random known user). Each runs ``--concurrency`` clients that send requests back to
@@ -188,6 +197,105 @@ async def run_load(
         server = server_cpu() - cpu0 if server_cpu else float("nan")
     means = {name: total / len(latencies) for name, total in timing.items()} if latencies else {}
     return Outcome(latencies, errors, wall, server, client_cpu, kinds, means)
+
+
+@dataclass
+class SoakOutcome:
+    served_ids: list[int]  # request ids of the 200 answers, in the order they arrived
+    errors: int
+    wall_s: float
+    rss_samples: list[tuple[float, int]]  # (seconds since the start, bytes of the server's process tree)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+
+async def run_soak(
+    url: str,
+    bodies: dict[str, list[bytes]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    headers: dict[str, str],
+    rss: Callable[[], int],
+    rss_every_s: float,
+) -> SoakOutcome:
+    """``concurrency`` closed-loop clients, each sending the scenarios of ``bodies`` in turn, for
+    ``duration_s``; every 200 answer's ``request_id`` is kept, ``rss()`` is sampled every ``rss_every_s``."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    served: list[int] = []
+    kinds: dict[str, int] = {}
+    samples: list[tuple[float, int]] = []
+    errors = 0
+    started = time.perf_counter()
+    stop = started + duration_s
+    paths = sorted(bodies)
+    async with aiohttp.ClientSession(
+        base_url=url, connector=connector, timeout=timeout, headers=headers
+    ) as client:
+
+        async def one_client(offset: int) -> None:
+            nonlocal errors
+            turn = offset
+            while time.perf_counter() < stop:
+                path = paths[turn % len(paths)]
+                turn += 1
+                try:
+                    async with client.post(f"/{path}", data=random.choice(bodies[path])) as response:
+                        text = await response.read()
+                        if response.status == 200:
+                            served.append(int(json.loads(text)["request_id"]))
+                            continue
+                        kind = f"{response.status}: {text[:200].decode(errors='replace')}"
+                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                    kind = f"{type(exc).__name__}: {exc}"[:200]
+                errors += 1
+                kinds[kind] = kinds.get(kind, 0) + 1
+
+        async def sampler() -> None:
+            while True:
+                samples.append((time.perf_counter() - started, rss()))
+                if time.perf_counter() + rss_every_s > stop:
+                    return
+                await asyncio.sleep(rss_every_s)
+
+        await asyncio.gather(sampler(), *(one_client(i) for i in range(concurrency)))
+        samples.append((time.perf_counter() - started, rss()))
+    return SoakOutcome(served, errors, time.perf_counter() - started, samples, kinds)
+
+
+def soak_figures(outcome: SoakOutcome, logged_ids: list[int], warmup_s: float) -> dict[str, float]:
+    """The soak's verdict figures: errors, RSS growth after the warm-up, logged vs served request ids."""
+    after = [b for t, b in outcome.rss_samples if t >= warmup_s] or [outcome.rss_samples[-1][1]]
+    served, logged = set(outcome.served_ids), set(logged_ids)
+    return {
+        "requests": float(len(outcome.served_ids) + outcome.errors),
+        "errors": float(outcome.errors),
+        "rps": len(outcome.served_ids) / outcome.wall_s if outcome.wall_s > 0 else 0.0,
+        "rss_base_mib": after[0] / 2**20,
+        "rss_end_mib": after[-1] / 2**20,
+        "rss_max_mib": max(after) / 2**20,
+        "rss_growth_pct": 100.0 * (after[-1] - after[0]) / after[0],
+        "served": float(len(outcome.served_ids)),
+        "served_unique": float(len(served)),
+        "logged": float(len(logged)),
+        "logged_rows_ids": float(len(logged_ids)),
+        "missing": float(len(served - logged)),
+        "extra": float(len(logged - served)),
+    }
+
+
+def _process_tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (the server's arbiter and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
 
 
 def _process_tree_cpu(pid: int) -> float:
@@ -501,6 +609,13 @@ def main(argv: list[str] | None = None) -> None:
         help="A server started here also serves this registered ranker of the current store (e.g. the "
         "pipeline's <dataset>-ranker:latest, with --retriever <dataset>-retriever:latest).",
     )
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="Soak mode (a server started here): recommend and rank in turn for --duration seconds, then "
+        "errors, RSS growth after --warmup and impressions logged vs responses served.",
+    )
+    parser.add_argument("--rss-every", type=float, default=10.0, help="--soak: seconds between RSS samples.")
     parser.add_argument("--keep-state", action="store_true", help="Keep the server log and bench state.")
     parser.add_argument(
         "--record",
@@ -540,6 +655,12 @@ def main(argv: list[str] | None = None) -> None:
         if not eq or not name.startswith("RECSYS_SERVING_"):
             parser.error(f"--server-env: expected RECSYS_SERVING_<NAME>=<value>, got {item!r}")
         extra_env[name] = value
+    if args.soak and (args.compare_to or args.starlette):
+        parser.error("--soak measures one server: not with --compare-to or --starlette")
+    if args.soak and args.url:
+        parser.error("--soak starts its own server (it stops it to read the impressions spool): drop --url")
+    if args.soak and any(kind == "open" for kind, _ in loads):
+        parser.error("--soak is a closed loop: drop --rate and open-loop --loads")
     scratch = Path(tempfile.mkdtemp(prefix="recsys-load-"))  # server log (+ state of a bench model)
     if not args.url and not args.retriever and "RECSYS_HOME" not in os.environ:
         os.environ["RECSYS_HOME"] = str(scratch / "home")
@@ -572,6 +693,8 @@ def main(argv: list[str] | None = None) -> None:
             env["RECSYS_SERVING_TORCH_THREADS"] = str(args.torch_threads)
             if args.api_key:
                 env["RECSYS_SERVING_API_KEY"] = args.api_key
+            if args.soak:
+                env["RECSYS_SERVING_IMPRESSIONS_DIR"] = str(scratch / "impressions")
             if args.compare_to:  # the reference first: the summary's ratios are to it
                 tree = _git_worktree(args.compare_to, scratch)
                 process, url = _start_server(tag, env, scratch / "server-ref.log", root=tree)
@@ -613,6 +736,10 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(256)
             ],
         }
+        if args.soak:
+            assert process is not None
+            _soak(args, url, bodies, headers, process, scratch / "impressions")
+            return
         print(
             f"{'server':>18} {'scenario':>16} {'load':>8} {'requests':>9} {'errors':>7} {'req/s':>8} "
             f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'srv cpu':>9} {'cli cpu':>9}   ({args.duration:g} s "
@@ -712,6 +839,69 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server logs and state kept in {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _soak(
+    args: argparse.Namespace,
+    url: str,
+    bodies: dict[str, list[bytes]],
+    headers: dict[str, str],
+    process: subprocess.Popen[bytes],
+    spool: Path,
+) -> None:
+    import uvloop
+
+    from recsys.serving.impressions import read_spool
+
+    scenarios = {name: bodies[name] for name in args.scenarios.split(",")}
+    print(
+        f"soak: {args.concurrency} clients, {' and '.join(scenarios)} in turn, {args.duration:g} s, "
+        f"RSS sampled every {args.rss_every:g} s (growth measured from {args.warmup:g} s on)",
+        flush=True,
+    )
+    outcome = uvloop.run(
+        run_soak(
+            url,
+            scenarios,
+            concurrency=args.concurrency,
+            duration_s=args.duration,
+            headers=headers,
+            rss=lambda: _process_tree_rss(process.pid),
+            rss_every_s=args.rss_every,
+        )
+    )
+    _stop(process)  # SIGTERM: the service closes its impressions logger, which flushes the spool
+    if process.returncode not in (0, -signal.SIGTERM):
+        print(f"server exited with {process.returncode}")
+    logged = read_spool(spool)["request_id"].to_list() if any(spool.glob("part-*.parquet")) else []
+    figures = soak_figures(outcome, logged, args.warmup)
+    print("RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{b / 2**20:.0f}" for t, b in outcome.rss_samples))
+    print(
+        f"errors: {int(figures['errors'])} of {int(figures['requests'])} requests "
+        f"({figures['rps']:.1f} answered/s)"
+    )
+    for kind, count in outcome.error_kinds.items():
+        print(f"    error x{count}: {kind}")
+    print(
+        f"RSS growth: {figures['rss_growth_pct']:+.1f}% ({figures['rss_base_mib']:.0f} MiB at "
+        f"{args.warmup:g} s -> {figures['rss_end_mib']:.0f} MiB at the end; "
+        f"max {figures['rss_max_mib']:.0f} MiB)"
+    )
+    print(
+        f"impressions: {int(figures['logged'])} request ids logged, "
+        f"{int(figures['served'])} responses served "
+        f"({int(figures['served_unique'])} distinct ids); missing {int(figures['missing'])}, "
+        f"extra {int(figures['extra'])}"
+    )
+    ok = (
+        figures["errors"] == 0
+        and figures["rss_growth_pct"] < 10.0
+        and figures["missing"] == figures["extra"] == 0
+        and figures["served_unique"] == figures["served"]
+    )
+    print("soak: PASS" if ok else "soak: FAIL")
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def _open(path: str | Path) -> Iterator[Warehouse | None]:
     wh: Warehouse | None = None
     for attempt in range(attempts):
         try:
-            wh = Warehouse(path, read_only=True)
+            wh = Warehouse(path, read_only=True, lock_wait_s=0.0)  # its own short retries below
             break
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             # A writer's lock ("Could not set lock"), or this process holding it read-write.

@@ -118,6 +118,7 @@ def pipeline_command(
     from recsys.flows.build_features import DatasetSpec
     from recsys.flows.options import dataset_name_for, event_schema_from_flags, feature_config_from_flags
     from recsys.flows.pipeline import PipelineConfig, describe, pipeline_flow
+    from recsys.flows.stage_cache import PipelineBusy, ensure_free
 
     if profile not in ("quick", "full"):
         raise typer.BadParameter(f"profile must be 'quick' or 'full', got {profile!r}")
@@ -158,7 +159,12 @@ def pipeline_command(
         pipeline_config = PipelineConfig.for_profile(profile, spec, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    result = pipeline_flow(pipeline_config)
+    try:
+        ensure_free(PathsConfig().home)
+        result = pipeline_flow(pipeline_config)
+    except PipelineBusy as exc:  # another pipeline holds this state directory: a message, not a traceback
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     typer.echo(describe(result))  # plain echo: rich would wrap the markdown tables
 
 

@@ -4,10 +4,13 @@ Thin wrapper: the logic lives in ``experiments.distillation`` and ``training.dis
 
 - ``prepare``: the dataset and its point-in-time examples (``experiments.ranking.prepare_data``, which skips
   unchanged builds through the warehouse lineage); returns the examples version.
-- ``teacher_student``: the whole comparison; cached on the hash of (config, examples version, warehouse
-  path): a re-run with nothing changed returns the stored summary without loading any data. Inside, the
-  teacher scores are skipped when ``<ds>.teacher_scores`` is fresh and finished model runs come back from
-  their content-keyed checkpoints, so even a cache miss retrains nothing that did not change.
+- ``teacher_student``: the whole comparison; cached on the hash of (config, examples version) in the
+  pipeline's own stage cache (``recsys.flows.stage_cache``: one warehouse transaction, so a ``kill -9``
+  leaves either the whole record or none), never in Prefect's persisted results, which are written in
+  place and could be left truncated. A re-run with nothing changed returns the stored summary without
+  loading any data. Inside, the teacher scores are skipped when ``<ds>.teacher_scores`` is fresh and
+  finished model runs come back from their content-keyed checkpoints, so even a cache miss retrains
+  nothing that did not change.
 - ``publish_artifact``: the table and the goal line as a Prefect markdown artifact.
 
 No task retries: nothing here is network I/O.
@@ -16,20 +19,23 @@ No task retries: nothing here is network I/O.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import recsys.core  # noqa: F401  (telemetry off, Prefect home) before Prefect starts its server
 from recsys.core.config import PathsConfig
-from recsys.core.hashing import stable_hash
 from recsys.experiments.distillation import TeacherStudentConfig, TeacherStudentSummary, run_teacher_student
 from recsys.experiments.ranking import prepare_data
+from recsys.flows import stage_cache
+
+# The record's stage name in ``main.pipeline_stages`` (the pipeline's own distill stage is "distill").
+STAGE = "teacher-student"
 
 
 def _say() -> Callable[[str], None]:
@@ -47,22 +53,33 @@ def prepare(config: TeacherStudentConfig, home: Path) -> str:
     return data.data_version
 
 
-def _summary_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key: the config, the examples version and where the results live."""
-    return "teacher-student-" + stable_hash(
-        parameters["config"], parameters["data_version"], str(parameters["home"])
-    )
+def summary_key(config: TeacherStudentConfig, data_version: str) -> str:
+    """Cache key: the config and the examples version (the record lives in that home's own warehouse)."""
+    return stage_cache.stage_key(STAGE, config, data_version)
 
 
-@task(cache_key_fn=_summary_key, persist_result=True)
+# No Prefect cache and no persisted result: the stage cache below is the only one.
+@task(cache_policy=NO_CACHE, persist_result=False)
 def teacher_student(config: TeacherStudentConfig, home: Path, data_version: str) -> TeacherStudentSummary:
-    """The comparison (``run_teacher_student``); ``data_version`` is only part of the cache key."""
-    result = run_teacher_student(config, PathsConfig(home=home), echo=_say())
+    """The comparison (``run_teacher_student``), or its stored summary when (config, data_version) has one."""
+    paths = PathsConfig(home=home)
+    key = summary_key(config, data_version)
+    cached = stage_cache.lookup(paths.warehouse, STAGE, key)
+    if cached is not None:
+        _say()(f"teacher-student: unchanged config and examples (key {key}), stored summary reused")
+        return TeacherStudentSummary.model_validate(cached)
+    start = time.perf_counter()
+    result = run_teacher_student(config, paths, echo=_say())
     if result.data.data_version != data_version:
         raise RuntimeError(
             f"the examples changed during the run ({data_version} -> {result.data.data_version}); run again"
         )
-    return result.summary()
+    summary = result.summary()
+    # Stored only once the comparison has finished: an interrupted run leaves no record and runs again.
+    stage_cache.store(
+        paths.warehouse, STAGE, key, summary.model_dump(mode="json"), time.perf_counter() - start
+    )
+    return summary
 
 
 def artifact_markdown(summary: TeacherStudentSummary) -> str:

@@ -82,6 +82,13 @@ def history(warehouse_path: Path) -> list[dict[str, Any]]:
         return wh.sql(f"SELECT * FROM {TABLE} ORDER BY finished_at DESC").to_dicts()
 
 
+def ensure_free(home: Path) -> None:
+    """Raise ``PipelineBusy`` now if another pipeline holds ``home``'s lock (the CLI asks before it starts
+    Prefect, so a refused second run says so in a second, without a failed flow run's traceback)."""
+    with pipeline_lock(home):
+        pass
+
+
 @contextmanager
 def pipeline_lock(home: Path) -> Iterator[Path]:
     """Hold an exclusive lock on ``home`` for the pipeline's lifetime; the OS drops it if the process dies."""

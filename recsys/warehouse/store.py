@@ -4,13 +4,20 @@ Publishing is transactional: the new table and its lineage row commit together, 
 interrupted (an exception, or the process killed) leaves the previous version of the table intact.
 A publish also records an ``input_key`` (hash of the inputs' versions and the build parameters), which is
 what lets flows skip a stage whose inputs have not changed.
+
+Several processes share one file (the pipeline, the nightly job, ``ab run``, the dashboard): DuckDB lets one
+process hold it read-write at a time and refuses any other open at once. Opening a ``Warehouse`` therefore
+waits while another process holds the lock (``RECSYS_WAREHOUSE_LOCK_WAIT_S``, 120 s by default) instead of
+failing, so that a job finishing while another writes does not lose its write.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +45,38 @@ CREATE TABLE IF NOT EXISTS lineage (
     created_at TIMESTAMP NOT NULL
 )
 """
+
+
+LOCK_WAIT_ENV = "RECSYS_WAREHOUSE_LOCK_WAIT_S"
+DEFAULT_LOCK_WAIT_S = 120.0
+
+
+def default_lock_wait_s() -> float:
+    """Seconds an open waits for another process's lock on the file (``RECSYS_WAREHOUSE_LOCK_WAIT_S``)."""
+    raw = os.environ.get(LOCK_WAIT_ENV)
+    if raw is None:
+        return DEFAULT_LOCK_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise ValueError(f"{LOCK_WAIT_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """``duckdb.connect``, retried while another process holds the file's lock, for up to ``wait_s``."""
+    delay, deadline = 0.05, time.monotonic() + wait_s
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            left = deadline - time.monotonic()
+            if "lock" not in str(exc).lower() or left <= 0:
+                raise
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
 
 
 class WarehouseError(RuntimeError):
@@ -69,16 +108,22 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class Warehouse:
-    """A handle on the warehouse file. Cheap to open; use as a context manager or call ``close()``."""
+    """A handle on the warehouse file. Cheap to open; use as a context manager or call ``close()``.
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    ``lock_wait_s``: how long to wait while another process holds the file (None: ``default_lock_wait_s()``;
+    0: fail at once, for a caller with its own answer to a busy file, such as the dashboard)."""
+
+    def __init__(
+        self, path: str | Path, *, read_only: bool = False, lock_wait_s: float | None = None
+    ) -> None:
         self.path = Path(path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.exists():
             raise WarehouseError(f"warehouse file {self.path} does not exist (build it first)")
         self.read_only = read_only
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        wait = default_lock_wait_s() if lock_wait_s is None else lock_wait_s
+        self.con = _connect(self.path, read_only, wait)
         self._lock = threading.RLock()
         if not read_only:
             self.con.execute(_LINEAGE_DDL)

@@ -1,12 +1,16 @@
 """The teacher-student flow: its tasks through ``.fn`` (the data version, the cache key, the artifact text)
-and one real run, whose second call comes back from the task cache without training anything."""
+and one real run, whose second call comes back from the pipeline's stage cache (a warehouse record written
+in one transaction) without training anything, and which leaves nothing in Prefect's result storage."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from recsys.experiments.distillation import TeacherStudentConfig
-from recsys.flows.distill import _summary_key, artifact_markdown, prepare, teacher_student_flow
+from prefect.settings import get_current_settings
+
+from recsys.experiments.distillation import TeacherStudentConfig, TeacherStudentSummary
+from recsys.flows import stage_cache
+from recsys.flows.distill import STAGE, artifact_markdown, prepare, summary_key, teacher_student_flow
 from recsys.synthetic.config import CatalogueConfig, SessionConfig, SyntheticConfig, UserConfig
 from recsys.training.loop import LoopConfig
 from recsys.training.ranking import RankingDataConfig, RankingTrainConfig
@@ -35,14 +39,16 @@ CONFIG = TeacherStudentConfig(
 )
 
 
-def test_cache_key_follows_config_data_and_home(tmp_path: Path) -> None:
-    params = {"config": CONFIG, "home": tmp_path, "data_version": "v1"}
-    key = _summary_key(None, params)  # type: ignore[arg-type]
-    assert key == _summary_key(None, dict(params))  # type: ignore[arg-type]
-    assert key != _summary_key(None, params | {"data_version": "v2"})  # type: ignore[arg-type]
-    assert key != _summary_key(None, params | {"home": tmp_path / "other"})  # type: ignore[arg-type]
-    changed = CONFIG.model_copy(update={"student_len": 16})
-    assert key != _summary_key(None, params | {"config": changed})  # type: ignore[arg-type]
+def test_cache_key_follows_config_and_data() -> None:
+    key = summary_key(CONFIG, "v1")
+    assert key == summary_key(CONFIG.model_copy(), "v1")
+    assert key != summary_key(CONFIG, "v2")
+    assert key != summary_key(CONFIG.model_copy(update={"student_len": 16}), "v1")
+
+
+def _prefect_results() -> set[Path]:
+    storage = Path(get_current_settings().results.local_storage_path)
+    return {p for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
 
 
 def test_flow_runs_publishes_and_caches(tmp_path: Path) -> None:
@@ -51,6 +57,7 @@ def test_flow_runs_publishes_and_caches(tmp_path: Path) -> None:
     with Warehouse(home / "warehouse.duckdb", read_only=True) as wh:
         assert wh.version("syn_flow.examples") == version
 
+    prefect_results = _prefect_results()
     summary = teacher_student_flow(CONFIG, home)
     assert summary.dataset == "syn_flow" and summary.data_version == version
     assert set(summary.auc) == {"teacher", "student_distilled", "student_plain", "baseline"}
@@ -59,8 +66,15 @@ def test_flow_runs_publishes_and_caches(tmp_path: Path) -> None:
     markdown = artifact_markdown(summary)
     assert summary.table in markdown and summary.goal_line in markdown
 
+    # The summary is cached as the stage cache's record (one DuckDB transaction, atomic under kill -9), and
+    # Prefect persisted no result (its records are written in place: a kill can leave one truncated).
+    assert _prefect_results() == prefect_results
+    record = stage_cache.lookup(home / "warehouse.duckdb", STAGE, summary_key(CONFIG, version))
+    assert record is not None and TeacherStudentSummary.model_validate(record) == summary
+
     runs = RunLog(home / "warehouse.duckdb")
     n_runs = runs.runs().height
-    again = teacher_student_flow(CONFIG, home)  # the cached task result: nothing is trained or recorded
+    again = teacher_student_flow(CONFIG, home)  # the stored summary: nothing is trained or recorded
     assert again == summary
     assert runs.runs().height == n_runs
+    assert _prefect_results() == prefect_results

@@ -1,122 +1,94 @@
 """The main job as a user runs it: `recsys pipeline` in a subprocess, interrupted with kill -9, re-run.
 
-Three homes' worth of real runs on the tiny synthetic preset: an uninterrupted reference; a run killed with
-SIGKILL in the middle of the retrieval stage (after its first epoch checkpoint) and then re-run to the end;
-and a third invocation on that home with nothing changed, which must skip every stage. The interrupted home
-must end with the same tables (content versions), the same metrics and the same registered model tags
-(content-addressed) as the reference, and with no temp file, no half-written table and no run left
-'running'.
+Real runs on the tiny synthetic preset, every invocation against one local Prefect API of the module's own
+(``crash_recovery.prefect_server``; an ephemeral API per invocation would cost 10-35 s each): an
+uninterrupted reference; on a second home the same command killed with SIGKILL (its whole process group)
+three times, in three stages: in the features stage, in the retrieval stage after its first epoch
+checkpoint, and in the distill stage; each time the same command again, the last one to the end; then a
+third invocation on the reference home with nothing changed, which must skip every stage. The interrupted
+home must end with the same tables (content versions), metrics and registered model tags
+(content-addressed) as the reference, with no temp file or staging directory left (in the state directory
+or the system temp dir), no half-written table and no run left 'running'.
+``python -m recsys.benchmarks.crash_recovery --points 10`` is the same at ten seeded random points.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from recsys.benchmarks.crash_recovery import (
+    TINY_CONFIG,
+    KillPoint,
+    PipelineProcess,
+    compare,
+    kill_at,
+    prefect_server,
+    run_to_end,
+    stage_records,
+)
 from recsys.flows.stage_cache import history
-from recsys.warehouse import Warehouse
-from recsys.warehouse.runs import RunLog
 
 pytestmark = pytest.mark.timeout(1500)
 
-CONFIG = {
-    "dataset": {"kind": "synthetic", "synthetic_preset": "tiny"},
-    "retrieval_models": ["popularity", "sasrec"],
-    "retrieval_loop": {"max_epochs": 3, "patience": 3, "progress": False},
-    "ranking": {
-        "models": ["deepfm"],
-        "short_len": 20,
-        "long_len": 50,
-        "data": {"max_train_examples": 4000, "max_valid_examples": 2000, "max_test_examples": 2000},
-        "loop": {"monitor": "auc", "mode": "max", "max_epochs": 1, "patience": 1, "progress": False},
-    },
-    "torch_threads": 1,
-}
-RECSYS = [sys.executable, "-m", "recsys.flows.cli"]
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BENTOML_"))}
-    env["RECSYS_HOME"] = str(home)
-    return env
-
-
-def _start(home: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    home.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [*RECSYS, "pipeline", "--config", str(config)],
-            env=_env(home),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: kill -9 reaches the Prefect server child too
-            cwd=Path(__file__).resolve().parents[2],
-        )
-
-
-def _run(home: Path, config: Path, log: Path, timeout: float = 900) -> None:
-    proc = _start(home, config, log)
-    try:
-        code = proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 0, f"pipeline exited {code}:\n{log.read_text()[-4000:]}"
-
-
-def _stages(home: Path) -> dict[str, dict]:
-    """The newest record of each stage."""
-    out: dict[str, dict] = {}
-    for row in history(home / "warehouse.duckdb"):
-        out.setdefault(row["stage"], json.loads(row["result"]))
-    return out
-
-
-def _table_versions(home: Path) -> dict[str, str]:
-    """Latest content version per table; the A/B tables carry their experiment's id and clock times, so
-    they are compared through the stage's readout instead."""
-    with Warehouse(home / "warehouse.duckdb", read_only=True) as wh:
-        rows = wh.con.execute(
-            "SELECT table_name, arg_max(version, created_at) FROM lineage GROUP BY table_name"
-        ).fetchall()
-    return {name: v for name, v in rows if not name.split(".")[-1].startswith("ab_")}
+CONFIG = TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
-def homes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def homes(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201  (a generator fixture)
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    reference, interrupted = root / "reference", root / "interrupted"
-    _run(reference, config, root / "reference.log")
+    with prefect_server(root / "prefect-server") as api:
+        reference, interrupted = root / "reference", root / "interrupted"
+        ref_tmp, tmp = root / "reference-tmp", root / "interrupted-tmp"
+        run_to_end(reference, ref_tmp, config, root / "reference.log", api, timeout=900)
 
-    log = root / "interrupted.log"
-    proc = _start(interrupted, config, log)
-    deadline = time.monotonic() + 900
-    checkpoints = interrupted / "artifacts" / "retrieval" / "synthetic" / "sasrec"
-    try:
-        while not list(checkpoints.glob("*/last/state.pt")):
-            tail = log.read_text()[-3000:]
-            assert proc.poll() is None, f"pipeline ended before it could be interrupted:\n{tail}"
-            assert time.monotonic() < deadline, "the retrieval stage never wrote its first checkpoint"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert "retrieval" not in _stages(interrupted), "the kill landed after the retrieval stage had finished"
-    _run(interrupted, config, log)
-    return {"root": root, "config": config, "reference": reference, "interrupted": interrupted}
+        log = root / "interrupted.log"
+        # 1. In the features stage (the tiny build takes a few seconds: 0.5 s in, it is mid-way).
+        kill, _ = kill_at(interrupted, tmp, config, log, api, KillPoint("features", 0.5))
+        assert kill.killed and kill.landed == "features", kill
+        # 2. In the retrieval stage, once SASRec's first epoch checkpoint is on disk.
+        run = PipelineProcess.start(interrupted, tmp, config, log, api)
+        checkpoints = interrupted / "artifacts" / "retrieval" / "synthetic" / "sasrec"
+        deadline = time.monotonic() + 900
+        try:
+            while not list(checkpoints.glob("*/last/state.pt")):
+                assert run.process.poll() is None, f"pipeline ended before it could be interrupted:\n{log}"
+                assert time.monotonic() < deadline, "the retrieval stage never wrote its first checkpoint"
+                time.sleep(0.1)
+        finally:
+            run.kill()
+        assert "retrieval" not in stage_records(interrupted), "the kill landed after the retrieval stage"
+        # 3. In the distill stage (about 20 s on the tiny preset: 4 s in, its teacher is training).
+        kill, _ = kill_at(interrupted, tmp, config, log, api, KillPoint("distill", 4.0))
+        assert kill.killed and kill.landed == "distill", kill
+        assert "distill" not in stage_records(interrupted), "the kill landed after the distill stage"
+
+        run_to_end(interrupted, tmp, config, log, api, timeout=900)
+        yield {
+            "root": root,
+            "config": config,
+            "reference": reference,
+            "interrupted": interrupted,
+            "reference_tmp": ref_tmp,
+            "interrupted_tmp": tmp,
+            "api": api,
+        }
 
 
-def test_interrupted_run_ends_with_the_reference_results(homes: dict[str, Path]) -> None:
+def _stages(home: Path) -> dict[str, dict]:
+    return stage_records(home)
+
+
+def _run(homes: dict, home: Path, config: Path, log: Path) -> None:
+    run_to_end(home, homes["root"] / "rerun-tmp", config, log, homes["api"], timeout=900)
+
+
+def test_interrupted_run_ends_with_the_reference_results(homes: dict) -> None:
     ref, got = _stages(homes["reference"]), _stages(homes["interrupted"])
     assert set(ref) == set(got) == {"retrieval", "ranking", "distill", "package", "ab"}
     for name in ("popularity", "sasrec"):
@@ -139,40 +111,45 @@ def test_interrupted_run_ends_with_the_reference_results(homes: dict[str, Path])
     assert got["package"]["ranker"] == ref["package"]["ranker"]
     report = (homes["reference"] / "reports" / "pipeline_synthetic.md").read_text()
     assert f"ranker `{ref['package']['ranker']}`" in report
-    assert _table_versions(homes["interrupted"]) == _table_versions(homes["reference"])
+    checks = _checks(homes)
+    # Every test figure of every model, the distillation figures, the A/B readout, the tags; and the latest
+    # content version of every table.
+    assert checks["metrics and model tags"] == []
+    assert checks["table versions"] == []
 
 
-def test_interrupted_run_leaves_nothing_half_written(homes: dict[str, Path]) -> None:
-    home = homes["interrupted"]
-    assert not [p for p in home.rglob(".*.tmp") if p.is_file()]
-    runs = RunLog(home / "warehouse.duckdb").runs()
-    assert "running" not in runs["status"].to_list()
-    with Warehouse(home / "warehouse.duckdb", read_only=True) as wh:
-        for table_name, row_count in wh.con.execute(
-            "SELECT table_name, arg_max(row_count, created_at) FROM lineage GROUP BY table_name"
-        ).fetchall():
-            (actual,) = wh.con.execute(f"SELECT count(*) FROM {table_name}").fetchall()[0]
-            assert actual == row_count, table_name
+def _checks(homes: dict) -> dict[str, list[str]]:
+    return compare(homes["reference"], homes["reference_tmp"], homes["interrupted"], homes["interrupted_tmp"])
 
 
-def test_second_run_with_nothing_changed_skips_every_stage(homes: dict[str, Path]) -> None:
+def test_interrupted_run_leaves_nothing_half_written(homes: dict) -> None:
+    checks = _checks(homes)
+    assert checks["rows and runs"] == []  # every table holds its lineage row's rows; no run left 'running'
+    # No hidden temp or staging directory, every checkpoint unit named by its link, no DuckDB WAL; the same
+    # files as the reference's; nothing in the system temp dir that an uninterrupted run does not leave.
+    assert checks["leftovers in RECSYS_HOME"] == []
+    assert checks["files beside the reference's"] == []
+    assert checks["leftovers in the temp dir"] == []
+
+
+def test_second_run_with_nothing_changed_skips_every_stage(homes: dict) -> None:
     home = homes["reference"]
     before = len(history(home / "warehouse.duckdb"))
     log = homes["root"] / "rerun.log"
-    _run(home, homes["config"], log)
+    _run(homes, home, homes["config"], log)
     text = log.read_text()
     for stage in ("retrieval", "ranking", "distill", "package", "ab"):
         assert f"stage {stage}: unchanged inputs" in text, stage
     assert len(history(home / "warehouse.duckdb")) == before  # no stage re-ran, so none re-recorded
 
 
-def test_changed_config_reruns_only_the_stages_that_depend_on_it(homes: dict[str, Path]) -> None:
+def test_changed_config_reruns_only_the_stages_that_depend_on_it(homes: dict) -> None:
     home = homes["reference"]
     changed = dict(CONFIG, ranking={**CONFIG["ranking"], "short_len": 10})
     config = homes["root"] / "changed.yaml"
     config.write_text(yaml.safe_dump(changed))
     log = homes["root"] / "changed.log"
-    _run(home, config, log)
+    _run(homes, home, config, log)
     text = log.read_text()
     for stage in ("retrieval", "distill", "package", "ab"):
         assert f"stage {stage}: unchanged inputs" in text, stage
