@@ -12,11 +12,12 @@ What it does, on the tiny synthetic preset (``TINY_CONFIG``, or ``--config`` wit
 2. The kill points: every stage gets one, the rest are drawn in proportion to the stages' reference times
    (seeded); each is "``offset`` seconds after the marker of stage S", the offset uniform in 5-95% of S's
    reference time.
-3. One interrupted state directory, points in pipeline order: the same command is started, SIGKILL goes to
-   its whole process group (the pipeline, and with ``--ephemeral`` its Prefect server) ``offset`` seconds
-   after the first marker of S or of a later stage, then the same command again, up to the next point.
-   After the last point the command runs to the end. Where each kill landed (the last marker before it) is
-   printed: a stage can finish sooner on a re-run than in the reference, so a kill may land one stage later.
+3. Every point on a state directory of its own: the same command is started from a fresh state, SIGKILL
+   goes to its whole process group (the pipeline, and with ``--ephemeral`` its Prefect server) ``offset``
+   seconds after the first marker of S or of a later stage, then the same command runs to the end in that
+   directory, which is then checked against the reference. Where each kill landed (the last marker before
+   it) is printed. (On one shared directory a re-run would finish the later stages, and their points would
+   find nothing left to interrupt.)
 4. The checks: the same stages, metrics (every test figure of every model, the distillation figures, the
    A/B readout) and content-addressed model tags as the reference; the same latest content version of
    every table (A/B tables excepted: they carry their experiment id and clock times), each table holding the
@@ -438,8 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config.read_text() if args.config else yaml.safe_dump(TINY_CONFIG, sort_keys=False)
     )
     ref, ref_tmp = work / "reference", work / "reference-tmp"
-    home, tmpdir = work / "interrupted", work / "interrupted-tmp"
-    for path in (ref, ref_tmp, home, tmpdir):
+    for path in (ref, ref_tmp, work / "interrupted-1"):
         if path.exists():
             parser.error(f"{path} exists: give a fresh --workdir")
     started = time.monotonic()
@@ -461,27 +461,46 @@ def main(argv: list[str] | None = None) -> None:
             plan = plan_kill_points(stage_s, args.points, args.seed)
             print(
                 f"{'#':>3} {'kill point':>22} {'landed in':>16} {'seconds in':>10}   "
-                "(cleaned up at this start: temps, runs)",
+                "(then the same command: temps and runs it cleaned up; differences from the reference)",
                 flush=True,
             )
-            kills = []
+            # Each point on a state directory of its own: killed from a fresh start at its point, then
+            # re-run to the end and compared. On one shared directory a re-run finishes the later stages
+            # and their points find nothing left to interrupt.
+            kills: list[Kill] = []
+            problems: dict[str, list[str]] = {}
             for i, point in enumerate(plan, 1):
-                kill, run = kill_at(home, tmpdir, config, work / "interrupted.log", api, point)
+                home, tmpdir, log = (
+                    work / f"interrupted-{i}",
+                    work / f"interrupted-{i}-tmp",
+                    work / f"run-{i}.log",
+                )
+                kill, _ = kill_at(home, tmpdir, config, log, api, point)
                 kills.append(kill)
+                final = run_to_end(home, tmpdir, config, log, api)
+                found = compare(ref, ref_tmp, home, tmpdir)
+                for check, items in found.items():
+                    problems.setdefault(check, []).extend(f"point {i}: {item}" for item in items)
                 where = kill.landed if kill.killed else "(finished first)"
+                bad = sum(len(v) for v in found.values())
                 print(
                     f"{i:>3} {f'{point.stage} +{point.offset_s:.2f} s':>22} {where:>16} {kill.into_s:>10.2f}"
-                    f"   {run.cleanup[0]}, {run.cleanup[1]}",
+                    f"   {final.cleanup[0]} temps, {final.cleanup[1]} runs; "
+                    f"{'identical' if not bad else f'{bad} differences'}",
                     flush=True,
                 )
-            final = run_to_end(home, tmpdir, config, work / "interrupted.log", api)
-            print(
-                f"the same command once more: exit 0 after {time.monotonic() - final.started:.0f} s "
-                f"(cleaned up at its start: {final.cleanup[0]} temps, {final.cleanup[1]} runs)"
-            )
+                if not args.keep and not bad:
+                    shutil.rmtree(home, ignore_errors=True)
+                    shutil.rmtree(tmpdir, ignore_errors=True)
         landed = sorted({k.landed for k in kills if k.killed}, key=lambda s: (*STAGES, "end").index(s))
         print(f"kills that landed: {sum(k.killed for k in kills)} of {len(kills)}; stages hit: {landed}")
-        problems = compare(ref, ref_tmp, home, tmpdir)
+        for check in (
+            "metrics and model tags",
+            "table versions",
+            "rows and runs",
+            "leftovers in RECSYS_HOME",
+        ):
+            problems.setdefault(check, [])
         for check, found in problems.items():
             print(f"{check + ':':<32} {'ok' if not found else f'FAIL ({len(found)})'}")
             for item in found[:20]:
