@@ -11,7 +11,7 @@ the bento into an OCI image where Docker exists (it then needs the package index
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,8 @@ import typer
 import yaml
 
 import recsys.core  # noqa: F401  (BENTOML_HOME and telemetry defaults before BentoML is imported)
-from recsys.core.environment import PROJECT_ROOT
+from recsys.core.atomic import owned_tempdir
+from recsys.core.environment import PROJECT_ROOT, state_dir
 from recsys.serving.service import ENV_PREFIX, ServingConfig
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
@@ -63,12 +64,21 @@ def effective_bentofile(config: ServingConfig, bentofile: Path = BENTOFILE) -> d
 def build_bento(config: ServingConfig, bentofile: Path = BENTOFILE, version: str | None = None) -> str:
     """Build the bento offline from the effective bentofile; returns its tag (``recsys-recommender:<v>``)."""
     import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
 
     options = effective_bentofile(config, bentofile)
-    with tempfile.TemporaryDirectory(prefix="recsys-bentofile-") as tmp:
-        path = Path(tmp) / "bentofile.yaml"
+    # BentoML stages a bento in <BENTOML_HOME>/tmp under a name no sweep can tell is abandoned; staged in an
+    # owned temp under RECSYS_HOME instead, a build killed mid-way leaves a directory the next start-up sweep
+    # removes once this process is gone (BentoML has no public option for it: its container's provider).
+    staging = owned_tempdir(state_dir() / "tmp", "bento-build")
+    BentoMLContainer.tmp_bento_store_dir.set(str(staging))
+    try:
+        path = staging / "bentofile.yaml"
         path.write_text(yaml.safe_dump(options, sort_keys=False))
         bento = bentoml.bentos.build_bentofile(str(path), build_ctx=str(PROJECT_ROOT), version=version)
+    finally:
+        BentoMLContainer.tmp_bento_store_dir.reset()
+        shutil.rmtree(staging, ignore_errors=True)
     return str(bento.tag)
 
 

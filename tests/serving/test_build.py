@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import bentoml
 import yaml
 
+from recsys.core.environment import state_dir
 from recsys.serving.build import build_bento, effective_bentofile, pinned_requirements
 from recsys.serving.service import ServingConfig
 from tests.serving.test_service import train_and_register
@@ -42,6 +44,11 @@ def test_bento_is_built_offline_with_pinned_models_and_packages() -> None:
     requirements = (root / "env" / "python" / "requirements.txt").read_text().splitlines()
     assert set(pinned_requirements()) <= set(requirements)
     assert not (root / "env" / "python" / "requirements.lock.txt").exists()
+    # Staged in an owned temp under RECSYS_HOME (a killed build leaves only what the start-up sweep removes),
+    # and nothing staged is left behind, in BentoML's own tmp dir or ours.
+    bentoml_tmp = Path(os.environ["BENTOML_HOME"]) / "tmp"
+    assert not list(bentoml_tmp.glob("bentoml_bento_*"))
+    assert not list((state_dir() / "tmp").glob(".bento-build.*"))
 
 
 def test_cli_registers_weights_with_the_warehouse_catalogue(tmp_path: Path) -> None:
