@@ -100,6 +100,28 @@ def _query(home: Path, sql: str) -> list[tuple]:
             time.sleep(0.02)
 
 
+def _freeze_while_running(process: subprocess.Popen[bytes], home: Path, sql: str, log: Path) -> str:
+    """SIGSTOP ``process`` at a moment its run is 'running' and it holds no warehouse handle; the run id.
+
+    Frozen while holding DuckDB's lock it would block every other process, so such a freeze is undone
+    and tried again; the run's training is short, so there is no fixed wait for a quiet moment."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the nightly job's run was never caught running"
+        if _query(home, sql):
+            os.killpg(process.pid, signal.SIGSTOP)
+            try:
+                with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+                    rows = con.execute(sql).fetchall()
+            except duckdb.IOException:  # frozen holding the warehouse
+                rows = []
+            if rows:
+                return str(rows[0][0])
+            os.killpg(process.pid, signal.SIGCONT)
+        time.sleep(0.005)
+
+
 class Client(threading.Thread):
     """Sends /recommend requests back to back until stopped; keeps every answered request id."""
 
@@ -168,14 +190,7 @@ def test_service_nightly_job_and_two_pipelines_share_one_home(tmp_path: Path, ap
                 start_new_session=True,
             )
         running_sql = "SELECT run_id FROM runs WHERE kind = 'continual' AND status = 'running'"
-        deadline = time.monotonic() + 300
-        while not _query(home, running_sql):
-            assert nightly.poll() is None, (tmp_path / "nightly.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the nightly job never started its run"
-            time.sleep(0.05)
-        time.sleep(0.5)  # past the run record's write: frozen in training, holding no warehouse handle
-        os.killpg(nightly.pid, signal.SIGSTOP)
-        [(nightly_run,)] = _query(home, running_sql)
+        nightly_run = _freeze_while_running(nightly, home, running_sql, tmp_path / "nightly.log")
 
         # The first pipeline starts (and cleans up) while the nightly run is live; it is frozen in its
         # first stage, holding the state directory's lock.
