@@ -639,7 +639,7 @@ class ServedGenerator(nn.Module):
         super().__init__()
         self.config = config
         codes = np.zeros((config.num_items, config.levels + 1), dtype=np.int64)
-        # Placeholder codes of the right shape: a distinct code per item until real ones are loaded.
+        # Initial codes of the right shape, a distinct code per item; the registered weights replace them.
         codes[:, -1] = np.arange(config.num_items) % config.dedup_size
         codes[:, 0] = (np.arange(config.num_items) // config.dedup_size) % config.codebook_size
         self.register_buffer("codes", torch.from_numpy(codes))
