@@ -532,4 +532,20 @@ def scaling(points: pl.DataFrame, metric: str, cost_title: str) -> alt.LayerChar
         ],
     )
     labels = base.mark_text(align="left", dx=7, dy=-6, fontSize=11).encode(text="model:N")
-    return alt.layer(dots, labels).properties(width=_WIDTH, height=340)
+    # A model trained at several sizes (``recsys scaling run`` records ``<model>@<size>``) is one curve.
+    family = rows.with_columns(pl.col("model").str.split("@").list.first().alias("family"))
+    curves = family.filter(pl.len().over("group_no", "family") > 1).sort("cost")
+    if curves.is_empty():
+        return alt.layer(dots, labels).properties(width=_WIDTH, height=340)
+    lines = (
+        alt.Chart(curves)
+        .mark_line(strokeDash=[4, 3], opacity=0.7)
+        .encode(
+            x="cost:Q",
+            y="value:Q",
+            color=alt.Color("group_no:N"),
+            detail="family:N",
+            order="cost:Q",
+        )
+    )
+    return alt.layer(lines, dots, labels).properties(width=_WIDTH, height=340)

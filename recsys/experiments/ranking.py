@@ -46,6 +46,7 @@ from recsys.experiments.common import (
     echo_table_and_tests,
     evidence_profile,
     format_count,
+    loop_key,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -257,10 +258,25 @@ def prepare_data(
     return data, oracle
 
 
-def loop_key(loop: LoopConfig) -> dict[str, Any]:
-    """The loop settings that change what a run trains: display and resume switches do not, and a higher
-    epoch cap only continues a run (the shared loop does that), so a re-run finds its finished runs."""
-    return loop.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"})
+def run_key(
+    name: str,
+    model_config: Any,
+    train_config: RankingTrainConfig,
+    loop: LoopConfig,
+    data_config: RankingDataConfig,
+    data_version: str,
+) -> str:
+    """The checkpoint key of one model x seed: what it trains (model, training, loop, data), not how fast
+    (``unique_pooling`` gives the same outputs, so runs with and without it share checkpoints)."""
+    return stable_hash(
+        name,
+        model_config.model_dump(mode="json", exclude={"features"}),
+        train_config.model_dump(mode="json", exclude={"unique_pooling"}),
+        loop_key(loop),
+        data_config,
+        data_version,
+        length=12,
+    )
 
 
 def synthetic_manifest(paths: PathsConfig, config: RankingDataSource) -> SyntheticManifest | None:
@@ -297,15 +313,7 @@ def run_ranking_experiment(
         for seed in config.seeds:
             seed_everything(seed)  # the model's initial weights
             model, model_config = build_model(name, data, max_len, overrides)
-            key = stable_hash(
-                name,
-                model_config.model_dump(mode="json", exclude={"features"}),
-                train_config,
-                loop_key(config.loop),
-                config.data,
-                data.data_version,
-                length=12,
-            )
+            key = run_key(name, model_config, train_config, config.loop, config.data, data.data_version)
             ckpt = paths.artifacts / "ranking" / config.dataset / name / f"seed{seed}-{key}"
             result = train_ranking_model(
                 name,

@@ -42,6 +42,7 @@ from recsys.experiments.common import (
     check_seeds,
     echo_table_and_tests,
     format_count,
+    loop_key,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -81,6 +82,12 @@ class ObjectiveVariant(FrozenModel):
     objective: RetrievalObjective | None = None
     model_params: dict[str, int | float] = Field(default_factory=dict)
     max_len: int | None = Field(None, gt=0, description="History length; None = the data's rule.")
+    stochastic_length_alpha: float | None = Field(
+        None,
+        ge=1.0,
+        le=2.0,
+        description="Stochastic Length's alpha for this variant; None = the train config's.",
+    )
 
 
 OBJECTIVE_PRESETS: dict[str, ObjectiveVariant] = {
@@ -121,6 +128,55 @@ def objective_variants(names: str) -> tuple[ObjectiveVariant, ...]:
     if unknown or not chosen:
         raise ValueError(f"objectives: unknown preset(s) {unknown}; known: {sorted(OBJECTIVE_PRESETS)}")
     return tuple(OBJECTIVE_PRESETS[n] for n in chosen)
+
+
+def length_variants(
+    variants: tuple[ObjectiveVariant, ...], lengths: tuple[int, ...], alpha: float | None
+) -> tuple[ObjectiveVariant, ...]:
+    """Each variant at each history length (``<name>-L<n>``; none given keeps the variant's own), and with
+    ``alpha`` a Stochastic Length twin of each (``<name>[-L<n>]-sl<alpha>``), in that order."""
+    if any(n < 2 for n in lengths):
+        raise ValueError(f"lengths: history lengths must be >= 2, got {list(lengths)}")
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"lengths: give each history length once, got {list(lengths)}")
+    out: list[ObjectiveVariant] = []
+    for v in variants:
+        sized = (
+            [v.model_copy(update={"name": f"{v.name}-L{n}", "max_len": n}) for n in lengths]
+            if lengths
+            else [v]
+        )
+        for s in sized:
+            out.append(s)
+            if alpha is not None:
+                out.append(
+                    s.model_copy(update={"name": f"{s.name}-sl{alpha:g}", "stochastic_length_alpha": alpha})
+                )
+    return tuple(out)
+
+
+def length_comparisons(
+    models: tuple[str, ...], variants: tuple[ObjectiveVariant, ...]
+) -> tuple[tuple[str, str], ...]:
+    """For ``length_variants``' tables: each Stochastic Length twin against its plain variant, each longer
+    history against the shortest (plain), and HSTU(-large) against SASRec at every plain variant."""
+    plain = [v for v in variants if v.stochastic_length_alpha is None]
+    pairs: list[tuple[str, str]] = []
+    for m in models:
+        if m == "popularity":
+            continue
+        for v in variants:
+            if v.stochastic_length_alpha is not None:
+                base = v.name.rsplit("-sl", 1)[0]
+                pairs.append((run_key(m, v.name, variants), run_key(m, base, variants)))
+        pairs += [(run_key(m, v.name, variants), run_key(m, plain[0].name, variants)) for v in plain[1:]]
+    pairs += [
+        (run_key(a, v.name, variants), run_key(b, v.name, variants))
+        for v in plain
+        for a, b in (("hstu", "sasrec"), ("hstu-large", "sasrec"))
+        if a in models and b in models
+    ]
+    return tuple(pairs)
 
 
 def run_key(model: str, variant: str, variants: tuple[ObjectiveVariant, ...]) -> str:
@@ -229,7 +285,10 @@ def resolve_run(
         **variant.model_params,
         **model_fields,
     }
-    return train.model_copy(update={"max_len": max_len, "loss": objective}), fields
+    update: dict[str, Any] = {"max_len": max_len, "loss": objective}
+    if variant.stochastic_length_alpha is not None:
+        update["stochastic_length_alpha"] = variant.stochastic_length_alpha
+    return train.model_copy(update=update), fields
 
 
 @dataclass
@@ -257,7 +316,9 @@ class RunSettings:
     def describe(self) -> str:
         fields = ", ".join(f"{k} {v}" for k, v in sorted(self.model_fields.items()))
         loss = self.train.loss.model_dump(mode="json") if self.train.loss is not None else "auto"
-        return f"history {self.train.max_len}; {fields}; loss {loss}"
+        alpha = self.train.stochastic_length_alpha
+        sl = f"; Stochastic Length alpha {alpha:g}" if alpha is not None else ""
+        return f"history {self.train.max_len}{sl}; {fields}; loss {loss}"
 
 
 def model_fields_of(name: str, fields: dict[str, int | float]) -> dict[str, int | float]:
@@ -285,8 +346,7 @@ def train_one(
 ) -> RetrievalRunResult:
     """Train (or reuse the checkpoint of) one run; its checkpoint key covers all config but the epoch cap."""
     loop = loop or config.loop
-    loop_key = loop.model_dump(mode="json", exclude={"progress", "resume", "max_epochs"})
-    key = stable_hash(name, train, fields, loop_key, data_version, length=12)
+    key = stable_hash(name, train, fields, loop_key(loop), data_version, length=12)
     ckpt = paths.artifacts / "retrieval" / config.dataset / name / f"seed{seed}-{key}"
     return train_retrieval(
         name,
@@ -799,6 +859,14 @@ def run_command(
     ] = 10,
     eval_every: Annotated[int, typer.Option(min=1, help="Validate every this many epochs.")] = 1,
     max_len: MaxLenOpt = None,
+    lengths: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated history lengths: every objective at each (e.g. 200,1000)."),
+    ] = None,
+    stochastic_length: Annotated[
+        float | None,
+        typer.Option(min=1.0, max=2.0, help="Also train each variant with Stochastic Length at this alpha."),
+    ] = None,
     dim: Annotated[int | None, typer.Option(min=1, help="Embedding dimension (default: the rule's).")] = None,
     dropout: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="Default: the rule's.")] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
@@ -807,7 +875,11 @@ def run_command(
     progress: Annotated[bool, typer.Option(help="Show tqdm progress bars.")] = True,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train popularity, SASRec, HSTU and HSTU-large per objective over several seeds; print the table."""
+    """Train popularity, SASRec, HSTU and HSTU-large per objective over several seeds; print the table.
+    With ``--lengths`` / ``--stochastic-length`` every objective runs at each history length and with and
+    without Stochastic Length, and the tests compare those twins."""
+    if lengths is not None and max_len is not None:
+        raise typer.BadParameter("give --lengths or --max-len, not both", param_hint="--lengths")
     fields: dict[str, int | float] = {}
     if dim is not None:
         fields["embedding_dim"] = dim
@@ -815,12 +887,22 @@ def run_command(
         fields["dropout"] = dropout
     train = {"batch_size": batch_size, **({"max_len": max_len} if max_len is not None else {})}
     try:
+        variants = objective_variants(objectives)
+        comparisons = None
+        if lengths is not None or stochastic_length is not None:
+            try:
+                sizes = tuple(int(n) for n in split_csv(lengths)) if lengths is not None else ()
+            except ValueError:
+                raise ValueError(f"lengths: comma-separated integers, got {lengths!r}") from None
+            variants = length_variants(variants, sizes, stochastic_length)
+            comparisons = length_comparisons(tuple(split_csv(models)), variants)
         config = RetrievalExperimentConfig(
             **_dataset_fields(
                 dataset, source_dir, events, user_col, item_col, time_col, time_format, synthetic_preset
             ),
             models=split_csv(models),
-            objectives=objective_variants(objectives),
+            objectives=variants,
+            comparisons=comparisons,
             seeds=tuple(range(seeds)),
             train=RetrievalTrainConfig(**train),
             model_params=fields,

@@ -43,6 +43,7 @@ SUBAPPS: dict[str, tuple[str, str]] = {
     "retrieval": ("recsys.experiments.retrieval", "Sequential retrieval: SASRec, HSTU, popularity."),
     "ranking": ("recsys.experiments.ranking", "Ranking/CTR: DeepFM, DIN, RankMixer, LONGER, HyFormer."),
     "serving": ("recsys.serving.build", "Model registry, bento build, impressions log."),
+    "scaling": ("recsys.experiments.scaling", "Scaling curves: AUC against FLOPs at several model sizes."),
     "distill": ("recsys.experiments.distillation", "Teacher -> student distillation for serving."),
     "continual": ("recsys.experiments.continual", "Continual training: fine-tune vs replay vs SDFT."),
     "ab": ("recsys.flows.ab_test", "Simulated A/B tests between served models."),

@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 from streamlit.testing.v1 import AppTest
 
-from recsys.dashboard import data, evidence, explore, recommend
+from recsys.dashboard import charts, data, evidence, explore, recommend
 from recsys.features.sequences import build_sequences
 from recsys.models.registry import build_model, model_config
 from recsys.serving import registry
@@ -333,6 +333,34 @@ def test_comparison_table_and_scaling(built: Built) -> None:
     ]
     with pytest.raises(ValueError, match="cost must be one of"):
         evidence.scaling_points(runs, "test/auc", "watts")
+
+
+def test_scaling_chart_draws_a_curve_per_model_trained_at_several_sizes() -> None:
+    points = pl.DataFrame(
+        {
+            "kind": ["ranking"] * 4,
+            "group": ["g"] * 4,
+            "group_no": ["group 1"] * 4,
+            "model": ["hyformer@300k", "hyformer", "hyformer@3M", "deepfm"],
+            "source": ["runs"] * 4,
+            "cost": [1.2e6, 7.6e6, 3.0e7, 9e4],
+            "value": [0.80, 0.802, 0.801, 0.79],
+            "n_seeds": [3] * 4,
+        }
+    )
+    spec = charts.scaling(points, "test/auc", "FLOPs per example").to_dict()
+    marks = [
+        layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]
+    ]
+    assert marks == ["line", "circle", "text"]
+    line_data = spec["datasets"][spec["layer"][0]["data"]["name"]]
+    assert [(r["family"], r["cost"]) for r in line_data] == [
+        ("hyformer", 1.2e6),
+        ("hyformer", 7.6e6),
+        ("hyformer", 3.0e7),
+    ]
+    single = charts.scaling(points.filter(pl.col("model") == "deepfm"), "test/auc", "FLOPs").to_dict()
+    assert len(single["layer"]) == 2  # no curve for a model at one size
 
 
 def test_recorded_verdicts_and_reports(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from recsys.experiments.retrieval import (
     RetrievalExperimentConfig,
     SweepConfig,
     app,
+    length_comparisons,
+    length_variants,
     objective_variants,
     run_retrieval_experiment,
     run_sweep,
@@ -197,3 +199,33 @@ def test_the_sparse_retrieval_preset_is_the_documented_size() -> None:
     config = SyntheticConfig.preset("sparse_retrieval")
     assert (config.catalogue.n_items, config.catalogue.n_creators, config.users.n_users) == (4000, 800, 5000)
     assert config.sessions.requests_per_user_mean == 7.0
+
+
+def test_history_lengths_and_stochastic_length_twins(
+    events_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variants = length_variants(objective_variants("auto"), (4, 8), 1.6)
+    assert [v.name for v in variants] == ["auto-L4", "auto-L4-sl1.6", "auto-L8", "auto-L8-sl1.6"]
+    assert [v.max_len for v in variants] == [4, 4, 8, 8]
+    assert [v.stochastic_length_alpha for v in variants] == [None, 1.6, None, 1.6]
+    pairs = set(length_comparisons(("popularity", "sasrec", "hstu"), variants))
+    assert ("sasrec/auto-L8-sl1.6", "sasrec/auto-L8") in pairs  # each twin against its plain run
+    assert ("hstu/auto-L8", "hstu/auto-L4") in pairs  # the longer history against the shortest
+    assert ("hstu/auto-L4", "sasrec/auto-L4") in pairs and ("hstu/auto-L8", "sasrec/auto-L8") in pairs
+    assert not any(a.startswith("popularity") for a, _ in pairs)
+    with pytest.raises(ValueError, match="lengths: give each history length once"):
+        length_variants(variants[:1], (4, 4), None)
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "cli-home"))
+    args = ["run", "--dataset", "tiny", "--events", str(events_csv), "--seeds", "1", "--max-epochs", "1"]
+    out = CliRunner().invoke(
+        app, [*args, "--models", "sasrec", "--lengths", "4,8", "--stochastic-length", "1.6", "--no-progress"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "| sasrec/auto-L8-sl1.6 |" in out.output and "sasrec/auto-L8-sl1.6 vs sasrec/auto-L8" in out.output
+    report = (tmp_path / "cli-home" / "reports" / "retrieval_tiny.md").read_text()
+    assert "history 8; Stochastic Length alpha 1.6" in report
+    runs = RunLog(tmp_path / "cli-home" / "warehouse.duckdb").runs("retrieval")
+    assert runs.height == 4
+    both = CliRunner().invoke(app, [*args, "--lengths", "4,8", "--max-len", "8"])
+    assert both.exit_code != 0 and "--lengths or --max-len" in both.output
