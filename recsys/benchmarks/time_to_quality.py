@@ -40,7 +40,7 @@ from recsys.evaluation.retrieval import LeaveOneOutSplit
 from recsys.evaluation.significance import summarize
 from recsys.experiments.retrieval import RetrievalExperimentConfig, prepare_split
 from recsys.ingest.movielens import find_movielens_100k
-from recsys.models.registry import REGISTRY, build_model, model_config
+from recsys.models.registry import build_model, model_config, trainable_retrieval_models
 from recsys.training.loop import LoopConfig, fit, record, seed_everything
 from recsys.training.retrieval import RetrievalTask, RetrievalTrainConfig
 
@@ -288,9 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.model_list = _csv(args.models)
-    known = sorted(
-        k for k, e in REGISTRY.items() if e.task == "retrieval" and k != "popularity" and not e.own_trainer
-    )
+    known = trainable_retrieval_models(with_popularity=False)
     unknown = [m for m in args.model_list if m not in known]
     if not args.model_list or unknown:
         parser.error(f"--models: unknown or empty {unknown or args.models!r}; known: {', '.join(known)}")

@@ -53,7 +53,7 @@ from recsys.features.sequences import build_sequences, load_sequences, num_items
 from recsys.ingest.events import EventSchema, ingest_events
 from recsys.ingest.movielens import ingest_movielens
 from recsys.models.losses import FullSoftmaxConfig, GBCEConfig, RetrievalObjective, SampledSoftmaxConfig
-from recsys.models.registry import REGISTRY
+from recsys.models.registry import REGISTRY, trainable_retrieval_models
 from recsys.synthetic.config import SyntheticConfig
 from recsys.synthetic.generator import generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
@@ -241,7 +241,7 @@ class RetrievalExperimentConfig(FrozenModel):
             raise ValueError(f"models: {own} train with their own command, not the retrieval experiment")
         unknown = [m for m in self.models if m not in REGISTRY or REGISTRY[m].task != "retrieval"]
         if unknown:
-            known = sorted(k for k, e in REGISTRY.items() if e.task == "retrieval" and not e.own_trainer)
+            known = trainable_retrieval_models()
             raise ValueError(f"models: unknown retrieval model(s) {unknown}; known: {known}")
         if not self.models:
             raise ValueError("models: name at least one model")
@@ -588,17 +588,8 @@ class SweepConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
-        if (
-            self.model not in REGISTRY
-            or REGISTRY[self.model].task != "retrieval"
-            or REGISTRY[self.model].own_trainer
-            or self.model == "popularity"
-        ):
-            known = sorted(
-                k
-                for k, e in REGISTRY.items()
-                if e.task == "retrieval" and k != "popularity" and not e.own_trainer
-            )
+        known = trainable_retrieval_models(with_popularity=False)
+        if self.model not in known:
             raise ValueError(f"model: {self.model!r} is not a trainable retrieval model; known: {known}")
         for name in ("objectives", "dims", "dropouts", "lrs"):
             if not getattr(self, name):

@@ -110,6 +110,16 @@ REGISTRY: Mapping[str, ModelEntry] = MappingProxyType(
 )
 
 
+def trainable_retrieval_models(*, with_popularity: bool = True) -> list[str]:
+    """Retrieval models the shared retrieval experiment trains (not those with ``own_trainer``), sorted;
+    ``with_popularity=False`` leaves out the count baseline (nothing to sweep or time)."""
+    return sorted(
+        k
+        for k, e in REGISTRY.items()
+        if e.task == "retrieval" and not e.own_trainer and (with_popularity or k != "popularity")
+    )
+
+
 def entry(name: str) -> ModelEntry:
     if name not in REGISTRY:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
