@@ -316,7 +316,7 @@ def scaling_chart(points: pl.DataFrame):  # noqa: ANN201  (altair is imported la
         x=alt.X(
             "flops:Q",
             title="FLOPs per example (log)",
-            scale=alt.Scale(type="log", nice=False),
+            scale=alt.Scale(type="log", nice=False, padding=24),
             axis=alt.Axis(format="~s"),
         ),
         color=alt.Color("Model:N"),
