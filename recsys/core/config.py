@@ -38,3 +38,21 @@ class PathsConfig(FrozenModel):
     @property
     def cache(self) -> Path:
         return self.home / "cache"
+
+
+def describe_config_error(exc: Exception) -> str:
+    """A config error as a user reads it: one ``field.path: problem`` line per pydantic error (without
+    pydantic's input dump and link), or the message of any other error."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        if error["type"] != "value_error" and isinstance(given, str | int | float | bool):
+            message += f" (got {given!r})"  # a wrong literal or number: name what was given
+        lines.append(f"{where}: {message}" if where and not message.startswith(f"{where}:") else message)
+    return "; ".join(lines)

@@ -39,7 +39,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from recsys.core.config import PathsConfig
+from recsys.core.config import PathsConfig, describe_config_error
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.forgetting import (
     ForgettingSummary,
@@ -810,7 +810,7 @@ def run_command(
             )
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     if p.all_examples:
         paper = run_continual_paper(config, tuple(range(p.seeds)), echo=typer.echo)
         typer.echo("")
@@ -1000,7 +1000,7 @@ def continue_command(
     try:
         result = continue_from_latest(dataset, method, echo=typer.echo)  # type: ignore[arg-type]
     except FileNotFoundError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     if result.auc is not None:
         typer.echo(format_matrix(result.auc))
 

@@ -47,7 +47,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.core.hashing import file_sha256, stable_hash
 from recsys.evaluation.ranking import ranking_metrics
 from recsys.evaluation.significance import PairedTest, summarize
@@ -888,7 +888,7 @@ def teacher_student_command(
             distill=DistillConfig(weight=weight, temperature=temperature),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     result = run_teacher_student(config, echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(result))

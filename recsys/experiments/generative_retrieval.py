@@ -40,7 +40,7 @@ import typer
 from pydantic import Field
 from torch import nn
 
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.evaluation.retrieval import EvalCases, LeaveOneOutSplit, RetrievalEvaluation, metrics_from_ranks
 from recsys.evaluation.significance import PairedTest, paired_t_over_seeds, paired_tests_over_users, summarize
 from recsys.experiments.common import markdown_head, markdown_row, split_csv, write_report
@@ -891,7 +891,7 @@ def run_command(
             register_models=register,
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     if threads is not None:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -1004,7 +1004,7 @@ def ab_command(
         )
         result = run_genret_ab(dataset, control, treatment, simulation, beam=beam)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     d = result.true_ctr
     typer.echo(f"experiment {result.experiment_id}; served slots {result.impressions}\n")
     typer.echo(result.lift_table)

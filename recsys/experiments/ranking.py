@@ -37,7 +37,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.significance import PairedTest, summarize
 from recsys.experiments.common import (
@@ -651,7 +651,7 @@ def run_command(
             ),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     result = run_ranking_experiment(config, echo=typer.echo)
     echo_table_and_tests(format_table(result), result.tests)
     typer.echo("\nClaims (paired t-test over seeds on test AUC, alpha 0.05):")

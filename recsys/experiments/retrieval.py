@@ -33,7 +33,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, model_validator
 
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.retrieval import PROTOCOL, LeaveOneOutSplit, RetrievalEvaluation, leave_one_out
 from recsys.evaluation.significance import PairedTest, paired_tests_over_users, summarize
@@ -907,7 +907,7 @@ def run_command(
             ),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     _set_threads(threads)
     result = run_retrieval_experiment(config, echo=typer.echo)
     echo_table_and_tests(format_table(result), result.tests)
@@ -957,7 +957,7 @@ def sweep_command(
             loop=LoopConfig(max_epochs=max_epochs, patience=patience, device=device, progress=progress),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     _set_threads(threads)
     result = run_sweep(config, echo=typer.echo)
     typer.echo("\n" + format_sweep(result))

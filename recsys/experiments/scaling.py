@@ -32,7 +32,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from recsys.core.config import PathsConfig
+from recsys.core.config import PathsConfig, describe_config_error
 from recsys.evaluation.significance import summarize
 from recsys.experiments.common import (
     check_seeds,
@@ -566,7 +566,7 @@ def run_command(
             loop=ranking_loop(max_epochs=p.max_epochs, patience=p.patience, lr=lr, progress=progress),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     typer.echo(f"profile {profile}: {p.describe()}")
     result = run_scaling_experiment(config, echo=typer.echo)
     typer.echo("")

@@ -26,7 +26,7 @@ import torch
 import typer
 from pydantic import Field
 
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.retrieval import PROTOCOL, EvalCases, RetrievalEvaluation, evaluate_retrieval
 from recsys.evaluation.significance import (
@@ -425,7 +425,7 @@ def run_command(
             lora=None if lora_rank is None else LoRASettings(rank=lora_rank),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     if threads is not None:
         torch.set_num_threads(threads)
     result = run_tca4rec_experiment(config, echo=typer.echo)

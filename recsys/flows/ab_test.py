@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field, SecretStr, field_validator
 
 import recsys.core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.flows.observe import StageProgress, artifact_key, table_artifact
 from recsys.simulation.experiment import ABExperimentConfig, run_ab_experiment
 from recsys.simulation.simulator import SimulationConfig
@@ -230,7 +230,7 @@ def run_command(
             experiment=ABExperimentConfig(name=name, simulation=simulation),
         )
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     result = ab_test_flow(config)
     typer.echo(f"experiment {result.experiment_id} (run {result.run_id}): {result.arms}\n")
     typer.echo(result.lift_table)

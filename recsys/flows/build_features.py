@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import Field, ValidationError, model_validator
 
 import recsys.core  # noqa: F401  (telemetry off, Prefect home) before Prefect starts its server
-from recsys.core.config import FrozenModel, PathsConfig
+from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.features.config import FeatureConfig
 from recsys.features.export import export_features, read_manifest
 from recsys.features.point_in_time import build_examples
@@ -329,7 +329,7 @@ def build_command(
             max_seq_len, examples, negatives, sampling, positive_events, seed
         )
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     fig = build_features_flow(spec, features)
     for key, value in fig.items():
         typer.echo(f"{key:22s} {value}")

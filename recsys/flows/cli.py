@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import recsys.core  # noqa: F401  (telemetry off before Prefect/BentoML are imported)
-from recsys.core.config import PathsConfig
+from recsys.core.config import PathsConfig, describe_config_error
 from recsys.flows.options import (
     Delimiter,
     EventCol,
@@ -159,7 +159,7 @@ def pipeline_command(
             overrides["ranker"] = ranker
         pipeline_config = PipelineConfig.for_profile(profile, spec, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(describe_config_error(exc)) from exc
     try:
         ensure_free(PathsConfig().home)
         result = pipeline_flow(pipeline_config)

@@ -42,3 +42,30 @@ def test_configs_are_frozen_and_strict(tmp_path: Path) -> None:
         PathsConfig(home=tmp_path, hom=tmp_path)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         paths.home = Path("/")  # type: ignore[misc]
+
+
+def test_config_errors_read_as_field_and_problem() -> None:
+    from pydantic import Field, ValidationError, model_validator
+
+    from recsys.core.config import FrozenModel, describe_config_error
+
+    class Inner(FrozenModel):
+        k: int = Field(1, ge=1)
+
+    class Outer(FrozenModel):
+        inner: Inner = Inner()
+        sizes: tuple[int, ...] = (1, 2)
+
+        @model_validator(mode="after")
+        def _check(self) -> Outer:
+            if len(self.sizes) < 2:
+                raise ValueError("sizes: give at least two")
+            return self
+
+    with pytest.raises(ValidationError) as nested:
+        Outer(inner={"k": 0})
+    assert describe_config_error(nested.value) == "inner.k: Input should be greater than or equal to 1 (got 0)"
+    with pytest.raises(ValidationError) as own:
+        Outer(sizes=(1,))
+    assert describe_config_error(own.value) == "sizes: give at least two"  # no pydantic input dump or link
+    assert describe_config_error(ValueError("plain")) == "plain"
