@@ -64,7 +64,8 @@ def test_config_errors_read_as_field_and_problem() -> None:
 
     with pytest.raises(ValidationError) as nested:
         Outer(inner={"k": 0})
-    assert describe_config_error(nested.value) == "inner.k: Input should be greater than or equal to 1 (got 0)"
+    expected = "inner.k: Input should be greater than or equal to 1 (got 0)"
+    assert describe_config_error(nested.value) == expected
     with pytest.raises(ValidationError) as own:
         Outer(sizes=(1,))
     assert describe_config_error(own.value) == "sizes: give at least two"  # no pydantic input dump or link
