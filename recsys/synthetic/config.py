@@ -336,6 +336,15 @@ class SyntheticConfig(FrozenModel):
         return cls.long_range(seed, long_range=0.0)
 
     @classmethod
+    def long_range_blind(cls, seed: int = 0) -> SyntheticConfig:
+        """``long_range`` with a logging policy that does not see the click logit (``policy.logit_weight``
+        0: slates ranked by popularity and noise). In ``long_range`` the logger ranks a resurfaced creator the
+        user will click near the top, so slot position alone carries most of the long-range term to any
+        model; here position carries popularity only, and the long-range term is left to the history."""
+        base = cls.long_range(seed)
+        return base.model_copy(update={"policy": base.policy.model_copy(update={"logit_weight": 0.0})})
+
+    @classmethod
     def long_range_x5(cls, seed: int = 0) -> SyntheticConfig:
         """``long_range`` with five times the logged impressions (3% of requests, ~180k): the same users,
         clicks and dials (logging draws a fixed uniform per request, so these impressions are a superset of
@@ -475,6 +484,7 @@ _PRESETS: dict[str, str] = {
     "long_range": "long_range",
     "long_range_control": "long_range_control",
     "long_range_x5": "long_range_x5",
+    "long_range_blind": "long_range_blind",
     "interactions": "interactions",
     "drift": "drift",
     "item_drift": "item_drift",

@@ -153,6 +153,9 @@ def test_presets_are_deterministic_and_their_dials_are_set() -> None:
     x5 = SyntheticConfig.preset("long_range_x5")
     assert x5.policy.impression_log_rate == pytest.approx(5 * lr.policy.impression_log_rate)
     assert x5.model_copy(update={"policy": lr.policy}) == lr  # identical but how much is logged
+    blind = SyntheticConfig.preset("long_range_blind")
+    assert blind.policy.logit_weight == 0 < lr.policy.logit_weight
+    assert blind.model_copy(update={"policy": lr.policy}) == lr  # identical but what the logger sees
     assert SyntheticConfig.preset("interactions").click.context_interaction > 0
     assert SyntheticConfig.preset("drift").click.interaction_drift > 0
     sparse = SyntheticConfig.preset("sparse_catalogue")
