@@ -65,6 +65,11 @@ def generate_cmd(
             f"test impressions (ts >= {manifest.test_start_ts}): oracle AUC {manifest.test_oracle_auc:.4f}  "
             f"last-{LAST_WINDOW} AUC {manifest.test_last100_auc:.4f}  share of the lift needing more "
             f"than the last {LAST_WINDOW} clicks {max(manifest.long_range_share, 0.0):.1%}"
+            + (
+                f"  slot position alone {manifest.test_position_auc:.4f}"
+                if manifest.test_position_auc is not None
+                else ""
+            )
         )
     typer.echo(
         f"wall {wall:.1f} s  {c['events'] / wall:,.0f} events/s  {c['requests'] / wall:,.0f} requests/s  "

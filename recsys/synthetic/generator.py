@@ -114,6 +114,11 @@ class SyntheticManifest(FrozenModel):
     test_last100_auc: float | None = Field(
         None, description="last100_auc on the impressions from test_start_ts."
     )
+    test_position_auc: float | None = Field(
+        None,
+        description="AUC of the slot position alone (top first) on the test impressions: how much of the "
+        "click signal the logging policy's ranking hands to any model that sees the position.",
+    )
     long_range_share: float | None = Field(
         None,
         description="Share of the achievable AUC lift over 0.5 that needs more than the last 100 clicks, on "
@@ -550,9 +555,10 @@ class _AucHistogram:
 
 
 def _test_figures(out_dir: Path, files: list[str]) -> dict[str, float | int | None]:
-    """Oracle and last-100 AUC on the test impressions (ts >= the TEST_QUANTILE quantile of ts)."""
+    """Oracle, last-100 and position-only AUC on the test impressions (ts >= the TEST_QUANTILE quantile)."""
     table = pa.concat_tables(
-        pq.read_table(out_dir / f, columns=["ts", "click", "p_click", "p_click_last100"]) for f in files
+        pq.read_table(out_dir / f, columns=["ts", "position", "click", "p_click", "p_click_last100"])
+        for f in files
     )
     ts = table["ts"].to_numpy()
     start = int(np.quantile(ts, TEST_QUANTILE, method="lower"))
@@ -563,10 +569,12 @@ def _test_figures(out_dir: Path, files: list[str]) -> dict[str, float | int | No
     oracle = auc(y, table["p_click"].to_numpy()[keep])
     last = auc(y, table["p_click_last100"].to_numpy()[keep])
     share = (oracle - last) / (oracle - 0.5) if oracle > 0.5 else None
+    position = auc(y, -table["position"].to_numpy()[keep].astype(np.float64))
     return {
         "test_start_ts": start,
         "test_oracle_auc": oracle,
         "test_last100_auc": last,
+        "test_position_auc": position,
         "long_range_share": share,
     }
 

@@ -3,6 +3,8 @@ cross, the interaction drift, and the named presets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -63,6 +65,21 @@ def test_with_the_dial_on_the_last_100_events_fall_short(dial_runs: dict[str, Sy
     test = imp.filter(pl.col("ts") >= on.test_start_ts)
     assert test.height == pytest.approx(0.1 * imp.height, rel=0.05)
     assert on.test_oracle_auc == pytest.approx(auc(test["click"].to_numpy(), test["p_click"].to_numpy()))
+    top_first = -test["position"].to_numpy().astype(float)
+    assert on.test_position_auc == pytest.approx(auc(test["click"].to_numpy(), top_first))
+
+
+def test_a_logger_blind_to_the_click_logit_leaves_less_signal_in_the_slot_position(
+    dial_runs: dict[str, SyntheticManifest], tmp_path: Path
+) -> None:
+    on = dial_runs["on"]
+    config = _long_range(4.0)
+    blind = generate(
+        config.model_copy(update={"policy": config.policy.model_copy(update={"logit_weight": 0.0})}),
+        tmp_path / "blind",
+    )
+    assert on.test_position_auc is not None and blind.test_position_auc is not None
+    assert blind.test_position_auc < on.test_position_auc - 0.03
 
 
 def test_ground_truth_with_dormant_interests_is_rebuilt_from_the_click_log(
