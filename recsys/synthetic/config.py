@@ -336,13 +336,18 @@ class SyntheticConfig(FrozenModel):
         return cls.long_range(seed, long_range=0.0)
 
     @classmethod
-    def long_range_blind(cls, seed: int = 0) -> SyntheticConfig:
+    def long_range_blind(cls, seed: int = 0, *, impression_log_rate: float = 0.006) -> SyntheticConfig:
         """``long_range`` with a logging policy that does not see the click logit (``policy.logit_weight``
         0: slates ranked by popularity and noise). In ``long_range`` the logger ranks a resurfaced creator the
         user will click near the top, so slot position alone carries most of the long-range term to any
         model; here position carries popularity only, and the long-range term is left to the history."""
-        base = cls.long_range(seed)
+        base = cls.long_range(seed, impression_log_rate=impression_log_rate)
         return base.model_copy(update={"policy": base.policy.model_copy(update={"logit_weight": 0.0})})
+
+    @classmethod
+    def long_range_blind_x5(cls, seed: int = 0) -> SyntheticConfig:
+        """``long_range_blind`` with five times the logged impressions (3% of requests, a superset)."""
+        return cls.long_range_blind(seed, impression_log_rate=0.03)
 
     @classmethod
     def long_range_x5(cls, seed: int = 0) -> SyntheticConfig:
@@ -485,6 +490,7 @@ _PRESETS: dict[str, str] = {
     "long_range_control": "long_range_control",
     "long_range_x5": "long_range_x5",
     "long_range_blind": "long_range_blind",
+    "long_range_blind_x5": "long_range_blind_x5",
     "interactions": "interactions",
     "drift": "drift",
     "item_drift": "item_drift",

@@ -173,6 +173,8 @@ def test_presets_are_deterministic_and_their_dials_are_set() -> None:
     blind = SyntheticConfig.preset("long_range_blind")
     assert blind.policy.logit_weight == 0 < lr.policy.logit_weight
     assert blind.model_copy(update={"policy": lr.policy}) == lr  # identical but what the logger sees
+    blind_x5 = SyntheticConfig.preset("long_range_blind_x5")
+    assert blind_x5.model_copy(update={"policy": blind.policy}) == blind  # identical but how much is logged
     assert SyntheticConfig.preset("interactions").click.context_interaction > 0
     assert SyntheticConfig.preset("drift").click.interaction_drift > 0
     sparse = SyntheticConfig.preset("sparse_catalogue")
