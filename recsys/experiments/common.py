@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from recsys.core.atomic import atomic_path
 from recsys.evaluation.significance import PairedTest, paired_t_over_seeds
+from recsys.synthetic.config import SyntheticConfig
 from recsys.training.loop import LoopConfig
 
 R = TypeVar("R")
@@ -79,6 +80,30 @@ def evidence_profile(name: str, *, seeds: int, max_epochs: int, patience: int) -
         max(patience, PAPER_PATIENCE),
         all_examples=True,
     )
+
+
+def cli_profile(name: str, *, seeds: int, max_epochs: int, patience: int) -> EvidenceProfile:
+    """``evidence_profile`` for a command's ``--profile``: an unknown name is a usage error on that option."""
+    try:
+        return evidence_profile(name, seeds=seeds, max_epochs=max_epochs, patience=patience)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+
+
+#: The ``--profile`` option of the evidence commands (its default differs per command).
+ProfileOpt = Annotated[
+    str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
+]
+#: The data-source options of the commands built on the ranking data (``RankingDataSource``).
+DatasetOpt = Annotated[str, typer.Option(help="Warehouse schema name of the dataset.")]
+SourceDirOpt = Annotated[
+    Path | None, typer.Option(help="Unzipped MovieLens-100K folder (default: download).")
+]
+SyntheticPresetOpt = Annotated[
+    str | None,
+    typer.Option(help=f"Generate a synthetic dataset: {', '.join(SyntheticConfig.preset_names())}."),
+]
+SyntheticSeedOpt = Annotated[int, typer.Option(help="Seed of the synthetic data.")]
 
 
 # -- significance -------------------------------------------------------------------------------------------

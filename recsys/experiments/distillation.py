@@ -52,8 +52,9 @@ from recsys.core.hashing import file_sha256, stable_hash
 from recsys.evaluation.ranking import ranking_metrics
 from recsys.evaluation.significance import PairedTest, summarize
 from recsys.experiments.common import (
+    ProfileOpt,
     check_seeds,
-    evidence_profile,
+    cli_profile,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -850,15 +851,10 @@ def teacher_student_command(
     lr: Annotated[float, typer.Option()] = 2e-3,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch's default).")] = 1,
     progress: Annotated[bool, typer.Option()] = False,
-    profile: Annotated[
-        str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
-    ] = "budget",
+    profile: ProfileOpt = "budget",
 ) -> None:
     """Teacher vs distilled student vs plain student vs DeepFM: the table and the goal check."""
-    try:
-        p = evidence_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    p = cli_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
     if p.all_examples:
         max_train = max_valid = max_test = epoch_examples = None
         if teacher_epochs is not None:

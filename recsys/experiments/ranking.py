@@ -41,10 +41,15 @@ from recsys.core.config import FrozenModel, PathsConfig, describe_config_error
 from recsys.core.hashing import stable_hash
 from recsys.evaluation.significance import PairedTest, summarize
 from recsys.experiments.common import (
+    DatasetOpt,
+    ProfileOpt,
+    SourceDirOpt,
+    SyntheticPresetOpt,
+    SyntheticSeedOpt,
     check_comparisons,
     check_seeds,
+    cli_profile,
     echo_table_and_tests,
-    evidence_profile,
     format_count,
     loop_key,
     markdown_head,
@@ -575,15 +580,10 @@ def _group() -> None:
 
 @app.command("run")
 def run_command(
-    dataset: Annotated[str, typer.Option(help="Warehouse schema name of the dataset.")] = "ml100k",
-    source_dir: Annotated[
-        Path | None, typer.Option(help="Unzipped MovieLens-100K folder (default: download).")
-    ] = None,
-    synthetic_preset: Annotated[
-        str | None,
-        typer.Option(help=f"Generate a synthetic dataset: {', '.join(SyntheticConfig.preset_names())}."),
-    ] = None,
-    synthetic_seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    dataset: DatasetOpt = "ml100k",
+    source_dir: SourceDirOpt = None,
+    synthetic_preset: SyntheticPresetOpt = None,
+    synthetic_seed: SyntheticSeedOpt = 0,
     models: Annotated[str, typer.Option(help="Comma-separated models.")] = ",".join(DEFAULT_MODELS),
     seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0..n-1).")] = 3,
     short_len: Annotated[int, typer.Option(min=1, help="History steps of DeepFM, DIN, RankMixer.")] = 100,
@@ -610,15 +610,10 @@ def run_command(
         int, typer.Option(min=0, help="torch CPU threads (0 = torch's default; 1 on a busy shared machine).")
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Show tqdm progress bars.")] = True,
-    profile: Annotated[
-        str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
-    ] = "budget",
+    profile: ProfileOpt = "budget",
 ) -> None:
     """Train the ranking models over several seeds and print the comparison table."""
-    try:
-        p = evidence_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    p = cli_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
     if p.all_examples:
         max_train = max_valid = max_test = epoch_examples = None
     seeds, max_epochs, patience = p.seeds, p.max_epochs, p.patience

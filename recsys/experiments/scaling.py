@@ -35,8 +35,13 @@ from pydantic import Field, model_validator
 from recsys.core.config import PathsConfig, describe_config_error
 from recsys.evaluation.significance import summarize
 from recsys.experiments.common import (
+    DatasetOpt,
+    ProfileOpt,
+    SourceDirOpt,
+    SyntheticPresetOpt,
+    SyntheticSeedOpt,
     check_seeds,
-    evidence_profile,
+    cli_profile,
     format_count,
     markdown_head,
     markdown_row,
@@ -515,15 +520,10 @@ def parse_sizes(text: str) -> tuple[float, ...]:
 
 @app.command("run")
 def run_command(
-    dataset: Annotated[str, typer.Option(help="Warehouse schema name of the dataset.")] = "ml100k",
-    source_dir: Annotated[
-        Path | None, typer.Option(help="Unzipped MovieLens-100K folder (default: download).")
-    ] = None,
-    synthetic_preset: Annotated[
-        str | None,
-        typer.Option(help=f"Generate a synthetic dataset: {', '.join(SyntheticConfig.preset_names())}."),
-    ] = None,
-    synthetic_seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    dataset: DatasetOpt = "ml100k",
+    source_dir: SourceDirOpt = None,
+    synthetic_preset: SyntheticPresetOpt = None,
+    synthetic_seed: SyntheticSeedOpt = 0,
     models: Annotated[
         str, typer.Option(help="Comma-separated models; the claims read the first against the second.")
     ] = "hyformer,longer-rankmixer",
@@ -539,15 +539,10 @@ def run_command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0 = torch's default).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show tqdm progress bars.")] = True,
-    profile: Annotated[
-        str, typer.Option(help="budget (the caps given) or paper (all examples, patience >= 3, >= 3 seeds).")
-    ] = "paper",
+    profile: ProfileOpt = "paper",
 ) -> None:
     """Train every model at every size over several seeds; print the table, the fit and the verdicts."""
-    try:
-        p = evidence_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--profile") from exc
+    p = cli_profile(profile, seeds=seeds, max_epochs=max_epochs, patience=patience)
     if p.all_examples:
         max_train = None
     if threads:
