@@ -294,6 +294,38 @@ def synthetic_manifest(paths: PathsConfig, config: RankingDataSource) -> Synthet
         return None
 
 
+def train_seed(
+    name: str,
+    seed: int,
+    data: RankingData,
+    overrides: dict[str, Any],
+    train_config: RankingTrainConfig,
+    config: RankingDataSource,
+    paths: PathsConfig,
+    run_log: RunLog | None,
+    *,
+    loop: LoopConfig,
+    run_name: str | None = None,
+) -> RankingRunResult:
+    """Train (or reuse the checkpoint of) one model x seed: the preset plus ``overrides`` at
+    ``train_config.max_len``, its checkpoint under ``<artifacts>/ranking/<dataset>/<name>/seed<k>-<key>``,
+    recorded as ``run_name`` (default ``name``)."""
+    seed_everything(seed)  # the model's initial weights
+    model, model_config = build_model(name, data, train_config.max_len, overrides)
+    key = run_key(name, model_config, train_config, loop, config.data, data.data_version)
+    return train_ranking_model(
+        run_name or name,
+        model,
+        data,
+        seed=seed,
+        train_config=train_config,
+        loop_config=loop,
+        model_config=model_config,
+        checkpoint_dir=paths.artifacts / "ranking" / config.dataset / name / f"seed{seed}-{key}",
+        run_log=run_log,
+    )
+
+
 def run_ranking_experiment(
     config: RankingExperimentConfig, paths: PathsConfig | None = None, *, echo: Any = None
 ) -> RankingExperimentResult:
@@ -316,20 +348,8 @@ def run_ranking_experiment(
         train_config = config.train.model_copy(update={"max_len": max_len})
         overrides = config.model_overrides.get(name, {})
         for seed in config.seeds:
-            seed_everything(seed)  # the model's initial weights
-            model, model_config = build_model(name, data, max_len, overrides)
-            key = run_key(name, model_config, train_config, config.loop, config.data, data.data_version)
-            ckpt = paths.artifacts / "ranking" / config.dataset / name / f"seed{seed}-{key}"
-            result = train_ranking_model(
-                name,
-                model,
-                data,
-                seed=seed,
-                train_config=train_config,
-                loop_config=config.loop,
-                model_config=model_config,
-                checkpoint_dir=ckpt,
-                run_log=run_log,
+            result = train_seed(
+                name, seed, data, overrides, train_config, config, paths, run_log, loop=config.loop
             )
             runs.setdefault(name, []).append(result)
             extra = (

@@ -56,11 +56,10 @@ from recsys.experiments.ranking import (
     build_model,
     prepare_data,
     ranking_loop,
-    run_key,
+    train_seed,
 )
 from recsys.synthetic.config import SyntheticConfig
-from recsys.training.hstu_ranking import train_ranking_model
-from recsys.training.loop import LoopConfig, seed_everything
+from recsys.training.loop import LoopConfig
 from recsys.training.ranking import RankingData, RankingDataConfig, RankingRunResult, RankingTrainConfig
 from recsys.warehouse.runs import RunLog, hardware_description
 
@@ -376,20 +375,17 @@ def run_scaling_experiment(
     for m, sizes in sized.items():
         for s in sizes:
             for seed in config.seeds:
-                seed_everything(seed)
-                model, model_config = build_model(m, data, max_len, s.overrides)
-                key = run_key(m, model_config, train_config, config.loop, config.data, data.data_version)
-                ckpt = paths.artifacts / "ranking" / config.dataset / m / f"seed{seed}-{key}"
-                r = train_ranking_model(
-                    s.run_name,
-                    model,
+                r = train_seed(
+                    m,
+                    seed,
                     data,
-                    seed=seed,
-                    train_config=train_config,
-                    loop_config=config.loop,
-                    model_config=model_config,
-                    checkpoint_dir=ckpt,
-                    run_log=run_log,
+                    s.overrides,
+                    train_config,
+                    config,
+                    paths,
+                    run_log,
+                    loop=config.loop,
+                    run_name=s.run_name,
                 )
                 runs.setdefault((m, s.target), []).append(r)
                 say(
