@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
 from recsys.core.atomic import atomic_path
 from recsys.evaluation.significance import PairedTest, paired_t_over_seeds
 from recsys.synthetic.config import SyntheticConfig
-from recsys.training.loop import LoopConfig
 
 R = TypeVar("R")
 
@@ -177,13 +176,3 @@ def echo_table_and_tests(table: str, tests: Iterable[PairedTest]) -> None:
     typer.echo("")
     for t in tests:
         typer.echo(t.format())
-
-
-def loop_key(loop: LoopConfig) -> dict[str, Any]:
-    """The loop settings that change what a run trains: display and resume switches do not, and a higher
-    epoch cap only continues a run (the shared loop does that), so a re-run finds its finished runs.
-    ``hierarchical_updates`` joins the key only when on (off is how every earlier run trained)."""
-    skip = {"progress", "resume", "max_epochs"}
-    if not loop.hierarchical_updates:
-        skip.add("hierarchical_updates")
-    return loop.model_dump(mode="json", exclude=skip)

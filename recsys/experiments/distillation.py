@@ -69,7 +69,6 @@ from recsys.experiments.ranking import (
     RankingExperimentConfig,
     build_model,
     check_ranking_monitor,
-    loop_key,
     prepare_data,
     ranking_loop,
 )
@@ -87,7 +86,7 @@ from recsys.training.distillation import (
     train_distilled,
 )
 from recsys.training.hstu_ranking import train_ranking_model
-from recsys.training.loop import LoopConfig, resolve_device, seed_everything
+from recsys.training.loop import LoopConfig, loop_key, resolve_device, seed_everything
 from recsys.training.ranking import (
     PROTOCOL,
     RankingData,

@@ -51,7 +51,6 @@ from recsys.experiments.common import (
     cli_profile,
     echo_table_and_tests,
     format_count,
-    loop_key,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -66,7 +65,7 @@ from recsys.synthetic.config import SyntheticConfig
 from recsys.synthetic.generator import SyntheticManifest, generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
 from recsys.training.hstu_ranking import train_ranking_model
-from recsys.training.loop import LoopConfig, OptimizerConfig, seed_everything
+from recsys.training.loop import LoopConfig, OptimizerConfig, loop_key, seed_everything
 from recsys.training.ranking import (
     PROTOCOL,
     RankingData,
@@ -271,12 +270,11 @@ def run_key(
     data_config: RankingDataConfig,
     data_version: str,
 ) -> str:
-    """The checkpoint key of one model x seed: what it trains (model, training, loop, data), not how fast
-    (``unique_pooling`` gives the same outputs, so runs with and without it share checkpoints)."""
+    """The checkpoint key of one model x seed: what it trains (model, training, loop, data), not how fast."""
     return stable_hash(
         name,
         model_config.model_dump(mode="json", exclude={"features"}),
-        train_config.model_dump(mode="json", exclude={"unique_pooling"}),
+        train_config.key_fields(),
         loop_key(loop),
         data_config,
         data_version,

@@ -42,7 +42,6 @@ from recsys.experiments.common import (
     check_seeds,
     echo_table_and_tests,
     format_count,
-    loop_key,
     markdown_head,
     markdown_row,
     paired_seed_tests,
@@ -57,7 +56,7 @@ from recsys.models.registry import REGISTRY, trainable_retrieval_models
 from recsys.synthetic.config import SyntheticConfig
 from recsys.synthetic.generator import generate, read_manifest
 from recsys.synthetic.warehouse_load import load_into_warehouse
-from recsys.training.loop import LoopConfig, OptimizerConfig, record
+from recsys.training.loop import LoopConfig, OptimizerConfig, loop_key, record
 from recsys.training.retrieval import (
     Recipe,
     RetrievalRunResult,

@@ -60,6 +60,7 @@ from recsys.experiments.ranking import (
 )
 from recsys.synthetic.config import SyntheticConfig
 from recsys.training.loop import LoopConfig
+from recsys.training.loop import count_parameters as count_all_parameters
 from recsys.training.ranking import RankingData, RankingDataConfig, RankingRunResult, RankingTrainConfig
 from recsys.warehouse.runs import RunLog, hardware_description
 
@@ -135,7 +136,7 @@ class SizedModel:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameters, those outside ``nn.Embedding`` / ``nn.EmbeddingBag`` tables)."""
-    total = sum(p.numel() for p in model.parameters())
+    total = count_all_parameters(model)
     tables = sum(
         p.numel()
         for m in model.modules()

@@ -182,6 +182,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(stable_hash("epoch-seed", seed, epoch), 16) % 2**63
 
 
+def loop_key(config: LoopConfig) -> dict[str, Any]:
+    """The loop settings that change what a run trains, as they enter checkpoint keys: display and resume
+    switches do not, and a higher epoch cap only continues a run (so a re-run finds its finished runs);
+    ``hierarchical_updates`` only when on, so checkpoints written before the option existed still resume."""
+    skip = {"progress", "resume", "max_epochs"}
+    if not config.hierarchical_updates:
+        skip.add("hierarchical_updates")
+    return config.model_dump(mode="json", exclude=skip)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -238,14 +248,8 @@ def fit(
         optimizer = HierarchicalUpdater(model, lambda params: adamw(params, opt_cfg, device))
     else:
         optimizer = build_optimizer(model, opt_cfg, device)
-    # Display/resume switches do not change what is trained, and a higher epoch cap only continues a run,
-    # so none of them is part of the checkpoint key (nor is an update rule left at its default, so that
-    # checkpoints written before the option existed still resume).
-    skip = {"progress", "resume", "max_epochs"} | (
-        set() if config.hierarchical_updates else {"hierarchical_updates"}
-    )
     full_config = {
-        "loop": config.model_dump(mode="json", exclude=skip),
+        "loop": loop_key(config),
         "task": run_config or {},
     }
     config_key = stable_hash(full_config)

@@ -449,6 +449,11 @@ class RankingTrainConfig(FrozenModel):
         "Same model outputs.",
     )
 
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that change what a run trains, as they enter checkpoint keys: ``unique_pooling`` gives
+        the same outputs, so runs with and without it share checkpoints."""
+        return self.model_dump(mode="json", exclude={"unique_pooling"})
+
 
 def predict(
     model: nn.Module,
@@ -676,8 +681,7 @@ def train_ranking(
     run_config = {
         "model": name,
         "model_config": model_config.model_dump(mode="json", exclude={"features"}) if model_config else None,
-        # unique_pooling changes no output: left out of the checkpoint key, so runs resume either way.
-        "train": train_config.model_dump(mode="json", exclude={"unique_pooling"}),
+        "train": train_config.key_fields(),
         "data": data.config.model_dump(mode="json"),
         "dataset": data.dataset,
         "feature_spec": data.feature_spec(train_config.max_len).model_dump(mode="json"),
